@@ -1,0 +1,5 @@
+import sys
+
+from tlshd.cli import main
+
+sys.exit(main())

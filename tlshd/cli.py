@@ -1,0 +1,73 @@
+"""Command line: ``tlshd [-c FILE] [-s]`` runs the agent; ``tlshd run`` / ``tlshd demo``.
+
+Flags of the reference agent: ``-c/--config``, ``-s/--stderr``, ``-h/--help``,
+``-v/--version``. Exit status: 0 after a clean stop, 1 on a configuration or
+start-up error (the message says what to fix), 2 on a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from tlshd import __version__
+from tlshd.config import load_config
+from tlshd.errors import TlshdError
+
+log = logging.getLogger("tlshd")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tlshd", description="TLS handshake agent for the Linux kernel's kTLS consumers")
+    parser.add_argument("command", nargs="?", default="agent", choices=("agent", "run", "demo"),
+                        help="agent (default): serve the kernel; demo: kernel-sim demonstration; "
+                             "run: agent if this kernel has the handshake family, else demo")
+    parser.add_argument("-c", "--config", type=Path, help="configuration file "
+                        "(default /etc/tlshd/config, then /etc/tlshd.conf)")
+    parser.add_argument("-s", "--stderr", action="store_true", help="log to stderr, not syslog")
+    parser.add_argument("-v", "--version", action="version", version=f"tlshd {__version__}")
+    parser.add_argument("--upcall", help="auto, netlink or kernel-sim[:ENDPOINT]")
+    parser.add_argument("--workers", type=int, help="worker processes (default: one per CPU)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from tlshd.daemon import configure_logging, serve
+
+    if args.command == "demo" or (args.command == "run" and not _kernel_has_family()):
+        from tlshd.demo import run_demo
+
+        return run_demo()
+    try:
+        config = load_config(args.config)
+        if args.upcall:
+            config = replace(config, upcall=args.upcall)
+        if args.workers is not None:
+            config = replace(config, workers=args.workers)
+        configure_logging(args.stderr, config.loglevel)
+        for warning in config.warnings:
+            log.warning("%s", warning)
+        return serve(config)
+    except TlshdError as exc:
+        print(f"tlshd: {exc}", file=sys.stderr)
+        return 1
+
+
+def _kernel_has_family() -> bool:
+    from tlshd.upcall import NetlinkUpcall
+
+    try:
+        NetlinkUpcall().close()
+    except (TlshdError, OSError):
+        return False
+    return True
+
+
+if __name__ == "__main__":
+    sys.exit(main())

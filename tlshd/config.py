@@ -1,0 +1,186 @@
+"""Configuration in the reference agent's key-file format (``/etc/tlshd/config``).
+
+The format is GLib's key file, as ktls-utils reads it: ``[group]`` headers,
+``key=value`` lines, ``#`` comments, ``;``-separated lists. Parsing is pure:
+``parse_config(text, path)`` returns a frozen ``Config`` or raises ConfigError
+naming ``file:line [group] key``. Unknown keys are collected as warnings, not
+errors, so a file written for a newer reference agent still loads.
+
+Keys understood (reference agent): ``[debug] loglevel, tls, nl``;
+``[authenticate] keyrings``; ``[authenticate.client]`` and
+``[authenticate.server]``: ``x509.truststore``, ``x509.crl``,
+``x509.certificate``, ``x509.private_key`` (``x509.pq.*`` accepted).
+Keys of this agent live in ``[agent]``: ``workers``, ``handshake_timeout_ms``
+(used when ACCEPT carries no timeout), ``require_client_cert`` (server x509),
+``upcall`` (``auto``, ``netlink`` or ``kernel-sim[:ENDPOINT]``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tlshd.errors import ConfigError
+
+DEFAULT_PATHS = (Path("/etc/tlshd/config"), Path("/etc/tlshd.conf"))
+
+_X509_KEYS = ("x509.truststore", "x509.crl", "x509.certificate", "x509.private_key")
+_PQ_KEYS = ("x509.pq.certificate", "x509.pq.private_key")
+_KNOWN: dict[str, tuple[str, ...]] = {
+    "debug": ("loglevel", "tls", "nl"),
+    "authenticate": ("keyrings",),
+    "authenticate.client": _X509_KEYS + _PQ_KEYS,
+    "authenticate.server": _X509_KEYS + _PQ_KEYS,
+    "agent": ("workers", "handshake_timeout_ms", "require_client_cert", "upcall"),
+}
+_GROUP_RE = re.compile(r"^\[([^\[\]]+)\]$")
+
+
+@dataclass(frozen=True)
+class Entry:
+    value: str
+    line: int
+
+
+@dataclass(frozen=True)
+class X509Side:
+    truststore: Path | None = None
+    crl: Path | None = None
+    certificate: Path | None = None
+    private_key: Path | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    client: X509Side = field(default_factory=X509Side)
+    server: X509Side = field(default_factory=X509Side)
+    keyrings: tuple[str, ...] = ()
+    loglevel: int = 0
+    tls_debug: int = 0
+    nl_debug: int = 0
+    workers: int = 0  # 0: one per CPU
+    handshake_timeout_ms: int = 10_000
+    require_client_cert: bool = False
+    upcall: str = "auto"
+    path: Path | None = None
+    warnings: tuple[str, ...] = ()
+
+
+def parse_keyfile(text: str, where: str) -> dict[str, dict[str, Entry]]:
+    """Split a key file into groups of key -> (value, line); syntax errors raise."""
+    groups: dict[str, dict[str, Entry]] = {}
+    current: dict[str, Entry] | None = None
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = _GROUP_RE.match(line)
+        if match:
+            current = groups.setdefault(match.group(1).strip(), {})
+        elif "=" not in line:
+            raise ConfigError(f"expected 'key=value' or '[group]', got {line[:40]!r}",
+                              where=f"{where}:{number}")
+        elif current is None:
+            raise ConfigError("key outside any [group]", where=f"{where}:{number}")
+        else:
+            key, value = (part.strip() for part in line.split("=", 1))
+            current[key] = Entry(value, number)
+    return groups
+
+
+def parse_config(text: str, path: Path | None = None) -> Config:
+    where = str(path) if path else "<config>"
+    groups = parse_keyfile(text, where)
+    warnings = _unknown_keys(groups, where)
+    return Config(
+        client=_x509_side(groups.get("authenticate.client", {}), where, "authenticate.client"),
+        server=_x509_side(groups.get("authenticate.server", {}), where, "authenticate.server"),
+        keyrings=_list(groups.get("authenticate", {}).get("keyrings")),
+        loglevel=_int(groups, "debug", "loglevel", where, 0, (0, 7)),
+        tls_debug=_int(groups, "debug", "tls", where, 0, (0, 99)),
+        nl_debug=_int(groups, "debug", "nl", where, 0, (0, 99)),
+        workers=_int(groups, "agent", "workers", where, 0, (0, 256)),
+        handshake_timeout_ms=_int(groups, "agent", "handshake_timeout_ms", where, 10_000,
+                                  (1, 3_600_000)),
+        require_client_cert=_bool(groups, "agent", "require_client_cert", where),
+        upcall=_upcall(groups, where),
+        path=path,
+        warnings=warnings,
+    )
+
+
+def load_config(path: Path | None = None) -> Config:
+    """Read the named file, else the first default path that exists, else defaults."""
+    candidates = (path,) if path is not None else DEFAULT_PATHS
+    for candidate in candidates:
+        if candidate.exists() or path is not None:
+            try:
+                text = candidate.read_text()
+            except OSError as exc:
+                raise ConfigError(f"cannot read: {exc.strerror}", where=str(candidate)) from None
+            return parse_config(text, candidate)
+    return Config()
+
+
+def _unknown_keys(groups: dict[str, dict[str, Entry]], where: str) -> tuple[str, ...]:
+    out = []
+    for group, entries in groups.items():
+        known = _KNOWN.get(group)
+        for key, entry in entries.items():
+            if known is None or key not in known:
+                out.append(f"{where}:{entry.line}: [{group}] {key}: unknown key, ignored")
+    return tuple(out)
+
+
+def _x509_side(entries: dict[str, Entry], where: str, group: str) -> X509Side:
+    paths: dict[str, Path | None] = {}
+    for key in _X509_KEYS:
+        entry = entries.get(key)
+        if entry is not None and not entry.value:
+            raise ConfigError("empty path", where=f"{where}:{entry.line} [{group}] {key}")
+        paths[key.removeprefix("x509.")] = Path(entry.value) if entry else None
+    return X509Side(**paths)
+
+
+def _list(entry: Entry | None) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return tuple(item.strip() for item in entry.value.split(";") if item.strip())
+
+
+def _int(groups: dict[str, dict[str, Entry]], group: str, key: str, where: str, default: int,
+         bounds: tuple[int, int]) -> int:
+    entry = groups.get(group, {}).get(key)
+    if entry is None:
+        return default
+    try:
+        value = int(entry.value, 0)
+    except ValueError:
+        value = None
+    if value is None or not bounds[0] <= value <= bounds[1]:
+        raise ConfigError(f"expected an integer in {bounds[0]}..{bounds[1]}, got {entry.value!r}",
+                          where=f"{where}:{entry.line} [{group}] {key}")
+    return value
+
+
+def _bool(groups: dict[str, dict[str, Entry]], group: str, key: str, where: str) -> bool:
+    entry = groups.get(group, {}).get(key)
+    if entry is None:
+        return False
+    if entry.value.lower() in ("true", "1", "yes"):
+        return True
+    if entry.value.lower() in ("false", "0", "no"):
+        return False
+    raise ConfigError(f"expected true or false, got {entry.value!r}",
+                      where=f"{where}:{entry.line} [{group}] {key}")
+
+
+def _upcall(groups: dict[str, dict[str, Entry]], where: str) -> str:
+    entry = groups.get("agent", {}).get("upcall")
+    if entry is None:
+        return "auto"
+    if entry.value in ("auto", "netlink") or entry.value.startswith("kernel-sim"):
+        return entry.value
+    raise ConfigError(f"expected auto, netlink or kernel-sim[:NAME], got {entry.value!r}",
+                      where=f"{where}:{entry.line} [agent] upcall")

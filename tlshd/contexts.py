@@ -1,0 +1,65 @@
+"""SSL contexts per request kind, built once from the configuration and reused.
+
+Building a context reads files and parses keys; doing it per handshake would
+put file I/O on the hot path. ``Contexts`` builds the configured ones up front
+(so a bad certificate fails at start, not at the first mount) and picks one
+per ACCEPT. Only a request that names its own certificate and key serials
+(keyring-provisioned credentials) gets a context built for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from OpenSSL import SSL
+
+from tlshd import keyring
+from tlshd.config import Config
+from tlshd.errors import CredentialError
+from tlshd.handshake import credentials as creds
+from tlshd.netlink.messages import AcceptReply
+from tlshd.netlink.spec import AuthMode, MsgType
+
+
+@dataclass(frozen=True)
+class Contexts:
+    config: Config
+    client_anon: SSL.Context
+    client_x509: SSL.Context | None
+    server: SSL.Context | None
+
+    @classmethod
+    def from_config(cls, config: Config) -> Contexts:
+        client, server = config.client, config.server
+        client_x509 = None
+        if client.certificate is not None and client.private_key is not None:
+            client_x509 = creds.client_context(client.truststore, client.certificate,
+                                               client.private_key)
+        server_ctx = None
+        if server.certificate is not None and server.private_key is not None:
+            server_ctx = creds.server_context(server.certificate, server.private_key,
+                                              server.truststore, config.require_client_cert)
+        return cls(config, creds.client_context(client.truststore), client_x509, server_ctx)
+
+    def __call__(self, reply: AcceptReply) -> SSL.Context:
+        cert = reply.certificate
+        if cert is not None and (cert.cert or cert.privkey):
+            return self._from_keyring(reply)
+        if reply.message_type == MsgType.SERVERHELLO:
+            if self.server is None:
+                raise CredentialError("no server certificate configured "
+                                      "([authenticate.server] x509.certificate)")
+            return self.server
+        if reply.auth_mode == AuthMode.X509 and self.client_x509 is not None:
+            return self.client_x509
+        return self.client_anon
+
+    def _from_keyring(self, reply: AcceptReply) -> SSL.Context:
+        assert reply.certificate is not None
+        material = creds.X509Credentials.from_der(
+            keyring.read_key(reply.certificate.cert), keyring.read_key(reply.certificate.privkey)
+        )
+        if reply.message_type == MsgType.SERVERHELLO:
+            return creds.server_context_from_credentials(
+                material, self.config.server.truststore, self.config.require_client_cert)
+        return creds.client_context_from_credentials(self.config.client.truststore, material)

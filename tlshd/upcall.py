@@ -1,0 +1,357 @@
+"""Upcall transports: the kernel's ``handshake`` family over AF_NETLINK, or kernel-sim.
+
+Theory of operation
+-------------------
+An ``Upcall`` gives the worker four operations: wait for READY
+(``notify_fileno`` + ``drain_notifications``), ``accept()`` (the next request,
+or None on EAGAIN), ``done()`` and ``setsockopt()`` (the kTLS installation
+port). Two sockets are used, as the reference agent does: one joined to the
+``tlshd`` multicast group that only ever carries READY, one for synchronous
+requests, so a READY can never arrive in the middle of an ACCEPT exchange.
+
+Both transports carry the same netlink bytes, encoded and decoded by
+``tlshd.netlink.codec``. They differ only at the edge:
+
+* ``netlink``: AF_NETLINK/NETLINK_GENERIC sockets; the group is joined with
+  setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP); ACCEPT installs the socket
+  in our fd table and SOCKFD names it; key installation is a real setsockopt.
+* ``kernel-sim``: Unix SOCK_SEQPACKET connections to the simulator's abstract
+  endpoint in our network namespace (docs/kernel-sim.md); the group is joined
+  and setsockopt is carried by the simulator's private ``kernel_sim`` family;
+  the ACCEPT reply brings the socket as an SCM_RIGHTS fd, which replaces SOCKFD.
+
+ACCEPT must run in the process that will own the fd: each worker process
+opens its own Upcall.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import itertools
+import os
+import socket
+import struct
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Protocol
+
+from tlshd.errors import DecodeError, NetlinkError, TransportError
+from tlshd.ktls import KernelSockopt
+from tlshd.netlink import codec
+from tlshd.netlink.messages import AcceptReply, ErrorReply, FamilyInfo, Ready
+
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
+NETLINK_GENERIC = 16
+FAMILY_NAME = "handshake"
+GROUP_NAME = "tlshd"
+REQUEST_TIMEOUT_S = 5.0
+RECV_SIZE = 65536
+MSG_CMSG_CLOEXEC = 0x40000000
+
+# The simulator's private family (kernel-sim/kernel_sim/kernel.py; docs/kernel-sim.md).
+KSIM_FAMILY_NAME = "kernel_sim"
+KSIM_CMD_ADD_MEMBERSHIP = 1
+KSIM_CMD_SETSOCKOPT = 3
+KSIM_A_GROUP, KSIM_A_SOCKFD, KSIM_A_LEVEL, KSIM_A_OPTNAME, KSIM_A_OPTVAL = 1, 2, 3, 4, 5
+DEFAULT_SIM_ENDPOINT = "kernel-sim"
+
+
+class BrokenAcceptError(Exception):
+    """An ACCEPT reply that could not be decoded; ``sockfd`` is the fd we got, if any."""
+
+    def __init__(self, error: DecodeError, sockfd: int | None) -> None:
+        super().__init__(str(error))
+        self.error, self.sockfd = error, sockfd
+
+
+class Upcall(Protocol):
+    def notify_fileno(self) -> int: ...
+
+    def drain_notifications(self) -> int: ...
+
+    def accept(self) -> AcceptReply | None: ...
+
+    def done(self, sockfd: int, status: int, remote_auth: Sequence[int]) -> None: ...
+
+    def setsockopt(self, fd: int, level: int, optname: int, value: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _GenlUpcall:
+    """What both transports share: family resolution, request/reply matching."""
+
+    def __init__(self, notify: socket.socket, request: socket.socket) -> None:
+        self._notify, self._request = notify, request
+        self._seq = itertools.count(1)
+        self._family_id: int | None = None
+        self._request.settimeout(REQUEST_TIMEOUT_S)
+        self.family = self._resolve()
+        self._family_id = self.family.family_id
+        if GROUP_NAME not in self.family.mcast_groups:
+            raise TransportError(f"family {FAMILY_NAME!r} has no {GROUP_NAME!r} group")
+        self._join(self.family.mcast_groups[GROUP_NAME])
+        self._notify.setblocking(False)
+
+    # transport-specific hooks
+    def _join(self, group_id: int) -> None:
+        raise NotImplementedError
+
+    def _recv(self) -> tuple[bytes, list[int]]:
+        data = self._request.recv(RECV_SIZE)
+        return data, []
+
+    def setsockopt(self, fd: int, level: int, optname: int, value: bytes) -> None:
+        raise NotImplementedError
+
+    # shared
+    def notify_fileno(self) -> int:
+        return self._notify.fileno()
+
+    def drain_notifications(self) -> int:
+        """Read every queued multicast; returns how many READY messages there were."""
+        count = 0
+        while True:
+            try:
+                data = self._notify.recv(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return count
+            except OSError as exc:  # ENOBUFS: READYs were lost; an ACCEPT sweep recovers
+                if exc.errno == errno.ENOBUFS:
+                    return count + 1
+                raise TransportError(f"notification socket: {exc.strerror}") from exc
+            if not data:
+                raise TransportError("notification socket closed by the kernel side")
+            with contextlib.suppress(DecodeError):
+                messages = codec.decode(data, self.family.family_id)
+                count += sum(isinstance(m, Ready) for m in messages)
+
+    def _resolve(self) -> FamilyInfo:
+        seq = next(self._seq)
+        self._request.send(codec.encode_get_family(FAMILY_NAME, seq))
+        for message in self._replies(seq, "resolve family"):
+            if isinstance(message, FamilyInfo):
+                return message
+        raise TransportError("no family reply")
+
+    def _replies(self, seq: int, what: str, fds: list[int] | None = None) -> list[object]:
+        """Receive until a message answers ``seq``; NLMSG_ERROR < 0 raises NetlinkError."""
+        while True:
+            try:
+                data, got_fds = self._recv()
+            except TimeoutError:
+                raise TransportError(f"{what}: no answer in {REQUEST_TIMEOUT_S} s") from None
+            except OSError as exc:
+                raise TransportError(f"{what}: {exc.strerror}") from exc
+            if not data:
+                _close_fds(got_fds)
+                raise TransportError(f"{what}: the kernel side closed the connection")
+            if fds is not None:
+                fds.extend(got_fds)
+            else:
+                _close_fds(got_fds)
+            mine = [m for m in codec.decode(data, self._family_id) if _seq_of(m) == seq]
+            if mine:
+                return _raise_errors(mine, what)
+
+    def accept(self) -> AcceptReply | None:
+        seq = next(self._seq)
+        self._request.send(codec.encode_accept(self.family.family_id, seq))
+        fds: list[int] = []
+        try:
+            replies = self._replies(seq, "ACCEPT", fds)
+        except NetlinkError as exc:
+            _close_fds(fds)
+            if exc.errno == errno.EAGAIN:
+                return None
+            raise
+        except DecodeError as exc:
+            raise BrokenAcceptError(exc, self._salvage(fds)) from exc
+        reply = next((m for m in replies if isinstance(m, AcceptReply)), None)
+        if reply is None:
+            _close_fds(fds)
+            return None
+        return self._own_fd(reply, fds)
+
+    def _own_fd(self, reply: AcceptReply, fds: list[int]) -> AcceptReply:
+        return reply
+
+    def _salvage(self, fds: list[int]) -> int | None:
+        """The fd of a broken reply, so the request still gets its DONE."""
+        if len(fds) == 1:
+            return fds[0]
+        _close_fds(fds)
+        return None
+
+    def done(self, sockfd: int, status: int, remote_auth: Sequence[int]) -> None:
+        seq = next(self._seq)
+        self._request.send(codec.encode_done(self.family.family_id, seq, status, sockfd,
+                                             tuple(remote_auth)))
+        self._replies(seq, "DONE")
+
+    def close(self) -> None:
+        self._notify.close()
+        self._request.close()
+
+
+def _seq_of(message: object) -> int | None:
+    header = getattr(message, "header", None)
+    return getattr(header, "seq", getattr(message, "seq", None))
+
+
+def _raise_errors(messages: Sequence[object], what: str) -> list[object]:
+    for message in messages:
+        if isinstance(message, ErrorReply) and message.errno:
+            raise NetlinkError(message.errno, what)
+    return list(messages)
+
+
+def _close_fds(fds: Sequence[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+class NetlinkUpcall(_GenlUpcall):
+    """The real kernel: AF_NETLINK generic netlink in this network namespace."""
+
+    def __init__(self) -> None:
+        notify, request = (_netlink_socket() for _ in range(2))
+        try:
+            super().__init__(notify, request)
+        except BaseException:
+            notify.close()
+            request.close()
+            raise
+        self._sockopt = KernelSockopt()
+
+    def _join(self, group_id: int) -> None:
+        self._notify.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group_id)
+
+    def setsockopt(self, fd: int, level: int, optname: int, value: bytes) -> None:
+        self._sockopt.setsockopt(fd, level, optname, value)
+
+
+def _netlink_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_GENERIC)
+    sock.bind((0, 0))
+    return sock
+
+
+class SimUpcall(_GenlUpcall):
+    """kernel-sim: its endpoint in this network namespace (abstract Unix name)."""
+
+    def __init__(self, endpoint: str = DEFAULT_SIM_ENDPOINT) -> None:
+        address = b"\0" + endpoint.encode() + b"/genl"
+        notify, request = (_seqpacket(address) for _ in range(2))
+        self._sim_notify = notify
+        try:
+            super().__init__(notify, request)
+        except BaseException:
+            notify.close()
+            request.close()
+            raise
+
+    def _recv(self) -> tuple[bytes, list[int]]:
+        fds = array.array("i")
+        data, anc, _flags, _ = self._request.recvmsg(
+            RECV_SIZE, socket.CMSG_SPACE(16 * fds.itemsize), MSG_CMSG_CLOEXEC
+        )
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+        return data, list(fds)
+
+    def _own_fd(self, reply: AcceptReply, fds: list[int]) -> AcceptReply:
+        if len(fds) != 1:
+            _close_fds(fds)
+            error = DecodeError(f"ACCEPT reply carried {len(fds)} fds, not 1")
+            raise BrokenAcceptError(error, None)
+        return replace(reply, sockfd=fds[0])
+
+    def _ksim(self, cmd: int, attrs: bytes, what: str) -> None:
+        seq = next(self._seq)
+        family_id = self._ksim_family_id()
+        self._request.send(_genl_request(family_id, cmd, seq, attrs))
+        self._replies(seq, what)
+
+    def _ksim_family_id(self) -> int:
+        if not hasattr(self, "_ksim_id"):
+            seq = next(self._seq)
+            self._request.send(codec.encode_get_family(KSIM_FAMILY_NAME, seq))
+            infos = [m for m in self._replies(seq, "resolve kernel_sim") if
+                     isinstance(m, FamilyInfo)]
+            if not infos:
+                raise TransportError("kernel-sim has no kernel_sim family")
+            self._ksim_id = infos[0].family_id
+        return self._ksim_id
+
+    def _join(self, group_id: int) -> None:
+        # Sent on the notify connection: membership belongs to that "socket".
+        seq = next(self._seq)
+        msg = _genl_request(self._ksim_family_id(), KSIM_CMD_ADD_MEMBERSHIP, seq,
+                            _nla_u32(KSIM_A_GROUP, group_id))
+        self._sim_notify.sendall(msg)
+        self._sim_notify.settimeout(REQUEST_TIMEOUT_S)
+        data = self._sim_notify.recv(RECV_SIZE)
+        for message in codec.decode(data, None):
+            if isinstance(message, ErrorReply) and message.errno:
+                raise NetlinkError(message.errno, "join group")
+
+    def setsockopt(self, fd: int, level: int, optname: int, value: bytes) -> None:
+        attrs = (_nla_s32(KSIM_A_SOCKFD, fd) + _nla_u32(KSIM_A_LEVEL, level)
+                 + _nla_u32(KSIM_A_OPTNAME, optname) + _nla(KSIM_A_OPTVAL, value))
+        try:
+            self._ksim(KSIM_CMD_SETSOCKOPT, attrs, "setsockopt")
+        except NetlinkError as exc:
+            raise OSError(exc.errno, os.strerror(exc.errno)) from None
+
+
+def _seqpacket(address: bytes) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(address)
+    except OSError as exc:
+        sock.close()
+        name = address[1:].decode()
+        raise TransportError(f"kernel-sim endpoint {name!r}: {exc.strerror}") from exc
+    return sock
+
+
+def _nla(attr_type: int, payload: bytes) -> bytes:
+    length = 4 + len(payload)
+    return struct.pack("=HH", length, attr_type) + payload + b"\0" * (-length % 4)
+
+
+def _nla_u32(attr_type: int, value: int) -> bytes:
+    return _nla(attr_type, struct.pack("=I", value))
+
+
+def _nla_s32(attr_type: int, value: int) -> bytes:
+    return _nla(attr_type, struct.pack("=i", value))
+
+
+def _genl_request(family_id: int, cmd: int, seq: int, attrs: bytes) -> bytes:
+    body = struct.pack("=BBH", cmd, 1, 0) + attrs
+    return struct.pack("=IHHII", 16 + len(body), family_id, 0x1 | 0x4, seq, 0) + body
+
+
+def open_upcall(mode: str) -> Upcall:
+    """``auto``: the kernel's family if this namespace has it, else kernel-sim if it listens."""
+    if mode == "netlink":
+        return NetlinkUpcall()
+    if mode.startswith("kernel-sim"):
+        return SimUpcall(mode.partition(":")[2] or DEFAULT_SIM_ENDPOINT)
+    try:
+        return NetlinkUpcall()
+    except (NetlinkError, TransportError, OSError) as kernel_error:
+        try:
+            return SimUpcall()
+        except TransportError:
+            raise TransportError(
+                f"this network namespace has no 'handshake' netlink family ({kernel_error}) "
+                "and no kernel-sim endpoint: is the kernel built with CONFIG_NET_HANDSHAKE?"
+            ) from None

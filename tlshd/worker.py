@@ -1,0 +1,309 @@
+"""A worker: ACCEPTs requests and runs many handshakes at once in one process.
+
+Theory of operation
+-------------------
+Each worker process owns an ``Upcall`` (ACCEPT must run in the process that
+will own the socket fd) and a selector loop. A READY, or a one-second sweep
+that recovers READYs lost to a full multicast queue, makes it ACCEPT until
+EAGAIN or until it holds ``max_inflight`` handshakes. Each accepted request
+becomes a ``Handshake``: a non-blocking socket, a sans-I/O engine and a
+deadline (the ACCEPT timeout, else the configured default).
+
+The engine says how many bytes finish the current TLS record; the worker
+``recv``s at most that, so nothing the peer sends after its Finished is
+consumed: it stays in the socket for the kernel. On completion the worker
+derives the kTLS parameters, installs them through the upcall's setsockopt
+port, sends DONE (status 0, the peer identity) and closes its fd. On failure
+it sends the engine's alert (best effort), DONE with the error's status and
+closes. A handshake that raises anything unexpected ends in DONE(EIO): no
+request is ever left without a DONE while the worker lives, and one bad
+handshake never stops the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import selectors
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tlshd.errors import (
+    HandshakeTimeoutError,
+    PeerClosedError,
+    TlshdError,
+    TransportError,
+    UnsupportedRequestError,
+)
+from tlshd.handshake.engine import HandshakeEngine, Role
+from tlshd.handshake.events import HandshakeComplete, HandshakeFailed, NeedData, SessionResult
+from tlshd.ktls import install_ktls, ktls_params_from_secrets, suite_from_openssl_name
+from tlshd.netlink.messages import AcceptReply
+from tlshd.netlink.spec import AuthMode, MsgType
+from tlshd.upcall import BrokenAcceptError, Upcall
+
+log = logging.getLogger("tlshd")
+
+SWEEP_INTERVAL_S = 1.0
+PEER_KEY_TIMEOUT_S = 600
+
+
+@dataclass(eq=False)
+class Handshake:
+    reply: AcceptReply
+    sock: socket.socket
+    engine: HandshakeEngine
+    deadline: float
+    started: float
+    file_flags: int
+    out: bytearray = field(default_factory=bytearray)
+
+    @property
+    def role(self) -> str:
+        return "client" if self.reply.message_type == MsgType.CLIENTHELLO else "server"
+
+
+PeerIdentity = Callable[[SessionResult], int]
+
+
+def peer_identity_key(session: SessionResult) -> int:
+    """A key holding the verified peer certificate (DER); its serial goes in REMOTE_AUTH.
+
+    The NFS server needs a non-zero peer id to mark the peer authenticated
+    (XPT_PEER_AUTH); a real key lets a consumer inspect the certificate. The
+    key lives in this process's keyring and expires after ten minutes.
+    """
+    from tlshd import keyring
+
+    der = session.peer_certificate_der
+    if der is None:
+        return 0
+    description = "tlshd:peer:" + hashlib.sha256(der).hexdigest()[:32]
+    serial = keyring.add_key("user", description, der, keyring.KEY_SPEC_PROCESS_KEYRING)
+    keyring.set_key_timeout(serial, PEER_KEY_TIMEOUT_S)
+    return serial
+
+
+class Worker:
+    def __init__(
+        self,
+        upcall: Upcall,
+        contexts: Callable[[AcceptReply], object],
+        *,
+        default_timeout_ms: int = 10_000,
+        max_inflight: int = 256,
+        peer_identity: PeerIdentity = peer_identity_key,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.upcall = upcall
+        self._contexts = contexts
+        self._default_timeout_s = default_timeout_ms / 1000
+        self._max_inflight = max_inflight
+        self._peer_identity = peer_identity
+        self._clock = clock
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(upcall.notify_fileno(), selectors.EVENT_READ, None)
+        self.inflight: dict[int, Handshake] = {}
+        self.draining = False
+        self.completed = 0
+        self.failed = 0
+        self._next_sweep = 0.0
+
+    # --- loop -------------------------------------------------------------------
+
+    def run_once(self, max_wait: float = SWEEP_INTERVAL_S) -> None:
+        """One turn: wait for I/O or the next deadline, then serve what is ready."""
+        now = self._clock()
+        if not self.draining and now >= self._next_sweep:
+            self._next_sweep = now + SWEEP_INTERVAL_S
+            self._accept_all()
+        for key, events in self._sel.select(self._wait_time(max_wait)):
+            if key.data is None:
+                self._on_ready()
+            else:
+                self._service(key.data, events)
+        self._expire()
+
+    def _wait_time(self, max_wait: float) -> float:
+        now = self._clock()
+        soonest = min((h.deadline for h in self.inflight.values()), default=now + max_wait)
+        return max(0.0, min(max_wait, soonest - now, self._next_sweep - now))
+
+    def _on_ready(self) -> None:
+        try:
+            self.upcall.drain_notifications()
+        except TransportError as exc:
+            log.error("upcall: %s", exc)
+            raise
+        if not self.draining:
+            self._accept_all()
+
+    def _accept_all(self) -> None:
+        while len(self.inflight) < self._max_inflight:
+            try:
+                reply = self.upcall.accept()
+            except BrokenAcceptError as broken:
+                self._answer_broken(broken)
+                continue
+            if reply is None:
+                return
+            self._start(reply)
+
+    def _answer_broken(self, broken: BrokenAcceptError) -> None:
+        log.error("malformed ACCEPT reply: %s", broken.error)
+        if broken.sockfd is not None:
+            self._done(broken.sockfd, broken.error.status, ())
+            with contextlib.suppress(OSError):
+                os.close(broken.sockfd)
+
+    # --- one request -------------------------------------------------------------
+
+    def _start(self, reply: AcceptReply) -> None:
+        now = self._clock()
+        try:
+            sock = socket.socket(fileno=reply.sockfd)
+        except OSError as exc:
+            log.error("accepted fd %d is not a socket: %s", reply.sockfd, exc)
+            self._done(reply.sockfd, errno.EBADF, ())
+            return
+        try:
+            engine = self._engine_for(reply)
+        except TlshdError as exc:
+            self._finish_early(reply, sock, exc)
+            return
+        # O_NONBLOCK lives in the file the kernel consumer shares: restored before DONE.
+        file_flags = fcntl.fcntl(sock.fileno(), fcntl.F_GETFL)
+        sock.setblocking(False)
+        timeout_s = reply.timeout_ms / 1000 if reply.timeout_ms else self._default_timeout_s
+        hs = Handshake(reply, sock, engine, deadline=now + timeout_s, started=now,
+                       file_flags=file_flags)
+        self.inflight[sock.fileno()] = hs
+        self._sel.register(sock, selectors.EVENT_READ, hs)
+        self._service(hs, 0)
+
+    def _engine_for(self, reply: AcceptReply) -> HandshakeEngine:
+        if reply.message_type not in (MsgType.CLIENTHELLO, MsgType.SERVERHELLO):
+            raise UnsupportedRequestError(f"message type {reply.message_type!r}")
+        if reply.auth_mode not in (AuthMode.UNAUTH, AuthMode.X509):
+            raise UnsupportedRequestError(f"auth mode {reply.auth_mode!r} not supported yet")
+        context = self._contexts(reply)
+        role = Role.CLIENT if reply.message_type == MsgType.CLIENTHELLO else Role.SERVER
+        peername = reply.peername if role is Role.CLIENT else None
+        return HandshakeEngine(context, role, peername=peername)  # type: ignore[arg-type]
+
+    def _finish_early(self, reply: AcceptReply, sock: socket.socket, exc: TlshdError) -> None:
+        log.warning("request refused: %s (status %d)", exc, exc.status)
+        self._done(reply.sockfd, exc.status, ())
+        sock.close()
+        self.failed += 1
+
+    def _service(self, hs: Handshake, events: int) -> None:
+        try:
+            if events & selectors.EVENT_WRITE:
+                self._flush(hs)
+            if events & selectors.EVENT_READ:
+                self._read(hs)
+            self._pump(hs)
+        except Exception as exc:  # one handshake must never kill the loop
+            log.exception("handshake crashed")
+            self._end(hs, exc if isinstance(exc, TlshdError) else
+                      TlshdError(f"internal error: {type(exc).__name__}", status=errno.EIO))
+
+    def _read(self, hs: Handshake) -> None:
+        event = hs.engine.next_event()
+        if not isinstance(event, NeedData):
+            return
+        try:
+            data = hs.sock.recv(event.max_bytes)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            raise PeerClosedError(f"connection error: {exc.strerror}") from None
+        hs.engine.receive_data(data)
+
+    def _pump(self, hs: Handshake) -> None:
+        hs.out += hs.engine.data_to_send()
+        self._flush(hs)
+        event = hs.engine.next_event()
+        if isinstance(event, HandshakeComplete):
+            self._complete(hs, event.session)
+        elif isinstance(event, HandshakeFailed):
+            self._end(hs, event.error)
+        else:
+            self._sel.modify(hs.sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if hs.out
+                                                               else 0), hs)
+
+    def _flush(self, hs: Handshake) -> None:
+        while hs.out:
+            try:
+                sent = hs.sock.send(hs.out)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                raise PeerClosedError(f"send failed: {exc.strerror}") from None
+            del hs.out[:sent]
+
+    def _complete(self, hs: Handshake, session: SessionResult) -> None:
+        if hs.out:  # our final flight must reach the peer before the kernel takes over
+            hs.sock.setblocking(True)
+            hs.sock.settimeout(max(0.1, hs.deadline - self._clock()))
+            hs.sock.sendall(hs.out)
+            hs.out.clear()
+        suite = suite_from_openssl_name(session.cipher_name)
+        params = ktls_params_from_secrets(suite, session.tx_secret, session.rx_secret,
+                                          session.tx_seq, session.rx_seq)
+        install_ktls(self.upcall, hs.sock.fileno(), params)
+        peer = self._peer_identity(session)
+        self._finish(hs, 0, (peer,) if peer else (), f"ok cipher={suite.openssl_name}")
+        self.completed += 1
+
+    def _end(self, hs: Handshake, error: BaseException) -> None:
+        status = error.status if isinstance(error, TlshdError) else errno.EIO
+        hs.out += hs.engine.data_to_send()
+        with contextlib.suppress(OSError):
+            hs.sock.send(hs.out)  # the alert, best effort
+        self._finish(hs, status, (), f"failed: {error}")
+        self.failed += 1
+
+    def _finish(self, hs: Handshake, status: int, remote: tuple[int, ...], what: str) -> None:
+        elapsed_ms = (self._clock() - hs.started) * 1000
+        log.info("handshake role=%s auth=%s peer=%s status=%d %.1fms %s", hs.role,
+                 hs.reply.auth_mode.name, hs.reply.peername or "-", status, elapsed_ms, what)
+        self.inflight.pop(hs.sock.fileno(), None)
+        self._sel.unregister(hs.sock)
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(hs.sock.fileno(), fcntl.F_SETFL, hs.file_flags)
+        self._done(hs.sock.fileno(), status, remote)
+        hs.sock.close()
+
+    def _done(self, fd: int, status: int, remote: tuple[int, ...]) -> None:
+        try:
+            self.upcall.done(fd, status, remote)
+        except TlshdError as exc:
+            log.error("DONE for fd %d failed: %s", fd, exc)
+
+    def _expire(self) -> None:
+        now = self._clock()
+        for hs in [h for h in self.inflight.values() if h.deadline <= now]:
+            self._end(hs, HandshakeTimeoutError("the request's time budget ran out"))
+
+    # --- shutdown ----------------------------------------------------------------------
+
+    def drain(self, grace_s: float) -> None:
+        """Stop accepting; let in-flight handshakes finish within ``grace_s``; then fail them."""
+        self.draining = True
+        until = self._clock() + grace_s
+        while self.inflight and self._clock() < until:
+            self.run_once(max_wait=min(0.1, until - self._clock()))
+        for hs in list(self.inflight.values()):
+            self._end(hs, HandshakeTimeoutError("agent shutting down"))
+
+    def close(self) -> None:
+        self._sel.close()
+        self.upcall.close()
