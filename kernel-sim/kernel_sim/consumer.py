@@ -134,7 +134,8 @@ class NFSClient:
     """``xs_tcp_tls_setup_socket`` + ``xs_tls_handshake_sync``, then RPC over kTLS."""
 
     def __init__(
-        self, kernel: Kernel, *, xprtsec: str = "tls", cert_serial: int = 0, privkey_serial: int = 0,
+        self, kernel: Kernel, *, xprtsec: str = "tls", cert_serial: int = 0,
+        privkey_serial: int = 0,
         timeout_s: float = XS_TLS_HANDSHAKE_TO,
     ) -> None:
         if xprtsec not in ("tls", "mtls"):
@@ -212,3 +213,39 @@ class NFSServer:
                 return served
             ktls.sendmsg(rpc_null_reply(xid, b""))
         return calls
+
+
+# --- a plain consumer, for tests against independent TLS peers -----------------------
+
+
+class TLSConsumer:
+    """A consumer with no protocol of its own: hand a connected socket to the agent.
+
+    ``client(...)`` / ``server(...)`` submit the matching request and wait like
+    a kernel consumer (cancel on timeout). On success ``ktls`` is the socket's
+    kTLS view for application data.
+    """
+
+    def __init__(self, kernel: Kernel, *, timeout_s: float = 10.0, timeout_ms: int = 0) -> None:
+        self.kernel, self.timeout_s, self.timeout_ms = kernel, timeout_s, timeout_ms
+        self.ktls: KTLSSocket | None = None
+
+    def client(self, sock: socket.socket, *, peername: str | None = None, auth: str = "x509",
+               cert_serial: int = 0, privkey_serial: int = 0) -> HandshakeOutcome:
+        args = TLSHandshakeArgs(sock=sock, done=_unused, peername=peername,
+                                timeout_ms=self.timeout_ms, my_cert=cert_serial,
+                                my_privkey=privkey_serial)
+        submit = (self.kernel.tls_client_hello_anon if auth == "anon"
+                  else self.kernel.tls_client_hello_x509)
+        return self._finish(sock, wait_handshake(self.kernel, sock, submit, args, self.timeout_s))
+
+    def server(self, sock: socket.socket) -> HandshakeOutcome:
+        args = TLSHandshakeArgs(sock=sock, done=_unused, timeout_ms=self.timeout_ms)
+        out = wait_handshake(self.kernel, sock, self.kernel.tls_server_hello_x509, args,
+                             self.timeout_s)
+        return self._finish(sock, out)
+
+    def _finish(self, sock: socket.socket, out: HandshakeOutcome) -> HandshakeOutcome:
+        if out.status == 0:
+            self.ktls = self.kernel.ktls(sock)
+        return out

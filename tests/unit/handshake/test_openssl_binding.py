@@ -1,0 +1,101 @@
+"""Canary for the private OpenSSL binding used by tlshd.handshake._openssl.
+
+pyOpenSSL has no public API for the in-handshake host/IP check or the
+verification result text, so tlshd calls into cryptography's cffi binding.
+These tests fail with a message that says what to fix when a pyOpenSSL or
+cryptography release renames or drops something.
+"""
+
+from __future__ import annotations
+
+import cryptography
+import OpenSSL
+import pytest
+from cryptography.hazmat.bindings.openssl.binding import Binding
+from OpenSSL import SSL
+from OpenSSL._util import lib
+
+from tlshd.handshake import _openssl
+
+VERSIONS = f"pyOpenSSL {OpenSSL.__version__}, cryptography {cryptography.__version__}"
+
+
+@pytest.mark.parametrize("symbol", _openssl.REQUIRED_SYMBOLS)
+def test_binding_exports_symbol(symbol: str) -> None:
+    if not hasattr(lib, symbol):
+        pytest.fail(
+            f"{symbol} is gone from cryptography's OpenSSL binding ({VERSIONS}); "
+            "tlshd.handshake._openssl needs another way to do what it did",
+            pytrace=False,
+        )
+
+
+@pytest.mark.parametrize(
+    ("cls", "attribute"),
+    _openssl.REQUIRED_ATTRIBUTES,
+    ids=[f"{cls.__name__}.{attr}" for cls, attr in _openssl.REQUIRED_ATTRIBUTES],
+)
+def test_pyopenssl_keeps_private_pointer(cls: type, attribute: str) -> None:
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    instance = ctx if cls is SSL.Context else SSL.Connection(ctx, None)
+    if not hasattr(instance, attribute):
+        pytest.fail(
+            f"pyOpenSSL's {cls.__name__} no longer has {attribute} ({VERSIONS}); "
+            "tlshd.handshake._openssl reads the OpenSSL pointer from it",
+            pytrace=False,
+        )
+
+
+def test_pyopenssl_lib_is_cryptography_binding() -> None:
+    # _openssl documents the two as one object; the pointers must be compatible.
+    assert lib is Binding.lib
+
+
+def test_check_binding_passes_and_names_missing_symbols(monkeypatch: pytest.MonkeyPatch) -> None:
+    _openssl.check_binding()
+    monkeypatch.setattr(
+        _openssl, "REQUIRED_SYMBOLS", (*_openssl.REQUIRED_SYMBOLS, "SSL_no_such_function")
+    )
+    with pytest.raises(_openssl.BindingError, match="SSL_no_such_function"):
+        _openssl.check_binding()
+
+
+@pytest.mark.parametrize(
+    ("cls", "method"),
+    [
+        (SSL.Connection, "get_group_name"),
+        (SSL.Connection, "get_verified_chain"),
+        (SSL.Context, "set_tls13_ciphersuites"),
+        (SSL.Context, "set_keylog_callback"),
+    ],
+)
+def test_public_pyopenssl_api_newer_than_its_typeshed_stubs(cls: type, method: str) -> None:
+    assert hasattr(cls, method), f"pyOpenSSL ({VERSIONS}) lost {cls.__name__}.{method}"
+
+
+def test_verify_parameters_accept_names_and_addresses() -> None:
+    conn = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None)
+    _openssl.set_verify_host(conn, b"server.test")
+    _openssl.set_verify_ip(conn, bytes([127, 0, 0, 1]))
+    _openssl.set_verify_ip(conn, bytes(15) + b"\x01")
+    with pytest.raises(ValueError, match="4 or 16"):
+        _openssl.set_verify_ip(conn, b"\x01\x02\x03\x04\x05")
+
+
+def test_verify_error_is_none_before_any_verification() -> None:
+    conn = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None)
+    assert _openssl.verify_error(conn) is None
+
+
+def test_keylog_callback_detection() -> None:
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    assert not _openssl.has_keylog_callback(ctx)
+    ctx.set_keylog_callback(lambda conn, line: None)
+    assert _openssl.has_keylog_callback(ctx)
+
+
+def test_hint_if_ticket_count_becomes_settable() -> None:
+    # The engine withholds OpenSSL's NewSessionTickets because the binding
+    # lacks SSL_CTX_set_num_tickets. If it appears, setting 0 would be simpler.
+    if hasattr(lib, "SSL_CTX_set_num_tickets"):
+        pytest.skip("binding now exports SSL_CTX_set_num_tickets: consider setting it to 0")

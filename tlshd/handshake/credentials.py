@@ -1,0 +1,293 @@
+"""Build the reusable ``SSL.Context`` objects that handshake engines run on.
+
+A context is built once (at start-up or configuration reload) and shared by
+many handshakes, so everything that can be checked up front is checked here
+and reported as :class:`~tlshd.errors.CredentialError` naming the file (never
+its contents): unreadable files, wrong formats, a key that does not match its
+certificate, an empty trust store.
+
+Every context:
+
+* speaks TLS 1.3 only (min = max = TLS 1.3);
+* verifies the peer (``VERIFY_PEER``; a server may additionally require a
+  client certificate with ``VERIFY_FAIL_IF_NO_PEER_CERT``);
+* has the session cache off and ``OP_NO_TICKET`` set: tlshd never resumes a
+  session, so no PSK resumption or early data can be negotiated, and the
+  OpenSSL server's NewSessionTickets (which the engine withholds from the wire)
+  are useless stateful ids that are not even cached;
+* has the key-log callback installed that forwards secrets to the engine
+  owning each connection (:func:`tlshd.handshake.engine.route_keylog_line`).
+
+Credentials may come from PEM/DER files (:meth:`X509Credentials.from_files`)
+or from bytes, e.g. a kernel keyring payload (:meth:`X509Credentials.from_der`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from OpenSSL import SSL
+
+from tlshd.errors import ConfigError, CredentialError
+from tlshd.handshake.engine import route_keylog_line
+
+__all__ = [
+    "SYSTEM_CA_BUNDLES",
+    "PrivateKey",
+    "X509Credentials",
+    "client_context",
+    "client_context_from_credentials",
+    "server_context",
+    "server_context_from_credentials",
+]
+
+PrivateKey = (
+    rsa.RSAPrivateKey
+    | ec.EllipticCurvePrivateKey
+    | ed25519.Ed25519PrivateKey
+    | ed448.Ed448PrivateKey
+)
+_TLS_KEY_TYPES = (
+    rsa.RSAPrivateKey,
+    ec.EllipticCurvePrivateKey,
+    ed25519.Ed25519PrivateKey,
+    ed448.Ed448PrivateKey,
+)
+
+# cryptography's bundled OpenSSL looks for its default store under
+# /opt/pyca/cryptography/openssl, which no distribution populates; pyOpenSSL
+# only falls back when it recognises those exact paths. Load the
+# distribution's bundle explicitly (Debian first), unless the administrator
+# pointed OpenSSL elsewhere with SSL_CERT_FILE / SSL_CERT_DIR.
+SYSTEM_CA_BUNDLES: tuple[str, ...] = (
+    "/etc/ssl/certs/ca-certificates.crt",  # Debian, Ubuntu
+    "/etc/pki/tls/certs/ca-bundle.crt",  # Fedora, RHEL
+    "/etc/ssl/ca-bundle.pem",  # openSUSE
+)
+
+_SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+@dataclass(frozen=True, repr=False)
+class X509Credentials:
+    """A certificate chain (leaf first) and the leaf's private key.
+
+    ``source`` describes where they came from for error messages and logs.
+    """
+
+    chain: tuple[x509.Certificate, ...]
+    private_key: PrivateKey = field(repr=False)
+    source: str = "in-memory credentials"
+
+    def __post_init__(self) -> None:
+        if not self.chain:
+            raise CredentialError(f"{self.source}: no certificate")
+        leaf_key = self.chain[0].public_key().public_bytes(*_SPKI)
+        if self.private_key.public_key().public_bytes(*_SPKI) != leaf_key:
+            raise CredentialError(f"{self.source}: private key does not match the certificate")
+
+    def __repr__(self) -> str:
+        return (
+            f"X509Credentials(subject={self.chain[0].subject.rfc4514_string()!r}, "
+            f"chain_len={len(self.chain)}, source={self.source!r}, private_key=<hidden>)"
+        )
+
+    @classmethod
+    def from_files(cls, certificate: Path, private_key: Path) -> X509Credentials:
+        """Load a PEM (or DER) certificate chain file and private key file."""
+        chain = _parse_certificates(_read(certificate, "certificate"), f"certificate {certificate}")
+        key = _parse_private_key(_read(private_key, "private key"), f"private key {private_key}")
+        return cls(chain, key, source=f"{certificate} / {private_key}")
+
+    @classmethod
+    def from_der(
+        cls,
+        certificate_der: bytes | Sequence[bytes],
+        private_key_der: bytes,
+        *,
+        source: str = "in-memory credentials",
+    ) -> X509Credentials:
+        """From DER bytes (e.g. kernel keyring payloads); a chain is leaf first."""
+        ders = [certificate_der] if isinstance(certificate_der, bytes) else list(certificate_der)
+        try:
+            chain = tuple(x509.load_der_x509_certificate(der) for der in ders)
+        except ValueError:
+            raise CredentialError(f"{source}: certificate is not valid DER X.509") from None
+        return cls(chain, _parse_private_key(private_key_der, f"{source} private key"), source)
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        return self.chain[0]
+
+
+# -- context builders ----------------------------------------------------------
+
+
+def client_context(
+    truststore: Path | None,
+    certificate: Path | None = None,
+    private_key: Path | None = None,
+    *,
+    ciphersuites: str | None = None,
+) -> SSL.Context:
+    """Client context; with ``certificate``/``private_key`` it can do mutual TLS.
+
+    ``truststore`` is a PEM bundle file or a hashed directory; None means the
+    system store.
+    """
+    if (certificate is None) != (private_key is None):
+        raise CredentialError("a client certificate needs its private key and vice versa")
+    credentials = None
+    if certificate is not None and private_key is not None:
+        credentials = X509Credentials.from_files(certificate, private_key)
+    return client_context_from_credentials(truststore, credentials, ciphersuites=ciphersuites)
+
+
+def server_context(
+    certificate: Path,
+    private_key: Path,
+    truststore: Path | None,
+    require_client_cert: bool,
+    *,
+    request_client_cert: bool = True,
+    ciphersuites: str | None = None,
+) -> SSL.Context:
+    """Server context: requests (and optionally requires) a client certificate."""
+    return server_context_from_credentials(
+        X509Credentials.from_files(certificate, private_key),
+        truststore,
+        require_client_cert,
+        request_client_cert=request_client_cert,
+        ciphersuites=ciphersuites,
+    )
+
+
+def client_context_from_credentials(
+    truststore: Path | None,
+    credentials: X509Credentials | None,
+    *,
+    ciphersuites: str | None = None,
+) -> SSL.Context:
+    ctx = _base_context(SSL.TLS_CLIENT_METHOD, SSL.VERIFY_PEER, ciphersuites)
+    _load_trust(ctx, truststore)
+    if credentials is not None:
+        _use_credentials(ctx, credentials)
+    return ctx
+
+
+def server_context_from_credentials(
+    credentials: X509Credentials,
+    truststore: Path | None,
+    require_client_cert: bool,
+    *,
+    request_client_cert: bool = True,
+    ciphersuites: str | None = None,
+) -> SSL.Context:
+    """``require_client_cert`` implies requesting one."""
+    request = request_client_cert or require_client_cert
+    mode = SSL.VERIFY_PEER if request else SSL.VERIFY_NONE
+    if require_client_cert:
+        mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+    ctx = _base_context(SSL.TLS_SERVER_METHOD, mode, ciphersuites)
+    if request:
+        _load_trust(ctx, truststore)
+    _use_credentials(ctx, credentials)
+    return ctx
+
+
+def _base_context(method: int, verify_mode: int, ciphersuites: str | None) -> SSL.Context:
+    ctx = SSL.Context(method)
+    ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+    ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
+    ctx.set_options(SSL.OP_NO_TICKET)
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    if ciphersuites is not None:
+        if not ciphersuites.strip():
+            raise ConfigError("the TLS 1.3 cipher suite list is empty")
+        try:
+            ctx.set_tls13_ciphersuites(ciphersuites.encode("ascii"))  # type: ignore[attr-defined, unused-ignore]
+        except (SSL.Error, UnicodeEncodeError):
+            raise ConfigError(f"no usable TLS 1.3 cipher suite in {ciphersuites!r}") from None
+    ctx.set_verify(verify_mode)
+    ctx.set_keylog_callback(route_keylog_line)
+    return ctx
+
+
+def _use_credentials(ctx: SSL.Context, credentials: X509Credentials) -> None:
+    try:
+        ctx.use_certificate(credentials.chain[0])  # type: ignore[arg-type, unused-ignore]
+        for cert in credentials.chain[1:]:
+            ctx.add_extra_chain_cert(cert)  # type: ignore[arg-type, unused-ignore]
+        ctx.use_privatekey(credentials.private_key)  # type: ignore[arg-type, unused-ignore]
+        ctx.check_privatekey()
+    except SSL.Error:
+        message = f"{credentials.source}: OpenSSL cannot use these credentials"
+        raise CredentialError(message) from None
+
+
+# -- trust stores ----------------------------------------------------------------
+
+
+def _load_trust(ctx: SSL.Context, truststore: Path | None) -> None:
+    if truststore is None:
+        _load_system_trust(ctx)
+    elif truststore.is_dir():
+        if not os.access(truststore, os.R_OK | os.X_OK):
+            raise CredentialError(f"cannot read trust store directory {truststore}")
+        ctx.load_verify_locations(None, str(truststore))
+    else:
+        _read(truststore, "trust store")  # a clear error if missing or unreadable
+        try:
+            ctx.load_verify_locations(str(truststore))
+        except SSL.Error:
+            raise CredentialError(f"trust store {truststore} holds no PEM certificates") from None
+
+
+def _load_system_trust(ctx: SSL.Context) -> None:
+    if "SSL_CERT_FILE" not in os.environ and "SSL_CERT_DIR" not in os.environ:
+        for bundle in SYSTEM_CA_BUNDLES:
+            if os.path.isfile(bundle):
+                ctx.load_verify_locations(bundle)
+                return
+    ctx.set_default_verify_paths()
+
+
+# -- parsing -------------------------------------------------------------------------
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise CredentialError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+def _parse_certificates(data: bytes, where: str) -> tuple[x509.Certificate, ...]:
+    try:
+        if b"-----BEGIN" in data:
+            return tuple(x509.load_pem_x509_certificates(data))
+        return (x509.load_der_x509_certificate(data),)
+    except ValueError:
+        raise CredentialError(f"{where} is not a PEM or DER X.509 certificate") from None
+
+
+def _parse_private_key(data: bytes, where: str) -> PrivateKey:
+    try:
+        if b"-----BEGIN" in data:
+            key = serialization.load_pem_private_key(data, password=None)
+        else:
+            key = serialization.load_der_private_key(data, password=None)
+    except TypeError:
+        raise CredentialError(f"{where} is encrypted; tlshd needs an unencrypted key") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise CredentialError(f"{where} is not a PEM or DER private key") from None
+    if not isinstance(key, _TLS_KEY_TYPES):
+        raise CredentialError(f"{where}: {type(key).__name__} keys cannot sign TLS 1.3 handshakes")
+    return key

@@ -1,0 +1,395 @@
+"""Sans-I/O TLS 1.3 handshake engine over OpenSSL memory BIOs.
+
+Theory of operation
+-------------------
+The kernel hands tlshd a connected TCP socket and takes it back once the
+handshake is done: from then on every byte on the socket belongs to kTLS.
+Two things follow, and this engine exists to get them exactly right.
+
+1. **Never read past the handshake.** The peer may send application data (or,
+   as a server, NewSessionTicket records) right behind its Finished, possibly in
+   the same TCP segment. Bytes read from the socket by user space are lost to
+   kTLS. So input is framed here, outside OpenSSL: the engine buffers what it
+   receives and writes *one whole TLS record* at a time into OpenSSL's read
+   BIO, driving ``do_handshake`` after each, and stops the moment the handshake
+   completes. Nothing past the completing record ever enters OpenSSL; it stays
+   in :attr:`HandshakeEngine.trailing_data`. :class:`NeedData` tells the caller
+   exactly how many bytes finish the current record (5 for a header, then the
+   body), so a caller that ``recv()``s at most that many never over-reads and
+   ``trailing_data`` stays empty. RFC 8446 section 5.1 makes this sound: the
+   Finished message precedes a key change and "MUST be sent in alignment with a
+   record boundary", so the handshake always ends at a record boundary.
+
+2. **Never write past the handshake.** OpenSSL's TLS 1.3 server writes
+   NewSessionTicket records (two by default) in the same ``do_handshake``
+   call that processes the client's Finished, and the binding under pyOpenSSL
+   has no ``SSL_CTX_set_num_tickets`` to turn them off (``SSL_OP_NO_TICKET``
+   only makes them stateful). The NFS client discards such records but the
+   NVMe/TCP host fails the queue with EINVAL (kernel-handshake-api.md 4.1,
+   4.3), and kTLS would start at the wrong ``rec_seq``. A TLS 1.3 server has
+   no handshake message left to send once the client's Finished has arrived,
+   so everything a server writes in its completing call is post-handshake:
+   it is withheld from :meth:`HandshakeEngine.data_to_send` and counted in
+   ``SessionResult.dropped_post_handshake_records``. A client's completing
+   call writes its final flight (Certificate, CertificateVerify, Finished),
+   which must go out, and nothing after it. Contexts from
+   :mod:`tlshd.handshake.credentials` also disable the session cache, so the
+   withheld tickets could not resume a session anyway and no PSK or early data
+   can ever be accepted.
+
+Secrets come from OpenSSL's key-log callback, which pyOpenSSL installs per
+``SSL.Context`` and calls with the ``Connection``: each engine registers itself
+as the connection's app data and :func:`route_keylog_line` hands the line to
+it. Only the two application traffic secrets are kept.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import ipaddress
+import re
+from typing import Literal, Protocol, cast
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from OpenSSL import SSL
+
+from tlshd.errors import (
+    CredentialError,
+    PeerAuthenticationError,
+    PeerClosedError,
+    PeerProtocolError,
+    TlshdError,
+    UnsupportedRequestError,
+)
+from tlshd.handshake import _openssl
+from tlshd.handshake.events import (
+    Event,
+    HandshakeComplete,
+    HandshakeFailed,
+    NeedData,
+    SessionResult,
+)
+
+__all__ = ["HandshakeEngine", "Role", "route_keylog_line"]
+
+RECORD_HEADER_LEN = 5
+# RFC 8446 section 5.2: TLSCiphertext.length MUST NOT exceed 2^14 + 256.
+MAX_RECORD_BODY_LEN = 2**14 + 256
+# change_cipher_spec, alert, handshake, application_data (RFC 8446 section 5.1)
+TLS_CONTENT_TYPES = frozenset({20, 21, 22, 23})
+_BIO_CHUNK = 65536
+
+_CLIENT_SECRET = b"CLIENT_TRAFFIC_SECRET_0"
+_SERVER_SECRET = b"SERVER_TRAFFIC_SECRET_0"
+# OpenSSL reasons for a received alert: "sslv3 alert handshake failure",
+# "tlsv1 alert unknown ca", "tlsv13 alert certificate required", ...
+_ALERT_REASON = re.compile(r"\balert (?P<name>[a-z0-9 ]+)")
+
+
+class Role(enum.Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+def route_keylog_line(conn: SSL.Connection, line: bytes) -> None:
+    """Key-log callback for contexts that engines use: forward to the engine.
+
+    Runs inside OpenSSL (via cffi), so it must not raise.
+    """
+    engine = conn.get_app_data()
+    if isinstance(engine, HandshakeEngine):
+        engine._remember_secret(line)
+
+
+def parse_record_header(header: bytes) -> tuple[int, int]:
+    """Return (content type, body length); raise PeerProtocolError if not TLS."""
+    content_type, major, length = header[0], header[1], int.from_bytes(header[3:5], "big")
+    if content_type not in TLS_CONTENT_TYPES or major != 3:
+        raise PeerProtocolError(f"peer did not send a TLS record (header {header.hex()})")
+    if length > MAX_RECORD_BODY_LEN:
+        raise PeerProtocolError(f"peer sent a TLS record of {length} bytes (limit 2^14+256)")
+    return content_type, length
+
+
+def count_records(data: bytes) -> int:
+    """Number of TLS records in ``data`` (which OpenSSL wrote: well formed)."""
+    count, offset = 0, 0
+    while offset + RECORD_HEADER_LEN <= len(data):
+        offset += RECORD_HEADER_LEN + int.from_bytes(data[offset + 3 : offset + 5], "big")
+        count += 1
+    return count
+
+
+class HandshakeEngine:
+    """One TLS 1.3 handshake, bytes in and bytes out (see the module docstring).
+
+    ``context`` comes from :mod:`tlshd.handshake.credentials` (it must carry
+    :func:`route_keylog_line`). A client sends SNI for a DNS ``peername`` and
+    has OpenSSL check the server certificate against it during the handshake
+    (DNS SAN, or IP SAN for an IPv4/IPv6 literal); with no ``peername`` only
+    the chain is verified. A server ignores ``peername``.
+
+    Bytes produced by a step (the next flight, or the alert of a failure) are
+    in :meth:`data_to_send` by the time :meth:`next_event` reports it, so
+    send them first, as in::
+
+        engine = HandshakeEngine(ctx, Role.CLIENT, peername="server.example")
+        while True:
+            sock.sendall(engine.data_to_send())
+            event = engine.next_event()
+            if not isinstance(event, NeedData):
+                break
+            engine.receive_data(sock.recv(event.max_bytes))
+        sock.sendall(engine.data_to_send())   # e.g. the alert after a failure
+    """
+
+    def __init__(self, context: SSL.Context, role: Role, *, peername: str | None = None) -> None:
+        if not _openssl.has_keylog_callback(context):
+            raise ValueError(
+                "SSL.Context has no key-log callback: build it with tlshd.handshake.credentials"
+            )
+        self._role = role
+        self._inbuf = bytearray()
+        self._outbuf = bytearray()
+        self._secrets: dict[bytes, bytes] = {}
+        self._result: HandshakeComplete | HandshakeFailed | None = None
+        self._conn = SSL.Connection(context, None)
+        self._conn.set_app_data(self)
+        if role is Role.CLIENT:
+            self._conn.set_connect_state()
+            if peername is not None:
+                _expect_peername(self._conn, peername)
+            self._step(started=False)  # writes the ClientHello
+        else:
+            self._conn.set_accept_state()
+
+    # -- public API ------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Give the engine bytes read from the peer; ``b""`` means it closed."""
+        if self._result is not None:
+            self._inbuf += data  # past the end: the caller must hand these on
+            return
+        if not data:
+            self._fail(PeerClosedError(self._closed_message()))
+            return
+        self._inbuf += data
+        self._feed_records()
+
+    def data_to_send(self) -> bytes:
+        """Bytes to write to the peer now (send them even after a failure)."""
+        out = bytes(self._outbuf)
+        self._outbuf.clear()
+        return out
+
+    def next_event(self) -> Event:
+        if self._result is not None:
+            return self._result
+        return NeedData(self._bytes_to_record_end())
+
+    @property
+    def trailing_data(self) -> bytes:
+        """Bytes received past the end of a completed handshake (kTLS's data)."""
+        if isinstance(self._result, HandshakeComplete):
+            return bytes(self._inbuf)
+        return b""
+
+    # -- input framing -----------------------------------------------------------
+
+    def _bytes_to_record_end(self) -> int:
+        if len(self._inbuf) < RECORD_HEADER_LEN:
+            return RECORD_HEADER_LEN - len(self._inbuf)
+        length = int.from_bytes(self._inbuf[3:5], "big")
+        return RECORD_HEADER_LEN + length - len(self._inbuf)
+
+    def _feed_records(self) -> None:
+        while self._result is None and len(self._inbuf) >= RECORD_HEADER_LEN:
+            header = bytes(self._inbuf[:RECORD_HEADER_LEN])
+            try:
+                _, length = parse_record_header(header)
+            except PeerProtocolError as exc:
+                self._reject(header, exc)
+                return
+            end = RECORD_HEADER_LEN + length
+            if len(self._inbuf) < end:
+                return
+            record = bytes(self._inbuf[:end])
+            del self._inbuf[:end]
+            self._conn.bio_write(record)
+            self._step(started=True)
+
+    def _reject(self, header: bytes, exc: PeerProtocolError) -> None:
+        """Not TLS: let OpenSSL see the header so it sends the alert it wants."""
+        self._conn.bio_write(header)
+        try:
+            self._conn.do_handshake()
+        except SSL.WantReadError:
+            pass  # OpenSSL would wait for the body: our own verdict stands
+        except SSL.Error as ssl_exc:
+            exc = PeerProtocolError(f"{exc}: {_reason(ssl_exc)}")
+        self._outbuf += self._drain_bio()
+        self._fail(exc)
+
+    # -- driving OpenSSL -----------------------------------------------------------
+
+    def _step(self, *, started: bool) -> None:
+        try:
+            self._conn.do_handshake()
+        except SSL.WantReadError:
+            self._outbuf += self._drain_bio()
+            return
+        except SSL.Error as exc:
+            self._outbuf += self._drain_bio()
+            self._fail(self._classify(exc) if started else _local_failure(exc))
+            return
+        self._complete()
+
+    def _drain_bio(self) -> bytes:
+        out = bytearray()
+        while True:
+            try:
+                out += self._conn.bio_read(_BIO_CHUNK)
+            except SSL.WantReadError:
+                return bytes(out)
+
+    def _complete(self) -> None:
+        written = self._drain_bio()
+        dropped = 0
+        if self._role is Role.SERVER:
+            dropped = count_records(written)  # NewSessionTicket: see module docstring
+        else:
+            self._outbuf += written  # the client's final flight
+        try:
+            session = self._session_result(dropped)
+        except TlshdError as exc:
+            self._fail(exc)
+            return
+        self._finish(HandshakeComplete(session))
+
+    def _finish(self, result: HandshakeComplete | HandshakeFailed) -> None:
+        self._result = result
+        self._conn.set_app_data(None)  # break the engine <-> connection cycle
+        self._secrets.clear()
+
+    def _fail(self, error: TlshdError) -> None:
+        self._finish(HandshakeFailed(error))
+
+    # -- results ----------------------------------------------------------------
+
+    def _remember_secret(self, line: bytes) -> None:
+        fields = line.split(b" ")
+        if len(fields) == 3 and fields[0] in (_CLIENT_SECRET, _SERVER_SECRET):
+            try:
+                self._secrets[fields[0]] = bytes.fromhex(fields[2].decode("ascii"))
+            except ValueError:
+                return
+
+    def _session_result(self, dropped: int) -> SessionResult:
+        protocol = self._conn.get_protocol_version_name()
+        if protocol != "TLSv1.3":
+            raise PeerProtocolError(f"negotiated {protocol}, only TLSv1.3 is allowed")
+        mine, theirs = (
+            (_CLIENT_SECRET, _SERVER_SECRET)
+            if self._role is Role.CLIENT
+            else (_SERVER_SECRET, _CLIENT_SECRET)
+        )
+        if mine not in self._secrets or theirs not in self._secrets:
+            raise TlshdError("OpenSSL did not log the traffic secrets", status=errno.EIO)
+        leaf, chain = _peer_certificates(self._conn)
+        return SessionResult(
+            cipher_name=self._conn.get_cipher_name() or "",
+            protocol=protocol,
+            tx_secret=self._secrets[mine],
+            rx_secret=self._secrets[theirs],
+            peer_certificate_der=leaf,
+            peer_chain_der=chain,
+            dropped_post_handshake_records=dropped,
+            group_name=self._conn.get_group_name(),  # type: ignore[attr-defined, unused-ignore]
+        )
+
+    def _classify(self, exc: SSL.Error) -> TlshdError:
+        if isinstance(exc, SSL.ZeroReturnError):
+            return PeerClosedError("peer sent close_notify during the handshake")
+        reason = _reason(exc)
+        verify = _openssl.verify_error(self._conn)
+        if verify is not None:
+            return PeerAuthenticationError(f"peer certificate rejected: {verify}")
+        alert = _ALERT_REASON.search(reason)
+        if alert is not None:
+            name = alert["name"].replace(" ", "_")
+            if name == "protocol_version":
+                return PeerProtocolError(f"peer sent alert: {name}")
+            return PeerAuthenticationError(f"peer sent alert: {name}")
+        if "did not return a certificate" in reason:
+            return PeerAuthenticationError("peer sent no certificate but one is required")
+        if "unsupported protocol" in reason:
+            return PeerProtocolError(f"peer does not offer TLS 1.3 ({reason})")
+        return PeerProtocolError(f"TLS handshake failed: {reason}")
+
+    def _closed_message(self) -> str:
+        pending = f" ({len(self._inbuf)} bytes of a partial record)" if self._inbuf else ""
+        return f"peer closed the connection during the handshake{pending}"
+
+
+# -- helpers ---------------------------------------------------------------------
+
+
+def _reason(exc: SSL.Error) -> str:
+    """The OpenSSL reason strings from pyOpenSSL's error queue, joined."""
+    queue = exc.args[0] if exc.args else []
+    if not isinstance(queue, list):
+        return str(queue)
+    reasons = [str(item[-1]) for item in queue if isinstance(item, tuple) and item]
+    return "; ".join(r for r in reasons if r) or "unknown OpenSSL error"
+
+
+def _local_failure(exc: SSL.Error) -> TlshdError:
+    """OpenSSL refused to start a handshake before the peer said anything."""
+    return CredentialError(f"cannot start a TLS handshake with this context: {_reason(exc)}")
+
+
+def _expect_peername(conn: SSL.Connection, peername: str) -> None:
+    """SNI plus the in-handshake name check (DNS SAN, or IP SAN for literals)."""
+    name = peername.strip()
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        address = None
+    if address is not None:
+        _openssl.set_verify_ip(conn, address.packed)  # RFC 6066 3: no SNI for IPs
+        return
+    host = name.rstrip(".")
+    if not host or not host.isascii() or any(c.isspace() or c == "\0" for c in host):
+        raise UnsupportedRequestError(f"peer name {peername!r} is not a DNS name or IP address")
+    conn.set_tlsext_host_name(host.encode("ascii"))
+    _openssl.set_verify_host(conn, host.encode("ascii"))
+
+
+class _CryptographyPeerView(Protocol):
+    """pyOpenSSL >= 24.3 API; the installed typeshed stubs for pyOpenSSL predate it."""
+
+    def get_peer_certificate(
+        self, *, as_cryptography: Literal[True]
+    ) -> x509.Certificate | None: ...
+
+    def get_verified_chain(
+        self, *, as_cryptography: Literal[True]
+    ) -> list[x509.Certificate] | None: ...
+
+
+def _peer_certificates(conn: SSL.Connection) -> tuple[bytes | None, tuple[bytes, ...]]:
+    """The peer's leaf and its verified chain (leaf first, up to the trust anchor), DER."""
+    view = cast(_CryptographyPeerView, conn)
+    leaf = view.get_peer_certificate(as_cryptography=True)
+    if leaf is None:
+        return None, ()
+    leaf_der = leaf.public_bytes(Encoding.DER)
+    chain = view.get_verified_chain(as_cryptography=True) or []
+    ders = [cert.public_bytes(Encoding.DER) for cert in chain]
+    if not ders or ders[0] != leaf_der:
+        ders.insert(0, leaf_der)
+    return leaf_der, tuple(ders)
