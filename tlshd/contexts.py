@@ -17,8 +17,16 @@ from tlshd import keyring
 from tlshd.config import Config
 from tlshd.errors import CredentialError
 from tlshd.handshake import credentials as creds
+from tlshd.ktls import CipherSuite
 from tlshd.netlink.messages import AcceptReply
 from tlshd.netlink.spec import AuthMode, MsgType
+
+
+# Exactly the TLS 1.3 suites kTLS can carry (never CCM_8), strongest first. OpenSSL's default
+# list lacks TLS_AES_128_CCM_SHA256; a peer restricted to it must still get a session.
+KTLS_SUITES = ":".join(s.openssl_name for s in (
+    CipherSuite.TLS_AES_256_GCM_SHA384, CipherSuite.TLS_CHACHA20_POLY1305_SHA256,
+    CipherSuite.TLS_AES_128_GCM_SHA256, CipherSuite.TLS_AES_128_CCM_SHA256))
 
 
 @dataclass(frozen=True)
@@ -34,12 +42,14 @@ class Contexts:
         client_x509 = None
         if client.certificate is not None and client.private_key is not None:
             client_x509 = creds.client_context(client.truststore, client.certificate,
-                                               client.private_key)
+                                               client.private_key, ciphersuites=KTLS_SUITES)
         server_ctx = None
         if server.certificate is not None and server.private_key is not None:
             server_ctx = creds.server_context(server.certificate, server.private_key,
-                                              server.truststore, config.require_client_cert)
-        return cls(config, creds.client_context(client.truststore), client_x509, server_ctx)
+                                              server.truststore, config.require_client_cert,
+                                              ciphersuites=KTLS_SUITES)
+        anon = creds.client_context(client.truststore, ciphersuites=KTLS_SUITES)
+        return cls(config, anon, client_x509, server_ctx)
 
     def __call__(self, reply: AcceptReply) -> SSL.Context:
         cert = reply.certificate
@@ -61,5 +71,7 @@ class Contexts:
         )
         if reply.message_type == MsgType.SERVERHELLO:
             return creds.server_context_from_credentials(
-                material, self.config.server.truststore, self.config.require_client_cert)
-        return creds.client_context_from_credentials(self.config.client.truststore, material)
+                material, self.config.server.truststore, self.config.require_client_cert,
+                ciphersuites=KTLS_SUITES)
+        return creds.client_context_from_credentials(self.config.client.truststore, material,
+                                                     ciphersuites=KTLS_SUITES)

@@ -1,0 +1,204 @@
+"""Running the agent against kernel-sim, and independent TLS peers, for the sim tier.
+
+The agent is always a separate process (``python -m tlshd``) on a kernel-sim
+endpoint of its own; peers are ``openssl``/``gnutls`` processes or plain
+sockets. Everything is bounded in time and cleaned up by the fixtures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from kernel_sim.consumer import HandshakeOutcome, TLSConsumer
+from kernel_sim.kernel import Kernel
+
+from tests.pki import PKI
+
+AGENT_START_TIMEOUT_S = 20.0
+
+
+def unique_endpoint() -> str:
+    return f"tlshd-test-{uuid.uuid4().hex[:10]}"
+
+
+def write_config(directory: Path, pki: PKI, endpoint: str, *, require_client_cert: bool = False,
+                 workers: int = 1, timeout_ms: int = 10_000, client_cert: bool = True) -> Path:
+    client = (f"x509.certificate={pki.client.cert}\nx509.private_key={pki.client.key}\n"
+              if client_cert else "")
+    text = (
+        "[authenticate.client]\n"
+        f"x509.truststore={pki.ca}\n{client}\n"
+        "[authenticate.server]\n"
+        f"x509.truststore={pki.ca}\n"
+        f"x509.certificate={pki.server.cert}\nx509.private_key={pki.server.key}\n\n"
+        "[agent]\n"
+        f"workers={workers}\nupcall=kernel-sim:{endpoint}\n"
+        f"handshake_timeout_ms={timeout_ms}\n"
+        f"require_client_cert={'true' if require_client_cert else 'false'}\n"
+    )
+    path = directory / f"config-{endpoint}"
+    path.write_text(text)
+    return path
+
+
+class Agent:
+    """The agent process; ``log`` collects its stderr lines."""
+
+    def __init__(self, config: Path, netns: str | None = None) -> None:
+        prefix = ["ip", "netns", "exec", netns] if netns else []
+        self.proc = subprocess.Popen(
+            [*prefix, sys.executable, "-m", "tlshd", "-s", "-c", str(config)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.log: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.log.append(line.rstrip())
+
+    def worker_pids(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True)
+        pids = [int(p) for p in out.stdout.split()]
+        nested = [int(p) for pid in pids for p in subprocess.run(
+            ["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
+        return nested or pids
+
+    def open_fds(self) -> int:
+        return sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in self.worker_pids())
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def start_agent(kernel: Kernel, config: Path, netns: str | None = None) -> Agent:
+    agent = Agent(config, netns)
+    ns = kernel.netns_of(_probe_socket(netns))
+    if not kernel.wait_for(lambda: kernel.listeners(ns) > 0, AGENT_START_TIMEOUT_S):
+        agent.stop()
+        raise RuntimeError("agent did not join the tlshd group:\n" + "\n".join(agent.log))
+    return agent
+
+
+def _probe_socket(netns: str | None) -> socket.socket:
+    from kernel_sim.netns import socket_in_netns
+
+    return socket_in_netns(netns)
+
+
+@contextlib.contextmanager
+def tcp_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A connected loopback TCP pair (client, server side)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    try:
+        yield client, server
+    finally:
+        client.close()
+        server.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
+@dataclass
+class Peer:
+    """An independent TLS peer process with piped stdin/stdout."""
+
+    proc: subprocess.Popen[bytes]
+
+    def write(self, data: bytes) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
+    def read_until(self, needle: bytes, timeout: float = 10.0) -> bytes:
+        assert self.proc.stdout is not None
+        fd, out = self.proc.stdout.fileno(), b""
+        deadline = time.monotonic() + timeout
+        while needle not in out and time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            if ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                out += chunk
+        return out
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+def start_peer(argv: list[str], port: int | None = None) -> Peer:
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    peer = Peer(proc)
+    if port is not None:
+        try:
+            wait_port(port)
+        except TimeoutError:
+            peer.close()
+            raise
+    return peer
+
+
+def recv_app_data(consumer: TLSConsumer, size: int, timeout: float = 10.0) -> tuple[bytes, int]:
+    """Application data from the kTLS socket; counts (and skips) handshake records
+    such as NewSessionTicket, as the NFS client does."""
+    assert consumer.ktls is not None
+    consumer.ktls.sock.settimeout(timeout)
+    data, skipped = b"", 0
+    while len(data) < size:
+        rtype, chunk = consumer.ktls.recvmsg(16384)
+        if rtype == 22:
+            skipped += 1
+            continue
+        if rtype != 23 or not chunk:
+            raise AssertionError(f"record type {rtype}, {chunk!r} after {data!r}")
+        data += chunk
+    return data, skipped
+
+
+def client_handshake(kernel: Kernel, port: int, peername: str = "localhost", *,
+                     auth: str = "x509", timeout_ms: int = 0,
+                     timeout_s: float = 10.0) -> tuple[TLSConsumer, HandshakeOutcome,
+                                                       socket.socket]:
+    sock = socket.create_connection(("127.0.0.1", port))
+    consumer = TLSConsumer(kernel, timeout_s=timeout_s, timeout_ms=timeout_ms)
+    return consumer, consumer.client(sock, peername=peername, auth=auth), sock
