@@ -73,11 +73,9 @@ class Agent:
             self.log.append(line.rstrip())
 
     def worker_pids(self) -> list[int]:
-        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True)
-        pids = [int(p) for p in out.stdout.split()]
-        nested = [int(p) for pid in pids for p in subprocess.run(
-            ["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
-        return nested or pids
+        """The supervisor's children (``ip netns exec`` execs, so the pid is the supervisor's)."""
+        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        return [int(p) for p in path.read_text().split()]
 
     def open_fds(self) -> int:
         return sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in self.worker_pids())
