@@ -21,7 +21,6 @@ from tlshd.ktls import CipherSuite
 from tlshd.netlink.messages import AcceptReply
 from tlshd.netlink.spec import AuthMode, MsgType
 
-
 # Exactly the TLS 1.3 suites kTLS can carry (never CCM_8), strongest first. OpenSSL's default
 # list lacks TLS_AES_128_CCM_SHA256; a peer restricted to it must still get a session.
 KTLS_SUITES = ":".join(s.openssl_name for s in (

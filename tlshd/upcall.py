@@ -169,7 +169,7 @@ class _GenlUpcall:
                 return None
             raise
         except DecodeError as exc:
-            raise BrokenAcceptError(exc, self._salvage(fds)) from exc
+            raise BrokenAcceptError(exc, self._salvage(exc, fds)) from exc
         reply = next((m for m in replies if isinstance(m, AcceptReply)), None)
         if reply is None:
             _close_fds(fds)
@@ -179,12 +179,14 @@ class _GenlUpcall:
     def _own_fd(self, reply: AcceptReply, fds: list[int]) -> AcceptReply:
         return reply
 
-    def _salvage(self, fds: list[int]) -> int | None:
-        """The fd of a broken reply, so the request still gets its DONE."""
-        if len(fds) == 1:
-            return fds[0]
+    def _salvage(self, error: DecodeError, fds: list[int]) -> int | None:
+        """The fd of a broken reply, so the request still gets its DONE and the fd is closed.
+
+        The kernel installed it in our table before replying; the codec recovers SOCKFD from
+        a reply it could not otherwise decode when the attribute itself was intact.
+        """
         _close_fds(fds)
-        return None
+        return error.sockfd if isinstance(error, codec.AcceptDecodeError) else None
 
     def done(self, sockfd: int, status: int, remote_auth: Sequence[int]) -> None:
         seq = next(self._seq)
@@ -264,6 +266,13 @@ class SimUpcall(_GenlUpcall):
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
         return data, list(fds)
+
+    def _salvage(self, error: DecodeError, fds: list[int]) -> int | None:
+        """kernel-sim passes the socket with SCM_RIGHTS: that fd is the one to answer for."""
+        if len(fds) == 1:
+            return fds[0]
+        _close_fds(fds)
+        return None
 
     def _own_fd(self, reply: AcceptReply, fds: list[int]) -> AcceptReply:
         if len(fds) != 1:

@@ -1,0 +1,547 @@
+"""Encode the agent's requests and decode what the kernel sends back.
+
+Theory of operation
+-------------------
+This module is pure: bytes in, bytes or typed values out. The socket lives
+in ``tlshd.upcall``. Netlink is in host byte order, so all ``struct`` formats
+use ``=`` (native order, standard sizes), like pyroute2.
+
+Encoding uses pyroute2 message classes declared below (``spec.CtrlMsg``,
+``spec.AcceptMsg``, ``spec.DoneMsg``), in the same declarative style as pyroute2's
+small genl family modules. Arguments are range-checked first, so the kernel
+never gets a value its policy would reject (``ValueError`` otherwise).
+
+Decoding has two layers, because pyroute2 is lenient: it clamps attribute
+lengths that run past their container, reads strings with or without a
+NUL, ignores stray bytes and returns whatever it got.
+
+1. Strict checks, our own. Each ``nlmsghdr`` is framed (at least 16 bytes,
+   no longer than what is left). In the messages we interpret, each attribute
+   must have a length of at least 4 that stays inside its container. Its
+   payload must fit the rule for its type, and those rules are derived from
+   the same pyroute2 declarations (``_rules_of``):
+   - u32 payloads are exactly 4 bytes, u16 payloads exactly 2;
+   - strings end in their only NUL and are UTF-8;
+   - nests are entered only where the spec has a nest, at most
+     ``_MAX_DEPTH`` levels deep;
+   - NLA_F_NESTED on a scalar is rejected (the kernel's strict validation
+     does the same);
+   - a single-valued attribute may not repeat.
+   Types are masked with NLA_TYPE_MASK. Unknown attribute types are skipped
+   and reported, never entered. Failures raise ``DecodeError`` with the byte
+   offset in the buffer given to ``decode``.
+2. pyroute2 then reads the values out of the checked bytes, and the result
+   is copied into the frozen dataclasses of ``tlshd.netlink.messages``.
+   No pyroute2 object leaves this module.
+
+NLMSG_ERROR is a fixed C struct (``struct nlmsgerr``), so ``struct`` reads it.
+Its optional extended-ack TLVs go through the same strict checks.
+
+One recv() buffer may hold several messages; ``decode`` returns them all in
+order. The kernel sends an ACCEPT reply as its own datagram, and that reply
+has already put a socket fd into our fd table. So if the reply is malformed,
+the ``AcceptDecodeError`` raised still carries that fd when it could be read,
+and the caller can answer DONE and close it instead of leaking it.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum, IntEnum
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+from tlshd.errors import DecodeError
+from tlshd.netlink import spec
+from tlshd.netlink.messages import (
+    AcceptReply,
+    Ack,
+    ErrorReply,
+    FamilyInfo,
+    Header,
+    Message,
+    Ready,
+    Unknown,
+    X509Serials,
+)
+from tlshd.netlink.spec import HandlerClass
+
+__all__ = ["AcceptDecodeError", "decode", "encode_accept", "encode_done", "encode_get_family"]
+
+_NLMSGHDR = struct.Struct("=IHHII")
+_GENLMSGHDR = struct.Struct("=BBH")
+_NLATTR = struct.Struct("=HH")
+_U32 = struct.Struct("=I")
+_S32 = struct.Struct("=i")
+
+_MAX_DEPTH = 2  # nlctrl: MCAST_GROUPS > entry > NAME/ID; handshake: CERTIFICATE > CERT
+_MAX_FD = 2**31 - 1
+_U32_MAX = 2**32 - 1
+_U16_MAX = 2**16 - 1
+
+
+class AcceptDecodeError(DecodeError):
+    """A malformed ACCEPT reply.
+
+    ``sockfd`` is the fd the kernel installed in our table, or None if it could
+    not be read. The caller owns it: send DONE with ``status`` and close it.
+    """
+
+    def __init__(self, message: str, *, sockfd: int | None) -> None:
+        super().__init__(message)
+        self.sockfd = sockfd
+
+
+# --- strict rules derived from the declarations -------------------------------
+
+
+class _Kind(Enum):
+    U16 = "uint16"
+    U32 = "uint32"
+    STRING = "asciiz"
+    OPAQUE = "none"  # known, not interpreted: any payload, any flags
+    NEST = "nest"
+    ARRAY = "array"  # a nest of indexed nests (pyroute2 "*class")
+
+
+_SIZES = {_Kind.U16: 2, _Kind.U32: 4}
+_SCALAR_KINDS = {"uint16": _Kind.U16, "uint32": _Kind.U32, "asciiz": _Kind.STRING}
+
+
+@dataclass(frozen=True)
+class _Rule:
+    name: str
+    kind: _Kind
+    multi: bool
+    inner: Mapping[int, _Rule]  # attributes of a NEST, or of each ARRAY entry
+
+
+def _rules_of(decl: Any) -> Mapping[int, _Rule]:
+    """Read a pyroute2-style ``nla_map`` into strict checking rules."""
+    multi: frozenset[int] = getattr(decl, "multi_attrs", frozenset())
+    rules: dict[int, _Rule] = {}
+    for number, name, kind_spec in decl.nla_map:
+        base = str(kind_spec).lstrip("*").split("|")[0]
+        inner: Mapping[int, _Rule] = {}
+        if base == "none":
+            kind = _Kind.OPAQUE
+        elif base in _SCALAR_KINDS:
+            kind = _SCALAR_KINDS[base]
+        else:
+            kind = _Kind.ARRAY if str(kind_spec).startswith("*") else _Kind.NEST
+            inner = _rules_of(getattr(decl, base))
+        rules[int(number)] = _Rule(str(name), kind, number in multi, MappingProxyType(inner))
+    return MappingProxyType(rules)
+
+
+_ACCEPT_RULES = _rules_of(spec.AcceptMsg)
+_CTRL_RULES = _rules_of(spec.CtrlMsg)
+_EXT_ACK_RULES = _rules_of(spec.ExtAckAttrs)
+
+
+# --- framing -------------------------------------------------------------------
+
+
+def _align(length: int, to: int = spec.NLA_ALIGNTO) -> int:
+    return (length + to - 1) & ~(to - 1)
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """One netlink message inside the buffer: data[start:end]."""
+
+    header: Header
+    start: int
+    end: int
+
+    @property
+    def attrs(self) -> int:
+        """Offset of the first attribute of a generic netlink message."""
+        return self.start + spec.NLMSG_HDRLEN + spec.GENL_HDRLEN
+
+
+def _frames(data: bytes) -> Iterator[_Frame]:
+    offset = 0
+    while offset < len(data):
+        left = len(data) - offset
+        if left < spec.NLMSG_HDRLEN:
+            raise DecodeError(f"{left} stray bytes at offset {offset}, too short for an nlmsghdr")
+        length, msg_type, flags, seq, pid = _NLMSGHDR.unpack_from(data, offset)
+        if length < spec.NLMSG_HDRLEN:
+            raise DecodeError(f"nlmsg_len {length} < {spec.NLMSG_HDRLEN} at offset {offset}")
+        if length > left:
+            raise DecodeError(
+                f"nlmsg_len {length} at offset {offset} exceeds the {left} bytes left"
+            )
+        yield _Frame(Header(msg_type, flags, seq, pid), offset, offset + length)
+        offset += _align(length, spec.NLMSG_ALIGNTO)
+
+
+@dataclass(frozen=True)
+class _Attr:
+    type: int  # masked with NLA_TYPE_MASK
+    nested: bool  # NLA_F_NESTED was set
+    offset: int  # of the nlattr header
+    start: int  # payload, unpadded
+    end: int
+
+
+def _walk(data: bytes, start: int, end: int) -> Iterator[_Attr]:
+    """Frame the attributes in data[start:end]; the last may lack its padding."""
+    offset = start
+    while offset < end:
+        left = end - offset
+        if left < spec.NLA_HDRLEN:
+            raise DecodeError(f"{left} stray bytes at offset {offset}, too short for an nlattr")
+        length, raw_type = _NLATTR.unpack_from(data, offset)
+        attr_type = raw_type & spec.NLA_TYPE_MASK
+        if length < spec.NLA_HDRLEN:
+            raise DecodeError(f"attribute {attr_type} at offset {offset} has length {length} < 4")
+        if length > left:
+            raise DecodeError(
+                f"attribute {attr_type} at offset {offset} has length {length}, "
+                f"past the end of its container ({left} bytes left)"
+            )
+        yield _Attr(
+            attr_type, bool(raw_type & spec.NLA_F_NESTED), offset, offset + 4, offset + length
+        )
+        offset += _align(length)
+
+
+# --- strict attribute checks -------------------------------------------------------
+
+
+def _check(data: bytes, start: int, end: int, rules: Mapping[int, _Rule], depth: int) -> list[int]:
+    """Check data[start:end] against ``rules``; return unknown types, first-seen order."""
+    seen: set[int] = set()
+    unknown: list[int] = []
+    for attr in _walk(data, start, end):
+        rule = rules.get(attr.type)
+        if rule is None:
+            if attr.type not in unknown:
+                unknown.append(attr.type)
+            continue
+        if attr.type in seen and not rule.multi:
+            raise DecodeError(f"{rule.name} repeated at offset {attr.offset}")
+        seen.add(attr.type)
+        _check_attr(data, attr, rule, depth)
+    return unknown
+
+
+def _check_attr(data: bytes, attr: _Attr, rule: _Rule, depth: int) -> None:
+    where = f"{rule.name} at offset {attr.offset}"
+    size = attr.end - attr.start
+    if rule.kind in _SIZES:
+        if attr.nested:
+            raise DecodeError(
+                f"{where} is a scalar flagged spec.NLA_F_NESTED: deeper than the spec"
+            )
+        if size != _SIZES[rule.kind]:
+            raise DecodeError(f"{where} has a {size}-byte payload, expected {_SIZES[rule.kind]}")
+    elif rule.kind is _Kind.STRING:
+        if attr.nested:
+            raise DecodeError(
+                f"{where} is a string flagged spec.NLA_F_NESTED: deeper than the spec"
+            )
+        _check_string(data, attr, where)
+    elif rule.kind is _Kind.NEST:
+        if depth + 1 > _MAX_DEPTH:
+            raise DecodeError(f"{where}: nesting deeper than {_MAX_DEPTH} levels")
+        _check(data, attr.start, attr.end, rule.inner, depth + 1)
+    elif rule.kind is _Kind.ARRAY:
+        if depth + 2 > _MAX_DEPTH:
+            raise DecodeError(f"{where}: nesting deeper than {_MAX_DEPTH} levels")
+        for entry in _walk(data, attr.start, attr.end):
+            _check(data, entry.start, entry.end, rule.inner, depth + 2)
+
+
+def _check_string(data: bytes, attr: _Attr, where: str) -> None:
+    payload = data[attr.start : attr.end]
+    if not payload or payload[-1] != 0:
+        raise DecodeError(f"{where} is not NUL-terminated")
+    if 0 in payload[:-1]:
+        raise DecodeError(f"{where} has a NUL before its end")
+    try:
+        payload[:-1].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DecodeError(f"{where} is not UTF-8 (byte {exc.start})") from exc
+
+
+# --- reading values through pyroute2 ----------------------------------------------
+
+
+def _pyroute2_decode(cls: Any, data: bytes, frame: _Frame) -> Any:
+    msg = cls(data[frame.start : frame.end])
+    try:
+        msg.decode()
+    except Exception as exc:  # pyroute2 raises assorted types; our checks ran first
+        raise DecodeError(
+            f"pyroute2 failed on the message at offset {frame.start}: {exc!r}"
+        ) from exc
+    return msg
+
+
+def _required(msg: Any, name: str, frame: _Frame) -> Any:
+    value = msg.get_attr(name)
+    if value is None:
+        raise DecodeError(f"{name} missing from the message at offset {frame.start}")
+    return value
+
+
+def _optional_int(msg: Any, name: str) -> int | None:
+    value = msg.get_attr(name)
+    return None if value is None else int(value)
+
+
+_E = TypeVar("_E", bound=IntEnum)
+
+
+def _enum(cls: type[_E], value: int, name: str, frame: _Frame) -> _E:
+    try:
+        return cls(value)
+    except ValueError:
+        raise DecodeError(
+            f"{name} {value} in the message at offset {frame.start} is not a known {cls.__name__}"
+        ) from None
+
+
+# --- decoding --------------------------------------------------------------------
+
+
+def decode(data: bytes, family_id: int | None) -> list[Message]:
+    """Decode every netlink message in one recv() buffer.
+
+    ``family_id`` is the resolved ID of the ``handshake`` family, or None
+    before it is known (handshake messages then come back as ``Unknown``).
+    Raises ``DecodeError`` (``AcceptDecodeError`` for an ACCEPT reply) on
+    malformed input, and nothing else.
+    """
+    if family_id is not None:
+        _check_family_id(family_id)
+    buf = bytes(data)
+    return [_decode_one(buf, frame, family_id) for frame in _frames(buf)]
+
+
+def _decode_one(data: bytes, frame: _Frame, family_id: int | None) -> Message:
+    header = frame.header
+    if header.type == spec.NLMSG_ERROR:
+        return _decode_error(data, frame)
+    if header.type not in (spec.GENL_ID_CTRL, family_id):
+        return Unknown(header)
+    if frame.end - frame.start < spec.NLMSG_HDRLEN + spec.GENL_HDRLEN:
+        raise DecodeError(f"generic netlink message at offset {frame.start} has no genlmsghdr")
+    cmd, _version, _reserved = _GENLMSGHDR.unpack_from(data, frame.start + spec.NLMSG_HDRLEN)
+    if header.type == spec.GENL_ID_CTRL:
+        return _decode_family(data, frame) if cmd == spec.CTRL_CMD_NEWFAMILY else Unknown(header)
+    if cmd == spec.HandshakeCmd.READY:
+        return _decode_ready(data, frame)
+    if cmd == spec.HandshakeCmd.ACCEPT:
+        return _decode_accept(data, frame)
+    return Unknown(header)
+
+
+def _decode_family(data: bytes, frame: _Frame) -> FamilyInfo:
+    _check(data, frame.attrs, frame.end, _CTRL_RULES, 0)
+    msg = _pyroute2_decode(spec.CtrlMsg, data, frame)
+    groups: dict[str, int] = {}
+    for entry in msg.get_attr("CTRL_ATTR_MCAST_GROUPS") or ():
+        name = _required(entry, "CTRL_ATTR_MCAST_GRP_NAME", frame)
+        if name in groups:
+            raise DecodeError(f"multicast group {name!r} listed twice at offset {frame.start}")
+        groups[str(name)] = int(_required(entry, "CTRL_ATTR_MCAST_GRP_ID", frame))
+    return FamilyInfo(
+        header=frame.header,
+        name=str(_required(msg, "CTRL_ATTR_FAMILY_NAME", frame)),
+        family_id=int(_required(msg, "CTRL_ATTR_FAMILY_ID", frame)),
+        version=int(_required(msg, "CTRL_ATTR_VERSION", frame)),
+        mcast_groups=MappingProxyType(groups),
+    )
+
+
+def _decode_ready(data: bytes, frame: _Frame) -> Ready:
+    _check(data, frame.attrs, frame.end, _ACCEPT_RULES, 0)
+    msg = _pyroute2_decode(spec.AcceptMsg, data, frame)
+    value = int(_required(msg, "HANDSHAKE_A_ACCEPT_HANDLER_CLASS", frame))
+    try:
+        return Ready(frame.header, HandlerClass(value))
+    except ValueError:
+        return Ready(frame.header, value)  # a class we do not serve: not malformed
+
+
+def _decode_accept(data: bytes, frame: _Frame) -> AcceptReply:
+    sockfd = _peek_sockfd(data, frame)
+    try:
+        return _decode_accept_strictly(data, frame)
+    except DecodeError as exc:
+        raise AcceptDecodeError(f"ACCEPT reply: {exc}", sockfd=sockfd) from exc
+
+
+def _peek_sockfd(data: bytes, frame: _Frame) -> int | None:
+    """The first well-formed SOCKFD before any framing error; never raises."""
+    try:
+        for attr in _walk(data, frame.attrs, frame.end):
+            if attr.type == spec.AcceptAttr.SOCKFD and attr.end - attr.start == _U32.size:
+                (fd,) = _U32.unpack_from(data, attr.start)
+                return int(fd) if fd <= _MAX_FD else None
+    except DecodeError:
+        pass
+    return None
+
+
+def _decode_accept_strictly(data: bytes, frame: _Frame) -> AcceptReply:
+    unknown = _check(data, frame.attrs, frame.end, _ACCEPT_RULES, 0)
+    msg = _pyroute2_decode(spec.AcceptMsg, data, frame)
+    sockfd = int(_required(msg, "HANDSHAKE_A_ACCEPT_SOCKFD", frame))
+    if sockfd > _MAX_FD:
+        raise DecodeError(f"SOCKFD {sockfd} at offset {frame.start} is not a file descriptor")
+    message_type = int(_required(msg, "HANDSHAKE_A_ACCEPT_MESSAGE_TYPE", frame))
+    auth_mode = int(_required(msg, "HANDSHAKE_A_ACCEPT_AUTH_MODE", frame))
+    peername = msg.get_attr("HANDSHAKE_A_ACCEPT_PEERNAME")
+    return AcceptReply(
+        header=frame.header,
+        sockfd=sockfd,
+        message_type=_enum(spec.MsgType, message_type, "MESSAGE_TYPE", frame),
+        auth_mode=_enum(spec.AuthMode, auth_mode, "AUTH_MODE", frame),
+        peername=None if peername is None else str(peername),
+        timeout_ms=_optional_int(msg, "HANDSHAKE_A_ACCEPT_TIMEOUT"),
+        keyring=_optional_int(msg, "HANDSHAKE_A_ACCEPT_KEYRING"),
+        peer_identities=tuple(int(v) for v in msg.get_attrs("HANDSHAKE_A_ACCEPT_PEER_IDENTITY")),
+        certificate=_certificate(msg, frame),
+        unknown_attrs=tuple(unknown),
+    )
+
+
+def _certificate(msg: Any, frame: _Frame) -> X509Serials | None:
+    # tls_handshake_put_certificate() always puts both CERT and PRIVKEY.
+    nest = msg.get_attr("HANDSHAKE_A_ACCEPT_CERTIFICATE")
+    if nest is None:
+        return None
+    return X509Serials(
+        cert=int(_required(nest, "HANDSHAKE_A_X509_CERT", frame)),
+        privkey=int(_required(nest, "HANDSHAKE_A_X509_PRIVKEY", frame)),
+    )
+
+
+def _decode_error(data: bytes, frame: _Frame) -> Ack | ErrorReply:
+    body = frame.start + spec.NLMSG_HDRLEN
+    if frame.end - body < _S32.size + spec.NLMSG_HDRLEN:
+        raise DecodeError(
+            f"NLMSG_ERROR at offset {frame.start} is too short for an error code "
+            f"and the offending nlmsghdr"
+        )
+    (error,) = _S32.unpack_from(data, body)
+    inner = body + _S32.size
+    inner_len, inner_type, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, inner)
+    if not -spec.MAX_ERRNO <= error <= 0:
+        raise DecodeError(f"NLMSG_ERROR at offset {frame.start} carries error {error}")
+    message = None
+    if frame.header.flags & spec.NLM_F_ACK_TLVS:
+        message = _ext_ack_message(data, frame, inner, inner_len)
+    if error == 0:
+        return Ack(frame.header)
+    return ErrorReply(frame.header, errno=-error, offending_type=inner_type, message=message)
+
+
+def _ext_ack_message(data: bytes, frame: _Frame, inner: int, inner_len: int) -> str | None:
+    """NLMSGERR_ATTR_MSG from the TLVs after the (possibly capped) request."""
+    if frame.header.flags & spec.NLM_F_CAPPED:
+        tlvs = inner + spec.NLMSG_HDRLEN
+    elif spec.NLMSG_HDRLEN <= inner_len <= frame.end - inner:
+        tlvs = min(inner + _align(inner_len, spec.NLMSG_ALIGNTO), frame.end)
+    else:
+        raise DecodeError(f"offending message at offset {inner} has bad nlmsg_len {inner_len}")
+    _check(data, tlvs, frame.end, _EXT_ACK_RULES, 0)
+    for attr in _walk(data, tlvs, frame.end):
+        if attr.type == spec.NlmsgerrAttr.MSG:
+            return data[attr.start : attr.end - 1].decode("utf-8")
+    return None
+
+
+# --- encoding --------------------------------------------------------------------
+
+
+def encode_get_family(name: str, seq: int) -> bytes:
+    """CTRL_CMD_GETFAMILY for ``name``, to nlctrl; the reply is a FamilyInfo."""
+    if not name or len(name) >= spec.GENL_NAMSIZ or not name.isascii() or "\0" in name:
+        raise ValueError(f"not a generic netlink family name: {name!r}")
+    return _encode(
+        spec.CtrlMsg,
+        nlmsg=(spec.GENL_ID_CTRL, spec.NLM_F_REQUEST, seq),
+        genl=(spec.CTRL_CMD_GETFAMILY, spec.CTRL_REQUEST_VERSION),
+        attrs=[("CTRL_ATTR_FAMILY_NAME", name)],
+    )
+
+
+def encode_accept(
+    family_id: int, seq: int, handler_class: HandlerClass = HandlerClass.TLSHD
+) -> bytes:
+    """HANDSHAKE_CMD_ACCEPT. No NLM_F_ACK: success yields only the reply."""
+    _check_family_id(family_id)
+    return _encode(
+        spec.AcceptMsg,
+        nlmsg=(family_id, spec.NLM_F_REQUEST, seq),
+        genl=(spec.HandshakeCmd.ACCEPT, spec.FAMILY_VERSION),
+        attrs=[("HANDSHAKE_A_ACCEPT_HANDLER_CLASS", int(HandlerClass(handler_class)))],
+    )
+
+
+def encode_done(
+    family_id: int, seq: int, status: int, sockfd: int, remote_auth: Sequence[int] = ()
+) -> bytes:
+    """HANDSHAKE_CMD_DONE with NLM_F_ACK, so success is confirmed by an Ack.
+
+    ``status`` is 0 or a positive errno up to 4095 (newer kernels reject more
+    with EINVAL). The kernel keeps at most 5 REMOTE_AUTH serials and hands only
+    the first to the consumer, so more than 5 is refused here.
+    """
+    _check_family_id(family_id)
+    if not 0 <= status <= spec.MAX_ERRNO:
+        raise ValueError(f"DONE status must be 0..{spec.MAX_ERRNO}, not {status}")
+    if not 0 <= sockfd <= _MAX_FD:
+        raise ValueError(f"not a file descriptor: {sockfd}")
+    if len(remote_auth) > spec.MAX_PEER_IDS:
+        raise ValueError(f"at most {spec.MAX_PEER_IDS} REMOTE_AUTH serials, not {len(remote_auth)}")
+    for serial in remote_auth:
+        if not 0 <= serial <= _U32_MAX:
+            raise ValueError(f"REMOTE_AUTH serial out of u32 range: {serial}")
+    attrs: list[tuple[str, int]] = [
+        ("HANDSHAKE_A_DONE_STATUS", status),
+        ("HANDSHAKE_A_DONE_SOCKFD", sockfd),
+    ]
+    attrs += [("HANDSHAKE_A_DONE_REMOTE_AUTH", serial) for serial in remote_auth]
+    return _encode(
+        spec.DoneMsg,
+        nlmsg=(family_id, spec.NLM_F_REQUEST | spec.NLM_F_ACK, seq),
+        genl=(spec.HandshakeCmd.DONE, spec.FAMILY_VERSION),
+        attrs=attrs,
+    )
+
+
+def _encode(
+    cls: Any,
+    *,
+    nlmsg: tuple[int, int, int],
+    genl: tuple[int, int],
+    attrs: Sequence[tuple[str, int | str]],
+) -> bytes:
+    """``nlmsg`` is (type, flags, seq), ``genl`` is (cmd, version)."""
+    msg_type, flags, seq = nlmsg
+    if not 0 <= seq <= _U32_MAX:
+        raise ValueError(f"netlink sequence number out of u32 range: {seq}")
+    msg = cls()
+    msg["cmd"], msg["version"] = int(genl[0]), genl[1]
+    msg["attrs"] = list(attrs)
+    msg["header"]["type"] = msg_type
+    msg["header"]["flags"] = flags
+    msg["header"]["sequence_number"] = seq
+    msg["header"]["pid"] = 0  # the kernel addresses replies by socket, not by this field
+    msg.encode()
+    return bytes(msg.data)
+
+
+def _check_family_id(family_id: int) -> None:
+    # Dynamic genl family IDs are allocated above nlctrl's fixed GENL_ID_CTRL.
+    if not spec.GENL_ID_CTRL < family_id <= _U16_MAX:
+        raise ValueError(f"not a generic netlink family ID: {family_id}")
