@@ -4,8 +4,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kernel_sim.kernel import Kernel
 
+from kernel_sim.kernel import Kernel
 from tests.pki import PKI, write_pki
 from tests.sim.harness import Agent, start_agent, unique_endpoint, write_config
 

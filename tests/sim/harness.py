@@ -23,7 +23,6 @@ from pathlib import Path
 
 from kernel_sim.consumer import HandshakeOutcome, TLSConsumer
 from kernel_sim.kernel import Kernel
-
 from tests.pki import PKI
 
 AGENT_START_TIMEOUT_S = 20.0

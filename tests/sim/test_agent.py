@@ -12,9 +12,9 @@ import threading
 import time
 
 import pytest
+
 from kernel_sim.consumer import NFSClient, NFSServer, TLSConsumer
 from kernel_sim.kernel import Kernel
-
 from tests.sim.harness import (
     client_handshake,
     recv_app_data,

@@ -12,10 +12,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from kernel_sim.consumer import TLSConsumer
-from kernel_sim.kernel import Kernel
 from OpenSSL import SSL
 
+from kernel_sim.consumer import TLSConsumer
+from kernel_sim.kernel import Kernel
 from tests.pki import PKI
 from tests.sim.harness import (
     Peer,

@@ -7,9 +7,9 @@ from __future__ import annotations
 import socket
 
 import pytest
+
 from kernel_sim.consumer import TLSConsumer
 from kernel_sim.kernel import Kernel
-
 from tests.pki import PKI
 from tests.sim.harness import (
     Agent,
