@@ -71,7 +71,8 @@ def write_demo_pki(directory: Path) -> dict[str, Path]:
     return files
 
 
-def write_demo_config(directory: Path, pki: dict[str, Path], endpoint: str) -> Path:
+def write_demo_config(directory: Path, pki: dict[str, Path], endpoint: str, *,
+                      workers: int = 1) -> Path:
     text = f"""# tlshd demo configuration (reference agent format)
 [debug]
 loglevel=0
@@ -87,7 +88,7 @@ x509.certificate={pki['server_cert']}
 x509.private_key={pki['server_key']}
 
 [agent]
-workers=1
+workers={workers}
 upcall=kernel-sim:{endpoint}
 """
     path = directory / "config"
