@@ -66,7 +66,18 @@ class Handshake:
 
     @property
     def role(self) -> str:
-        return "client" if self.reply.message_type == MsgType.CLIENTHELLO else "server"
+        return _role(self.reply)
+
+
+def _role(reply: AcceptReply) -> str:
+    return "client" if reply.message_type == MsgType.CLIENTHELLO else "server"
+
+
+def _log_result(reply: AcceptReply, status: int, elapsed_ms: float, what: str) -> None:
+    """One line per request: role, auth mode, peer, DONE status, duration, outcome."""
+    log.info("handshake role=%s auth=%s peer=%s status=%d %.1fms %s", _role(reply),
+             getattr(reply.auth_mode, "name", reply.auth_mode), reply.peername or "-", status,
+             elapsed_ms, what)
 
 
 PeerIdentity = Callable[[SessionResult], int]
@@ -198,7 +209,7 @@ class Worker:
         return HandshakeEngine(context, role, peername=peername)  # type: ignore[arg-type]
 
     def _finish_early(self, reply: AcceptReply, sock: socket.socket, exc: TlshdError) -> None:
-        log.warning("request refused: %s (status %d)", exc, exc.status)
+        _log_result(reply, exc.status, 0.0, f"refused: {exc}")
         self._done(reply.sockfd, exc.status, ())
         sock.close()
         self.failed += 1
@@ -272,9 +283,7 @@ class Worker:
         self.failed += 1
 
     def _finish(self, hs: Handshake, status: int, remote: tuple[int, ...], what: str) -> None:
-        elapsed_ms = (self._clock() - hs.started) * 1000
-        log.info("handshake role=%s auth=%s peer=%s status=%d %.1fms %s", hs.role,
-                 hs.reply.auth_mode.name, hs.reply.peername or "-", status, elapsed_ms, what)
+        _log_result(hs.reply, status, (self._clock() - hs.started) * 1000, what)
         self.inflight.pop(hs.sock.fileno(), None)
         self._sel.unregister(hs.sock)
         with contextlib.suppress(OSError):

@@ -26,19 +26,20 @@ from tests.sim.harness import (
 pytestmark = pytest.mark.sim
 
 
-def _nfs_mount(kernel: Kernel, xprtsec: str, calls: int = 3):
+def _nfs_mount(kernel: Kernel, xprtsec: str, calls: int = 3, cert: int = 0, key: int = 0):
     listener = socket.create_server(("127.0.0.1", 0))
     server, result = NFSServer(kernel, xprtsec=xprtsec), {}
 
     def serve() -> None:
         conn, _ = listener.accept()
         result["server"] = server.handshake(conn)
-        result["served"] = server.serve(conn, calls)
+        if result["server"][0].status == 0:
+            result["served"] = server.serve(conn, calls)
         kernel.sock_release(conn)
 
     thread = threading.Thread(target=serve)
     thread.start()
-    client = NFSClient(kernel, xprtsec=xprtsec)
+    client = NFSClient(kernel, xprtsec=xprtsec, cert_serial=cert, privkey_serial=key)
     outcome = client.mount(socket.create_connection(listener.getsockname()), "localhost")
     verifiers = [client.null_call(x) for x in range(calls)] if outcome.status == 0 else []
     client.close()
@@ -133,3 +134,29 @@ def test_recv_after_done_reads_only_kernel_records(kernel, agent, pki):
     _outcome, (server_outcome, _), served, verifiers = _nfs_mount(kernel, "mtls", calls=5)
     assert server_outcome.status == 0 and served == 5 and len(verifiers) == 5
     assert recv_app_data  # the interop tests read through the same path
+
+
+def test_mtls_credentials_from_keyring_serials(pki, tmp_path):
+    """The agent has no client certificate configured: only the keys named in ACCEPT."""
+    from tlshd import keyring
+
+    ring = keyring.KEY_SPEC_SESSION_KEYRING  # inherited by the agent: it possesses the keys
+    cert = keyring.add_key("user", "tlshd-test:cert", pki.client.cert_der, ring)
+    key = keyring.add_key("user", "tlshd-test:key", pki.client.key_der, ring)
+    with Kernel(endpoint=unique_endpoint()) as kernel:
+        kernel.add_netns(None)
+        agent = start_agent(kernel, write_config(tmp_path, pki, kernel.endpoint,
+                                                 client_cert=False))
+        try:
+            outcome, (server_outcome, peer_auth), served, _ = _nfs_mount(
+                kernel, "mtls", calls=1, cert=cert, key=key)
+            assert outcome.status == 0 and server_outcome.status == 0 and served == 1
+            assert peer_auth  # the server saw the certificate that came from the keyring
+            keyring.revoke_key(key)
+            outcome, _, _, _ = _nfs_mount(kernel, "mtls", calls=1, cert=cert, key=key)
+            assert outcome.status == -errno.EACCES  # the NFS client maps EKEYREVOKED to EACCES
+            assert "status=128" in "\n".join(agent.log)  # DONE said EKEYREVOKED
+            outcome, _, _, _ = _nfs_mount(kernel, "mtls", calls=1, cert=cert, key=123456789)
+            assert "status=126" in agent.log[-1] or "status=126" in "\n".join(agent.log[-3:])
+        finally:
+            assert agent.stop() == 0
