@@ -62,7 +62,8 @@ def malform_accept(reply: bytes, mode: str) -> bytes:
     if mode == "truncated":
         return bytes(reply[: len(reply) - 4])
     if mode == "bad_attr_len":
-        attrs[-1] = struct.pack("=HH", 0xFF0, attrs[-1][1]) + attrs[-1][4:]
+        attr_type = struct.unpack_from("=H", attrs[-1], 2)[0]
+        attrs[-1] = struct.pack("=HH", 0xFF0, attr_type) + attrs[-1][4:]
     elif mode in ("missing_sockfd", "missing_auth_mode"):
         drop = 1 if mode == "missing_sockfd" else 5
         attrs = [a for a in attrs if struct.unpack_from("=HH", a)[1] & 0x3FFF != drop]

@@ -396,45 +396,46 @@ class Kernel:
                 self._reply(agent, genl.nlmsg_error(0, msg, portid=agent.portid))
             return
         try:
-            sent_reply = self._dispatch(agent, pid, genl.parse_genl(msg))
+            self._dispatch(agent, pid, genl.parse_genl(msg))
         except genl.NetlinkError as exc:
             self._reply(agent, genl.nlmsg_error(exc.errno, msg, portid=agent.portid))
             return
-        if header.flags & genl.NLM_F_ACK or not sent_reply:
+        except Exception as exc:  # a model bug must not stop the "kernel": report EIO
+            self._trace(agent.netns, "internal_error", None, {"error": repr(exc)})
+            self._reply(agent, genl.nlmsg_error(-errno.EIO, msg, portid=agent.portid))
+            return
+        if header.flags & genl.NLM_F_ACK:  # netlink_rcv_skb: ack on error or when asked
             self._reply(agent, genl.nlmsg_error(0, msg, portid=agent.portid))
 
-    def _dispatch(self, agent: AgentSock, pid: int, msg: genl.GenlMessage) -> bool:
-        """Returns True when a reply message was sent (no implicit ACK needed)."""
+    def _dispatch(self, agent: AgentSock, pid: int, msg: genl.GenlMessage) -> None:
         family = msg.header.type
         if family == genl.GENL_ID_CTRL:
             desc = genl.ctrl_lookup(msg, (self._family, self._ksim_family))
             reply = genl.ctrl_family_reply(desc, seq=msg.header.seq, portid=agent.portid)
             self._reply(agent, reply)
-            return True
-        if family == HANDSHAKE_FAMILY_ID:
-            return self._handshake_op(agent, pid, msg)
-        if family == KSIM_FAMILY_ID:
+        elif family == HANDSHAKE_FAMILY_ID:
+            self._handshake_op(agent, pid, msg)
+        elif family == KSIM_FAMILY_ID:
             self._ksim_op(agent, pid, msg)
-            return False
-        raise genl.NetlinkError(-errno.ENOENT, f"no family {family}")
+        else:
+            raise genl.NetlinkError(-errno.ENOENT, f"no family {family}")
 
     def _check_perm(self, op: genl.OpPolicy, pid: int) -> None:
         if op.admin_perm and self.enforce_caps and not proc.has_capability(pid):
             raise genl.NetlinkError(-errno.EPERM, "CAP_NET_ADMIN required")
 
-    def _handshake_op(self, agent: AgentSock, pid: int, msg: genl.GenlMessage) -> bool:
+    def _handshake_op(self, agent: AgentSock, pid: int, msg: genl.GenlMessage) -> None:
         op = self._family.ops.get(msg.cmd)
         if op is None:
             raise genl.NetlinkError(-errno.EOPNOTSUPP, f"handshake command {msg.cmd}")
         self._check_perm(op, pid)
         if msg.cmd == hsnl.CMD_ACCEPT:
             self._accept(agent, msg)
-            return True
+            return
         hsnl.done_doit(
-            self.table, self.proto, msg, sock_key_of_fd=lambda fd: self._peer_cookie(pid, fd)
+            self.table, self.proto, msg, sock_key_of_fd=lambda fd: self._peer_cookie(pid, fd),
+            on_found=lambda req: self._trace(agent.netns, "cmd_done", req.sock_key, {"pid": pid}),
         )
-        self._trace(agent.netns, "cmd_done", None, {"pid": pid})
-        return False
 
     def _accept(self, agent: AgentSock, msg: genl.GenlMessage) -> None:
         try:
@@ -498,7 +499,11 @@ class Kernel:
             dup = proc.get_peer_fd(pid, fd)
         except OSError as exc:
             raise genl.NetlinkError(-errno.EBADF, f"fd {fd}") from exc
-        sock = socket.socket(fileno=dup)
+        try:
+            sock = socket.socket(fileno=dup)
+        except OSError as exc:
+            os.close(dup)
+            raise genl.NetlinkError(-(exc.errno or errno.ENOTSOCK), f"fd {fd}") from None
         try:
             self._apply_sockopt(sock, attrs)
         except OSError as exc:

@@ -17,7 +17,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from kernel_sim import genl
-from kernel_sim.handshake.request import HANDLER_CLASS_MAX, HandshakeNet, RequestTable
+from kernel_sim.handshake.request import (
+    HANDLER_CLASS_MAX,
+    HandshakeNet,
+    HandshakeReq,
+    RequestTable,
+)
 from kernel_sim.handshake.tlshd import (
     A_ACCEPT_HANDLER_CLASS,
     A_DONE_REMOTE_AUTH,
@@ -112,8 +117,10 @@ def done_doit(
     msg: genl.GenlMessage,
     *,
     sock_key_of_fd: Callable[[int], int],
+    on_found: Callable[[HandshakeReq], None] = lambda req: None,
 ) -> None:
-    """``handshake_nl_done_doit``: sock_key_of_fd raises NetlinkError(-EBADF) for a bad fd."""
+    """``handshake_nl_done_doit``: sock_key_of_fd raises NetlinkError(-EBADF) for a bad fd;
+    ``on_found`` is the ``trace_handshake_cmd_done`` point, before completion."""
     attrs = genl.validate_attrs(msg.attr_data, done_policy(proto.profile))
     if A_DONE_SOCKFD not in attrs:
         raise genl.NetlinkError(-errno.EINVAL, "SOCKFD missing")
@@ -121,6 +128,7 @@ def done_doit(
     req = table.lookup(sock_key)
     if req is None:
         raise genl.NetlinkError(-errno.EBUSY, "no request on that socket")
+    on_found(req)
     remote = tuple(genl.get_u32(p) for p in attrs.get(A_DONE_REMOTE_AUTH, []))[:TLS_MAX_PEERIDS]
     if A_DONE_STATUS in attrs:
         seen = -_as_int(genl.get_u32(attrs[A_DONE_STATUS][0]))
