@@ -155,7 +155,7 @@ def _int(groups: dict[str, dict[str, Entry]], group: str, key: str, where: str, 
     if entry is None:
         return default
     try:
-        value = int(entry.value, 0)
+        value = int(entry.value, 10)  # GLib reads "08" as 8 and refuses "0x10"; so do we
     except ValueError:
         value = None
     if value is None or not bounds[0] <= value <= bounds[1]:
@@ -180,7 +180,7 @@ def _upcall(groups: dict[str, dict[str, Entry]], where: str) -> str:
     entry = groups.get("agent", {}).get("upcall")
     if entry is None:
         return "auto"
-    if entry.value in ("auto", "netlink") or entry.value.startswith("kernel-sim"):
+    if entry.value in ("auto", "netlink", "kernel-sim") or entry.value.startswith("kernel-sim:"):
         return entry.value
     raise ConfigError(f"expected auto, netlink or kernel-sim[:NAME], got {entry.value!r}",
                       where=f"{where}:{entry.line} [agent] upcall")

@@ -82,8 +82,10 @@ class KeyDescription:
 
 
 def describe_key(serial: int) -> KeyDescription:
-    buf = ctypes.create_string_buffer(4096)
-    size = _check(_lib().keyctl_describe(serial, buf, len(buf)), f"describe key {serial}")
+    lib = _lib()
+    size = _check(lib.keyctl_describe(serial, None, 0), f"describe key {serial}")
+    buf = ctypes.create_string_buffer(max(size, 1))
+    size = _check(lib.keyctl_describe(serial, buf, len(buf)), f"describe key {serial}")
     text = buf.raw[: min(size, len(buf))].rstrip(b"\0").decode("utf-8", "replace")
     parts = text.split(";", 4)
     if len(parts) != 5:

@@ -149,13 +149,23 @@ class _GenlUpcall:
             if not data:
                 _close_fds(got_fds)
                 raise TransportError(f"{what}: the kernel side closed the connection")
+            try:
+                messages = codec.decode(data, self._family_id)
+            except DecodeError:
+                if fds is not None:
+                    fds.extend(got_fds)  # ours, in a broken reply: salvaged by the caller
+                else:
+                    _close_fds(got_fds)
+                raise
+            mine = [m for m in messages if _seq_of(m) == seq]
+            if not mine:  # a late answer to an earlier request that we gave up on
+                self._discard_stale(messages, got_fds)
+                continue
             if fds is not None:
                 fds.extend(got_fds)
             else:
                 _close_fds(got_fds)
-            mine = [m for m in codec.decode(data, self._family_id) if _seq_of(m) == seq]
-            if mine:
-                return _raise_errors(mine, what)
+            return _raise_errors(mine, what)
 
     def accept(self) -> AcceptReply | None:
         seq = next(self._seq)
@@ -178,6 +188,10 @@ class _GenlUpcall:
 
     def _own_fd(self, reply: AcceptReply, fds: list[int]) -> AcceptReply:
         return reply
+
+    def _discard_stale(self, messages: Sequence[object], fds: list[int]) -> None:
+        """Close the fds of a reply nobody waits for (the request behind it times out)."""
+        _close_fds(fds)
 
     def _salvage(self, error: DecodeError, fds: list[int]) -> int | None:
         """The fd of a broken reply, so the request still gets its DONE and the fd is closed.
@@ -232,6 +246,10 @@ class NetlinkUpcall(_GenlUpcall):
 
     def _join(self, group_id: int) -> None:
         self._notify.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group_id)
+
+    def _discard_stale(self, messages: Sequence[object], fds: list[int]) -> None:
+        # The kernel installed a late ACCEPT's socket in our fd table: do not leak it.
+        _close_fds([m.sockfd for m in messages if isinstance(m, AcceptReply)])
 
     def setsockopt(self, fd: int, level: int, optname: int, value: bytes) -> None:
         self._sockopt.setsockopt(fd, level, optname, value)

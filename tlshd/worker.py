@@ -69,6 +69,10 @@ class Handshake:
         return _role(self.reply)
 
 
+def _internal(exc: BaseException) -> TlshdError:
+    return TlshdError(f"internal error: {type(exc).__name__}", status=errno.EIO)
+
+
 def _role(reply: AcceptReply) -> str:
     return "client" if reply.message_type == MsgType.CLIENTHELLO else "server"
 
@@ -182,11 +186,17 @@ class Worker:
         except OSError as exc:
             log.error("accepted fd %d is not a socket: %s", reply.sockfd, exc)
             self._done(reply.sockfd, errno.EBADF, ())
+            with contextlib.suppress(OSError):
+                os.close(reply.sockfd)
             return
         try:
             engine = self._engine_for(reply)
         except TlshdError as exc:
             self._finish_early(reply, sock, exc)
+            return
+        except Exception as exc:  # a bug in one request must not stop the loop
+            log.exception("request setup crashed")
+            self._finish_early(reply, sock, _internal(exc))
             return
         # O_NONBLOCK lives in the file the kernel consumer shares: restored before DONE.
         file_flags = fcntl.fcntl(sock.fileno(), fcntl.F_GETFL)
@@ -223,8 +233,7 @@ class Worker:
             self._pump(hs)
         except Exception as exc:  # one handshake must never kill the loop
             log.exception("handshake crashed")
-            self._end(hs, exc if isinstance(exc, TlshdError) else
-                      TlshdError(f"internal error: {type(exc).__name__}", status=errno.EIO))
+            self._end(hs, exc if isinstance(exc, TlshdError) else _internal(exc))
 
     def _read(self, hs: Handshake) -> None:
         event = hs.engine.next_event()
@@ -262,10 +271,7 @@ class Worker:
 
     def _complete(self, hs: Handshake, session: SessionResult) -> None:
         if hs.out:  # our final flight must reach the peer before the kernel takes over
-            hs.sock.setblocking(True)
-            hs.sock.settimeout(max(0.1, hs.deadline - self._clock()))
-            hs.sock.sendall(hs.out)
-            hs.out.clear()
+            self._send_final_flight(hs)
         suite = suite_from_openssl_name(session.cipher_name)
         params = ktls_params_from_secrets(suite, session.tx_secret, session.rx_secret,
                                           session.tx_seq, session.rx_seq)
@@ -273,6 +279,16 @@ class Worker:
         peer = self._peer_identity(session)
         self._finish(hs, 0, (peer,) if peer else (), f"ok cipher={suite.openssl_name}")
         self.completed += 1
+
+    def _send_final_flight(self, hs: Handshake) -> None:
+        hs.sock.settimeout(max(0.1, hs.deadline - self._clock()))
+        try:
+            hs.sock.sendall(hs.out)
+        except TimeoutError:
+            raise HandshakeTimeoutError("timed out sending the final flight") from None
+        except OSError as exc:
+            raise PeerClosedError(f"sending the final flight: {exc.strerror}") from None
+        hs.out.clear()
 
     def _end(self, hs: Handshake, error: BaseException) -> None:
         status = error.status if isinstance(error, TlshdError) else errno.EIO

@@ -1,0 +1,903 @@
+"""tlshd.worker with a fake upcall and real TLS peers over loopback TCP.
+
+``FakeUpcall`` implements the ``tlshd.upcall.Upcall`` port: it hands out queued
+ACCEPT replies, records DONE and setsockopt calls, and wakes the worker through
+a socketpair. Each request's socket is one end of a real loopback TCP pair
+(the worker gets an ``os.dup`` of it, as ACCEPT would install one); a
+pyOpenSSL peer runs the other end in a thread. Since setsockopt is fake, the
+tests play kTLS themselves: they open the records the peer sent after the
+handshake with the RX crypto_info the worker installed, and seal one with the
+TX crypto_info for the peer to read, proving the keys and sequence numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import select
+import socket
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from OpenSSL import SSL
+
+from tests.pki import PKI, write_pki
+from tlshd.config import load_config
+from tlshd.contexts import Contexts
+from tlshd.errors import DecodeError
+from tlshd.handshake.events import SessionResult
+from tlshd.ktls import SOL_TCP, SOL_TLS, TCP_ULP, TLS_RX, TLS_TX
+from tlshd.netlink.messages import AcceptReply, Header
+from tlshd.netlink.spec import AuthMode, MsgType
+from tlshd.upcall import BrokenAcceptError
+from tlshd.worker import Worker
+
+WAIT_S = 10.0
+TLS_1_3 = 0x0304
+AES_GCM_128, AES_GCM_256, AES_CCM_128, CHACHA20_POLY1305 = 51, 52, 53, 54
+# (cipher type, crypto_info size) from linux/tls.h, checked in test_ktls.py.
+SUITES = {
+    "TLS_AES_128_GCM_SHA256": (AES_GCM_128, 40),
+    "TLS_AES_256_GCM_SHA384": (AES_GCM_256, 56),
+    "TLS_CHACHA20_POLY1305_SHA256": (CHACHA20_POLY1305, 56),
+    "TLS_AES_128_CCM_SHA256": (AES_CCM_128, 40),
+}
+PEER_SERIAL = 4242
+T = TypeVar("T")
+
+
+# --- the fake port -------------------------------------------------------------------------------
+
+
+@dataclass
+class DoneCall:
+    fd: int
+    status: int
+    remote_auth: tuple[int, ...]
+    fd_open: bool  # the fd must still be open when DONE is sent (the kernel resolves it)
+    file_flags: int | None  # F_GETFL of the shared open file at DONE time
+    at: float
+
+
+@dataclass
+class FakeUpcall:
+    queue: deque[AcceptReply | BrokenAcceptError] = field(default_factory=deque)
+    dones: list[DoneCall] = field(default_factory=list)
+    sockopts: list[tuple[int, int, int, bytes]] = field(default_factory=list)
+    sockopt_errno: int | None = None
+    accept_calls: int = 0
+    drained: int = 0
+
+    def __post_init__(self) -> None:
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+
+    def ready(self, *replies: AcceptReply | BrokenAcceptError) -> None:
+        """Queue requests and multicast a READY."""
+        self.queue.extend(replies)
+        self._wake_w.send(b"R")
+
+    def notify_fileno(self) -> int:
+        return self._wake_r.fileno()
+
+    def drain_notifications(self) -> int:
+        count = 0
+        while True:
+            try:
+                count += len(self._wake_r.recv(4096))
+            except BlockingIOError:
+                self.drained += count
+                return count
+
+    def accept(self) -> AcceptReply | None:
+        self.accept_calls += 1
+        if not self.queue:
+            return None
+        item = self.queue.popleft()
+        if isinstance(item, BrokenAcceptError):
+            raise item
+        return item
+
+    def done(self, sockfd: int, status: int, remote_auth: Sequence[int]) -> None:
+        try:
+            flags: int | None = fcntl.fcntl(sockfd, fcntl.F_GETFL)
+        except OSError:
+            flags = None
+        self.dones.append(DoneCall(sockfd, status, tuple(remote_auth), flags is not None, flags,
+                                   time.monotonic()))
+
+    def setsockopt(self, fd: int, level: int, optname: int, value: bytes) -> None:
+        self.sockopts.append((fd, level, optname, bytes(value)))
+        if self.sockopt_errno is not None:
+            raise OSError(self.sockopt_errno, os.strerror(self.sockopt_errno))
+
+    def close(self) -> None:
+        self._wake_r.close()
+        self._wake_w.close()
+
+
+# --- a real TLS peer -----------------------------------------------------------------------------
+
+
+class Peer(threading.Thread):
+    """A pyOpenSSL endpoint on a non-blocking socket, bounded by a deadline.
+
+    Handshakes, then sends ``say`` (as application data) and reads ``expect``
+    bytes of application data.
+    """
+
+    def __init__(self, ctx: SSL.Context, sock: socket.socket, *, server: bool,
+                 say: bytes = b"", expect: int = 0) -> None:
+        super().__init__(daemon=True)
+        sock.setblocking(False)
+        self.sock, self.say, self.expect = sock, say, expect
+        self.conn = SSL.Connection(ctx, sock)
+        if server:
+            self.conn.set_accept_state()
+        else:
+            self.conn.set_tlsext_host_name(b"localhost")
+            self.conn.set_connect_state()
+        self.cipher: str | None = None
+        self.received = b""
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        deadline = time.monotonic() + WAIT_S
+        try:
+            self._io(self.conn.do_handshake, deadline)
+            self.cipher = self.conn.get_cipher_name()
+            if self.say:
+                self._io(lambda: self.conn.send(self.say), deadline)
+            while len(self.received) < self.expect:
+                self.received += self._io(lambda: self.conn.recv(4096), deadline)
+        except BaseException as exc:  # reported by finish()
+            self.error = exc
+
+    def _io(self, op: Callable[[], T], deadline: float) -> T:
+        while True:
+            try:
+                return op()
+            except SSL.WantReadError:
+                self._wait(deadline, write=False)
+            except SSL.WantWriteError:
+                self._wait(deadline, write=True)
+
+    def _wait(self, deadline: float, *, write: bool) -> None:
+        left = deadline - time.monotonic()
+        r, w, _ = select.select([] if write else [self.sock], [self.sock] if write else [], [],
+                                max(0.0, left))
+        if not (r or w):
+            raise TimeoutError("peer: no progress before the deadline")
+
+    def finish(self) -> None:
+        self.join(WAIT_S)
+        assert not self.is_alive(), "peer thread did not finish"
+        if self.error is not None:
+            raise AssertionError(f"peer failed: {self.error!r}")
+
+
+def server_peer_context(pki: PKI, suite: str | None = None) -> SSL.Context:
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+    ctx.use_certificate_file(str(pki.server.cert))
+    ctx.use_privatekey_file(str(pki.server.key))
+    if suite:
+        ctx.set_tls13_ciphersuites(suite.encode())
+    return ctx
+
+
+def client_peer_context(pki: PKI, suite: str | None = None, cert: bool = True) -> SSL.Context:
+    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+    ctx.load_verify_locations(str(pki.ca))
+    ctx.set_verify(SSL.VERIFY_PEER)
+    if cert:
+        ctx.use_certificate_file(str(pki.client.cert))
+        ctx.use_privatekey_file(str(pki.client.key))
+    if suite:
+        ctx.set_tls13_ciphersuites(suite.encode())
+    return ctx
+
+
+# --- playing kTLS with the installed crypto_info (AES-128-GCM) -----------------------------------
+
+
+def _aead(crypto_info: bytes) -> tuple[AESGCM, bytes]:
+    version, cipher = struct.unpack_from("=HH", crypto_info)
+    assert (version, cipher) == (TLS_1_3, AES_GCM_128)
+    iv, key, salt = crypto_info[4:12], crypto_info[12:28], crypto_info[28:32]
+    return AESGCM(key), salt + iv
+
+
+def _nonce(iv: bytes, seq: int) -> bytes:
+    return bytes(a ^ b for a, b in zip(iv, seq.to_bytes(12, "big"), strict=True))
+
+
+def open_record(crypto_info: bytes, record: bytes, seq: int) -> tuple[int, bytes]:
+    """(inner content type, content) of a TLS 1.3 record (RFC 8446 section 5.2)."""
+    aead, iv = _aead(crypto_info)
+    inner = aead.decrypt(_nonce(iv, seq), record[5:], record[:5]).rstrip(b"\0")
+    return inner[-1], inner[:-1]
+
+
+def seal_record(crypto_info: bytes, content: bytes, seq: int) -> bytes:
+    aead, iv = _aead(crypto_info)
+    header = struct.pack("!BHH", 23, 0x0303, len(content) + 1 + 16)
+    return header + aead.encrypt(_nonce(iv, seq), content + b"\x17", header)
+
+
+def read_record(sock: socket.socket) -> bytes:
+    header = _read_exact(sock, 5)
+    return header + _read_exact(sock, int.from_bytes(header[3:5], "big"))
+
+
+def _read_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk, "connection closed mid-record"
+        data += chunk
+    return data
+
+
+def read_app_data(sock: socket.socket, rx_info: bytes) -> tuple[bytes, int]:
+    """The first application data after the handshake, and how many records preceded it."""
+    sock.settimeout(WAIT_S)
+    for seq in range(8):
+        kind, content = open_record(rx_info, read_record(sock), seq)
+        if kind == 23:
+            return content, seq
+    raise AssertionError("no application data in the first 8 records")
+
+
+# --- fixtures ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    return write_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def contexts(pki: PKI, tmp_path_factory: pytest.TempPathFactory) -> Contexts:
+    path = tmp_path_factory.mktemp("cfg") / "tlshd.conf"
+    path.write_text(
+        "[authenticate.client]\n"
+        f"x509.truststore={pki.ca}\n\n"
+        "[authenticate.server]\n"
+        f"x509.truststore={pki.ca}\n"
+        f"x509.certificate={pki.server.cert}\n"
+        f"x509.private_key={pki.server.key}\n"
+    )
+    return Contexts.from_config(load_config(path))
+
+
+@dataclass
+class Request:
+    """One request: ``mine`` is the consumer's end (the kernel's socket), ``peer`` the peer's."""
+
+    mine: socket.socket
+    peer: socket.socket
+    reply: AcceptReply
+    threads: list[Peer] = field(default_factory=list)
+
+    def start_peer(self, ctx: SSL.Context, *, server: bool, say: bytes = b"",
+                   expect: int = 0) -> Peer:
+        peer = Peer(ctx, self.peer, server=server, say=say, expect=expect)
+        self.threads.append(peer)
+        peer.start()
+        return peer
+
+    def close(self) -> None:
+        """Wake and join the peer thread before closing: its fd number must not be reused
+        under it."""
+        for sock in (self.mine, self.peer):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        for thread in self.threads:
+            thread.join(WAIT_S)
+        self.mine.close()
+        self.peer.close()
+
+
+@pytest.fixture
+def requests() -> Iterator[Callable[..., Request]]:
+    made: list[Request] = []
+
+    def make(message_type: MsgType = MsgType.CLIENTHELLO, auth_mode: AuthMode = AuthMode.UNAUTH,
+             timeout_ms: int | None = None, blocking: bool = True) -> Request:
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            mine = socket.create_connection(listener.getsockname(), timeout=WAIT_S)
+            peer, _ = listener.accept()
+        mine.setblocking(blocking)
+        reply = AcceptReply(
+            header=Header(type=0x22, flags=0, seq=len(made) + 1, pid=0),
+            sockfd=os.dup(mine.fileno()), message_type=message_type, auth_mode=auth_mode,
+            peername="localhost", timeout_ms=timeout_ms, keyring=None, peer_identities=(),
+            certificate=None, unknown_attrs=(),
+        )
+        made.append(Request(mine, peer, reply))
+        return made[-1]
+
+    yield make
+    for req in made:
+        req.close()
+
+
+@dataclass
+class Rig:
+    upcall: FakeUpcall
+    worker: Worker
+    sessions: list[SessionResult]
+
+    def run_until(self, predicate: Callable[[], bool], timeout: float = WAIT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, "worker made no progress before the deadline"
+            self.worker.run_once(max_wait=0.05)
+
+    def run_until_done(self, count: int = 1, timeout: float = WAIT_S) -> None:
+        self.run_until(lambda: len(self.upcall.dones) >= count, timeout)
+
+
+@pytest.fixture
+def rig_factory(contexts: Contexts) -> Iterator[Callable[..., Rig]]:
+    made: list[Rig] = []
+
+    def make(*, ctx: Callable[[AcceptReply], object] = contexts,
+             identity: Callable[[SessionResult], int] | None = None, **worker_kw: object) -> Rig:
+        upcall, sessions = FakeUpcall(), []
+
+        def record_identity(session: SessionResult) -> int:
+            sessions.append(session)
+            return PEER_SERIAL if session.peer_certificate_der else 0
+
+        worker = Worker(upcall, ctx, peer_identity=identity or record_identity,
+                        **worker_kw)  # type: ignore[arg-type]
+        made.append(Rig(upcall, worker, sessions))
+        return made[-1]
+
+    yield make
+    for rig in made:
+        rig.worker.drain(grace_s=0)  # ends (and closes) whatever a test left in flight
+        rig.worker.close()
+
+
+@pytest.fixture
+def rig(rig_factory: Callable[..., Rig]) -> Rig:
+    return rig_factory()
+
+
+def assert_closed(fd: int) -> None:
+    with pytest.raises(OSError) as caught:
+        os.fstat(fd)
+    assert caught.value.errno == errno.EBADF
+
+
+def nothing_to_read(sock: socket.socket, wait_s: float = 0.1) -> bool:
+    return not select.select([sock], [], [], wait_s)[0]
+
+
+# --- success -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suite", list(SUITES))
+def test_client_success_installs_ulp_tx_rx_then_done_zero_and_closes_fd(
+    rig: Rig, requests: Callable[..., Request], pki: PKI, suite: str
+) -> None:
+    req = requests()
+    peer = req.start_peer(server_peer_context(pki, suite), server=True)
+    rig.upcall.ready(req.reply)
+
+    rig.run_until_done()
+    peer.finish()
+
+    cipher_type, size = SUITES[suite]
+    fd = req.reply.sockfd
+    assert [(f, level, name) for f, level, name, _ in rig.upcall.sockopts] == [
+        (fd, SOL_TCP, TCP_ULP), (fd, SOL_TLS, TLS_TX), (fd, SOL_TLS, TLS_RX)]
+    assert rig.upcall.sockopts[0][3] == b"tls\0"
+    for _, _, _, info in rig.upcall.sockopts[1:]:
+        assert len(info) == size
+        assert struct.unpack_from("=HH", info) == (TLS_1_3, cipher_type)
+    assert peer.cipher == suite
+    [done] = rig.upcall.dones
+    assert (done.fd, done.status, done.fd_open) == (fd, 0, True)
+    assert_closed(fd)
+    assert (rig.worker.completed, rig.worker.failed, rig.worker.inflight) == (1, 0, {})
+
+
+def test_client_reports_the_verified_server_certificate_as_remote_auth(
+    rig: Rig, requests: Callable[..., Request], pki: PKI
+) -> None:
+    req = requests()
+    peer = req.start_peer(server_peer_context(pki), server=True)
+    rig.upcall.ready(req.reply)
+
+    rig.run_until_done()
+    peer.finish()
+
+    assert rig.upcall.dones[0].remote_auth == (PEER_SERIAL,)
+    [session] = rig.sessions
+    assert session.peer_certificate_der == pki.server.cert_der
+
+
+def test_client_installed_keys_carry_records_both_ways(
+    rig: Rig, requests: Callable[..., Request], pki: PKI
+) -> None:
+    req = requests()
+    peer = req.start_peer(server_peer_context(pki, "TLS_AES_128_GCM_SHA256"), server=True,
+                say=b"hello from the server", expect=len(b"ping from the kernel"))
+    rig.upcall.ready(req.reply)
+
+    rig.run_until_done()
+
+    _, _, _, tx_info = rig.upcall.sockopts[1]
+    _, _, _, rx_info = rig.upcall.sockopts[2]
+    # Whatever the server sent after its Finished (tickets, data) is still in the socket.
+    content, _tickets_before = read_app_data(req.mine, rx_info)
+    assert content == b"hello from the server"
+    req.mine.sendall(seal_record(tx_info, b"ping from the kernel", 0))
+    peer.finish()
+    assert peer.received == b"ping from the kernel"
+
+
+def test_server_success_with_client_certificate(
+    rig: Rig, requests: Callable[..., Request], pki: PKI
+) -> None:
+    req = requests(MsgType.SERVERHELLO, AuthMode.X509)
+    peer = req.start_peer(client_peer_context(pki, "TLS_AES_128_GCM_SHA256"), server=False,
+                say=b"hello from the client", expect=len(b"reply from the kernel"))
+    rig.upcall.ready(req.reply)
+
+    rig.run_until_done()
+
+    [done] = rig.upcall.dones
+    assert (done.status, done.remote_auth) == (0, (PEER_SERIAL,))
+    assert rig.sessions[0].peer_certificate_der == pki.client.cert_der
+    _, _, _, tx_info = rig.upcall.sockopts[1]
+    _, _, _, rx_info = rig.upcall.sockopts[2]
+    content, earlier = read_app_data(req.mine, rx_info)
+    assert (content, earlier) == (b"hello from the client", 0)
+    # The server's NewSessionTickets were withheld, so the kernel starts TX at seq 0.
+    req.mine.sendall(seal_record(tx_info, b"reply from the kernel", 0))
+    peer.finish()
+    assert peer.received == b"reply from the kernel"
+    assert_closed(req.reply.sockfd)
+
+
+def test_server_without_client_certificate_reports_no_remote_auth(
+    rig: Rig, requests: Callable[..., Request], pki: PKI
+) -> None:
+    req = requests(MsgType.SERVERHELLO, AuthMode.X509)
+    peer = req.start_peer(client_peer_context(pki, cert=False), server=False)
+    rig.upcall.ready(req.reply)
+
+    rig.run_until_done()
+    peer.finish()
+
+    [done] = rig.upcall.dones
+    assert (done.status, done.remote_auth) == (0, ())
+
+
+# --- refusals and failures -----------------------------------------------------------------------
+
+
+def test_setsockopt_enoent_becomes_the_done_status(
+    rig: Rig, requests: Callable[..., Request], pki: PKI
+) -> None:
+    rig.upcall.sockopt_errno = errno.ENOENT
+    req = requests()
+    peer = req.start_peer(server_peer_context(pki), server=True)
+    rig.upcall.ready(req.reply)
+
+    rig.run_until_done()
+    peer.finish()
+
+    assert [name for _, _, name, _ in rig.upcall.sockopts] == [TCP_ULP]
+    [done] = rig.upcall.dones
+    assert (done.status, done.fd_open, done.remote_auth) == (errno.ENOENT, True, ())
+    assert_closed(req.reply.sockfd)
+    assert (rig.worker.completed, rig.worker.failed) == (0, 1)
+
+
+@pytest.mark.parametrize(
+    ("message_type", "auth_mode"),
+    [
+        (MsgType.CLIENTHELLO, AuthMode.PSK),
+        (MsgType.SERVERHELLO, AuthMode.PSK),
+        (MsgType.CLIENTHELLO, AuthMode.UNSPEC),
+        (MsgType.UNSPEC, AuthMode.UNAUTH),
+        (MsgType.UNSPEC, AuthMode.X509),
+    ],
+)
+def test_unsupported_request_is_refused_with_einval_without_touching_the_socket(
+    rig: Rig, requests: Callable[..., Request], message_type: MsgType, auth_mode: AuthMode
+) -> None:
+    req = requests(message_type, auth_mode)
+    flags = fcntl.fcntl(req.mine.fileno(), fcntl.F_GETFL)
+    rig.upcall.ready(req.reply)
+
+    rig.run_until_done()
+
+    [done] = rig.upcall.dones
+    assert (done.fd, done.status, done.fd_open) == (req.reply.sockfd, errno.EINVAL, True)
+    assert rig.upcall.sockopts == []
+    assert done.file_flags == flags
+    assert nothing_to_read(req.peer)
+    assert_closed(req.reply.sockfd)
+    assert rig.worker.failed == 1
+
+
+def test_peer_speaking_garbage_ends_with_eacces(
+    rig: Rig, requests: Callable[..., Request]
+) -> None:
+    req = requests(MsgType.SERVERHELLO, AuthMode.X509)
+    req.peer.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    rig.upcall.ready(req.reply)
+
+    rig.run_until_done()
+
+    assert rig.upcall.dones[0].status == errno.EACCES
+    assert rig.upcall.sockopts == []
+    assert_closed(req.reply.sockfd)
+
+
+def test_peer_closing_mid_handshake_ends_with_eacces(
+    rig: Rig, requests: Callable[..., Request]
+) -> None:
+    req = requests()
+    req.peer.close()
+    rig.upcall.ready(req.reply)
+
+    rig.run_until_done()
+
+    assert rig.upcall.dones[0].status == errno.EACCES
+    assert_closed(req.reply.sockfd)
+
+
+def test_untrusted_server_certificate_ends_with_eacces_and_an_alert(
+    rig: Rig, requests: Callable[..., Request], pki: PKI
+) -> None:
+    req = requests()
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    ctx.use_certificate_file(str(pki.untrusted_server.cert))
+    ctx.use_privatekey_file(str(pki.untrusted_server.key))
+    peer = req.start_peer(ctx, server=True)
+    rig.upcall.ready(req.reply)
+
+    rig.run_until_done()
+    peer.join(WAIT_S)
+
+    assert rig.upcall.dones[0].status == errno.EACCES
+    assert isinstance(peer.error, SSL.Error)  # it got our alert
+    assert rig.upcall.sockopts == []
+
+
+def test_accepted_fd_that_is_not_a_socket_gets_ebadf(
+    rig: Rig, requests: Callable[..., Request], tmp_path: Path
+) -> None:
+    req = requests()
+    os.close(req.reply.sockfd)
+    not_a_socket = os.open(tmp_path, os.O_RDONLY)
+    rig.upcall.ready(replace(req.reply, sockfd=not_a_socket))
+
+    try:
+        rig.run_until_done()
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(not_a_socket)  # in case the worker did not
+
+    assert (rig.upcall.dones[0].fd, rig.upcall.dones[0].status) == (not_a_socket, errno.EBADF)
+    assert rig.worker.inflight == {}
+
+
+def test_accepted_fd_that_is_not_a_socket_is_closed(
+    rig: Rig, requests: Callable[..., Request], tmp_path: Path
+) -> None:
+    req = requests()
+    os.close(req.reply.sockfd)
+    not_a_socket = os.open(tmp_path, os.O_RDONLY)
+    rig.upcall.ready(replace(req.reply, sockfd=not_a_socket))
+
+    try:
+        rig.run_until_done()
+        assert_closed(not_a_socket)
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(not_a_socket)
+
+
+# --- time budgets --------------------------------------------------------------------------------
+
+
+def test_accept_timeout_is_honoured_for_a_silent_peer(
+    rig_factory: Callable[..., Rig], requests: Callable[..., Request]
+) -> None:
+    rig = rig_factory(default_timeout_ms=10_000)
+    req = requests(timeout_ms=300)
+    started = time.monotonic()
+    rig.upcall.ready(req.reply)
+
+    rig.run_until_done(timeout=5)
+
+    [done] = rig.upcall.dones
+    assert done.status == errno.ETIMEDOUT
+    assert 0.28 <= done.at - started < 1.5
+    assert_closed(req.reply.sockfd)
+
+
+def test_accept_timeout_longer_than_the_default_wins(
+    rig_factory: Callable[..., Rig], requests: Callable[..., Request]
+) -> None:
+    rig = rig_factory(default_timeout_ms=100)
+    req = requests(timeout_ms=600)
+    started = time.monotonic()
+    rig.upcall.ready(req.reply)
+
+    rig.run_until_done(timeout=5)
+
+    assert rig.upcall.dones[0].status == errno.ETIMEDOUT
+    assert 0.58 <= rig.upcall.dones[0].at - started < 2.0
+
+
+def test_configured_default_applies_without_an_accept_timeout(
+    rig_factory: Callable[..., Rig], requests: Callable[..., Request]
+) -> None:
+    rig = rig_factory(default_timeout_ms=300)
+    req = requests(timeout_ms=None)
+    started = time.monotonic()
+    rig.upcall.ready(req.reply)
+
+    rig.run_until_done(timeout=5)
+
+    [done] = rig.upcall.dones
+    assert done.status == errno.ETIMEDOUT
+    assert 0.28 <= done.at - started < 1.5
+
+
+def test_drain_fails_in_flight_handshakes_with_etimedout_after_the_grace_period(
+    rig: Rig, requests: Callable[..., Request]
+) -> None:
+    first, second = requests(), requests(MsgType.SERVERHELLO, AuthMode.X509)
+    rig.upcall.ready(first.reply, second.reply)
+    rig.worker.run_once(max_wait=0.05)
+    assert len(rig.worker.inflight) == 2
+    started = time.monotonic()
+
+    rig.worker.drain(grace_s=0.3)
+
+    elapsed = time.monotonic() - started
+    assert 0.28 <= elapsed < 1.5
+    assert [d.status for d in rig.upcall.dones] == [errno.ETIMEDOUT, errno.ETIMEDOUT]
+    assert rig.worker.inflight == {}
+    assert_closed(first.reply.sockfd)
+    assert_closed(second.reply.sockfd)
+
+
+def test_drain_lets_a_handshake_finish_within_the_grace_period(
+    rig: Rig, requests: Callable[..., Request], pki: PKI
+) -> None:
+    req = requests()
+    rig.upcall.ready(req.reply)
+    rig.worker.run_once(max_wait=0.05)  # ClientHello sent, now in flight
+    peer = req.start_peer(server_peer_context(pki), server=True)
+
+    rig.worker.drain(grace_s=WAIT_S)
+    peer.finish()
+
+    assert [d.status for d in rig.upcall.dones] == [0]
+
+
+def test_draining_worker_reads_ready_but_accepts_nothing_new(
+    rig: Rig, requests: Callable[..., Request]
+) -> None:
+    inflight = requests()
+    rig.upcall.ready(inflight.reply)
+    rig.worker.run_once(max_wait=0.05)
+    calls = rig.upcall.accept_calls
+    late = requests(auth_mode=AuthMode.PSK)
+    rig.upcall.ready(late.reply)
+
+    rig.worker.drain(grace_s=0.3)
+
+    os.close(late.reply.sockfd)
+    assert rig.upcall.accept_calls == calls
+    assert rig.upcall.drained == 2
+    assert list(rig.upcall.queue) == [late.reply]
+    assert [(d.fd, d.status) for d in rig.upcall.dones] == [
+        (inflight.reply.sockfd, errno.ETIMEDOUT)]
+
+
+# --- the shared file's flags ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("blocking", [True, False])
+def test_file_flags_are_restored_before_done_on_success(
+    rig: Rig, requests: Callable[..., Request], pki: PKI, blocking: bool
+) -> None:
+    req = requests(blocking=blocking)
+    flags = fcntl.fcntl(req.mine.fileno(), fcntl.F_GETFL)
+    peer = req.start_peer(server_peer_context(pki), server=True)
+    rig.upcall.ready(req.reply)
+
+    rig.run_until_done()
+    peer.finish()
+
+    [done] = rig.upcall.dones
+    assert done.status == 0
+    assert done.file_flags == flags
+    assert bool(flags & os.O_NONBLOCK) is not blocking
+    assert fcntl.fcntl(req.mine.fileno(), fcntl.F_GETFL) == flags
+
+
+@pytest.mark.parametrize("blocking", [True, False])
+def test_file_flags_are_restored_before_done_on_timeout(
+    rig: Rig, requests: Callable[..., Request], blocking: bool
+) -> None:
+    req = requests(timeout_ms=100, blocking=blocking)
+    flags = fcntl.fcntl(req.mine.fileno(), fcntl.F_GETFL)
+    rig.upcall.ready(req.reply)
+
+    rig.run_until_done()
+
+    [done] = rig.upcall.dones
+    assert done.status == errno.ETIMEDOUT
+    assert done.file_flags == flags
+    assert fcntl.fcntl(req.mine.fileno(), fcntl.F_GETFL) == flags
+
+
+# --- malformed ACCEPT replies --------------------------------------------------------------------
+
+
+def test_broken_accept_with_an_fd_gets_done_with_its_status_and_the_fd_closed(
+    rig: Rig, requests: Callable[..., Request]
+) -> None:
+    req = requests()
+    broken = BrokenAcceptError(DecodeError("attribute runs past the message"),
+                               req.reply.sockfd)
+    rig.upcall.ready(broken)
+
+    rig.run_until_done()
+
+    [done] = rig.upcall.dones
+    assert (done.fd, done.status, done.fd_open) == (req.reply.sockfd, errno.EINVAL, True)
+    assert_closed(req.reply.sockfd)
+    assert rig.upcall.sockopts == []
+    assert nothing_to_read(req.peer)
+
+
+def test_broken_accept_without_an_fd_is_skipped_and_the_next_request_served(
+    rig: Rig, requests: Callable[..., Request]
+) -> None:
+    req = requests(auth_mode=AuthMode.PSK)
+    rig.upcall.ready(BrokenAcceptError(DecodeError("no fd"), None), req.reply)
+
+    rig.run_until_done()
+
+    assert [(d.fd, d.status) for d in rig.upcall.dones] == [(req.reply.sockfd, errno.EINVAL)]
+
+
+# --- isolation -----------------------------------------------------------------------------------
+
+
+def test_exception_while_finishing_one_handshake_ends_only_that_one_with_eio(
+    rig_factory: Callable[..., Rig], requests: Callable[..., Request], pki: PKI
+) -> None:
+    calls: list[SessionResult] = []
+
+    def identity(session: SessionResult) -> int:
+        calls.append(session)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return 0
+
+    rig = rig_factory(identity=identity)
+    first, second = requests(), requests()
+    peers = [r.start_peer(server_peer_context(pki), server=True) for r in (first, second)]
+    rig.upcall.ready(first.reply, second.reply)
+
+    rig.run_until_done(2)
+    for peer in peers:
+        peer.finish()
+
+    statuses = sorted(d.status for d in rig.upcall.dones)
+    assert statuses == [0, errno.EIO]
+    assert_closed(first.reply.sockfd)
+    assert_closed(second.reply.sockfd)
+    assert rig.worker.inflight == {}
+
+
+def test_exception_in_the_contexts_callable_ends_only_that_request_with_eio(
+    rig_factory: Callable[..., Rig], requests: Callable[..., Request], pki: PKI,
+    contexts: Contexts
+) -> None:
+    first, second = requests(), requests()
+
+    def ctx(reply: AcceptReply) -> object:
+        if reply.sockfd == first.reply.sockfd:
+            raise RuntimeError("context lookup crashed")
+        return contexts(reply)
+
+    rig = rig_factory(ctx=ctx)
+    peer = second.start_peer(server_peer_context(pki), server=True)
+    rig.upcall.ready(first.reply, second.reply)
+
+    rig.run_until_done(2)
+    peer.finish()
+
+    assert [(d.fd, d.status) for d in rig.upcall.dones] == [
+        (first.reply.sockfd, errno.EIO), (second.reply.sockfd, 0)]
+
+
+def test_credential_error_from_the_contexts_callable_is_that_requests_status(
+    rig_factory: Callable[..., Rig], requests: Callable[..., Request], contexts: Contexts
+) -> None:
+    # A server request with no server certificate configured: Contexts raises CredentialError.
+    no_server = Contexts(contexts.config, contexts.client_anon, None, None)
+    rig = rig_factory(ctx=no_server)
+    req = requests(MsgType.SERVERHELLO, AuthMode.X509)
+    rig.upcall.ready(req.reply)
+
+    rig.run_until_done()
+
+    assert rig.upcall.dones[0].status == errno.ENOKEY
+    assert_closed(req.reply.sockfd)
+
+
+# --- when the worker accepts ---------------------------------------------------------------------
+
+
+def test_ready_makes_the_worker_accept_before_the_next_sweep(
+    rig: Rig, requests: Callable[..., Request]
+) -> None:
+    rig.worker.run_once(max_wait=0.05)  # the start-up sweep finds nothing
+    req = requests(auth_mode=AuthMode.PSK)
+    started = time.monotonic()
+
+    rig.upcall.ready(req.reply)
+    rig.run_until_done()
+
+    assert time.monotonic() - started < 0.5
+    assert rig.upcall.drained == 1
+
+
+def test_sweep_accepts_a_request_whose_ready_was_lost(
+    rig_factory: Callable[..., Rig], requests: Callable[..., Request]
+) -> None:
+    now = [100.0]
+    rig = rig_factory(clock=lambda: now[0])
+    rig.worker.run_once(max_wait=0.01)
+    req = requests(auth_mode=AuthMode.PSK)
+    rig.upcall.queue.append(req.reply)  # no READY
+
+    rig.worker.run_once(max_wait=0.01)
+    assert rig.upcall.dones == []
+    now[0] += 1.0
+    rig.worker.run_once(max_wait=0.01)
+
+    assert [d.status for d in rig.upcall.dones] == [errno.EINVAL]
+
+
+def test_max_inflight_caps_the_requests_accepted(
+    rig_factory: Callable[..., Rig], requests: Callable[..., Request]
+) -> None:
+    rig = rig_factory(max_inflight=1)
+    first, second = requests(), requests()
+    rig.upcall.ready(first.reply, second.reply)
+
+    rig.worker.run_once(max_wait=0.05)
+
+    os.close(second.reply.sockfd)
+    assert list(rig.worker.inflight) == [first.reply.sockfd]
+    assert list(rig.upcall.queue) == [second.reply]
