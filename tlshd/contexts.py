@@ -48,6 +48,9 @@ class Contexts:
                                               server.truststore, config.require_client_cert,
                                               ciphersuites=KTLS_SUITES)
         anon = creds.client_context(client.truststore, ciphersuites=KTLS_SUITES)
+        for ctx, side in ((anon, client), (client_x509, client), (server_ctx, server)):
+            if ctx is not None and side.crl is not None:
+                creds.load_crl(ctx, side.crl)
         return cls(config, anon, client_x509, server_ctx)
 
     def __call__(self, reply: AcceptReply) -> SSL.Context:
@@ -69,8 +72,14 @@ class Contexts:
             keyring.read_key(reply.certificate.cert), keyring.read_key(reply.certificate.privkey)
         )
         if reply.message_type == MsgType.SERVERHELLO:
-            return creds.server_context_from_credentials(
+            ctx = creds.server_context_from_credentials(
                 material, self.config.server.truststore, self.config.require_client_cert,
                 ciphersuites=KTLS_SUITES)
-        return creds.client_context_from_credentials(self.config.client.truststore, material,
-                                                     ciphersuites=KTLS_SUITES)
+            side = self.config.server
+        else:
+            ctx = creds.client_context_from_credentials(self.config.client.truststore, material,
+                                                        ciphersuites=KTLS_SUITES)
+            side = self.config.client
+        if side.crl is not None:
+            creds.load_crl(ctx, side.crl)
+        return ctx

@@ -33,7 +33,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 
 from tlshd.errors import ConfigError, CredentialError
 from tlshd.handshake.engine import route_keylog_line
@@ -291,3 +291,36 @@ def _parse_private_key(data: bytes, where: str) -> PrivateKey:
     if not isinstance(key, _TLS_KEY_TYPES):
         raise CredentialError(f"{where}: {type(key).__name__} keys cannot sign TLS 1.3 handshakes")
     return key
+
+
+def load_crl(ctx: SSL.Context, path: Path) -> None:
+    """Enforce the CRLs in ``path`` (PEM, several allowed, or one DER) on the peer's leaf.
+
+    OpenSSL then fails verification of a revoked certificate with "certificate revoked", and
+    of a certificate whose issuer has no CRL in the file with "unable to get certificate CRL":
+    a configured CRL file must cover the CAs it is used with.
+    """
+    data = _read(path, "CRL")
+    try:
+        if b"-----BEGIN X509 CRL-----" in data:
+            crls = [x509.load_pem_x509_crl(block) for block in _pem_blocks(data, b"X509 CRL")]
+        else:
+            crls = [x509.load_der_x509_crl(data)]
+    except ValueError:
+        raise CredentialError(f"CRL {path}: not a PEM or DER X.509 CRL") from None
+    store = ctx.get_cert_store()
+    if store is None:
+        raise CredentialError(f"CRL {path}: context has no certificate store")
+    for crl in crls:
+        store.add_crl(crl)
+    store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
+
+
+def _pem_blocks(data: bytes, label: bytes) -> list[bytes]:
+    begin, end = b"-----BEGIN " + label + b"-----", b"-----END " + label + b"-----"
+    blocks, offset = [], 0
+    while (start := data.find(begin, offset)) >= 0:
+        stop = data.index(end, start) + len(end)
+        blocks.append(data[start:stop])
+        offset = stop
+    return blocks

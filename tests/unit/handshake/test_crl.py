@@ -1,0 +1,98 @@
+"""A configured CRL is enforced: a revoked peer certificate fails the handshake."""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+
+from tests.pki import PKI, Issued, write_pki
+from tlshd.config import Config, X509Side
+from tlshd.contexts import Contexts
+from tlshd.errors import CredentialError, PeerAuthenticationError
+from tlshd.handshake import credentials as creds
+from tlshd.handshake.engine import HandshakeEngine, Role
+from tlshd.handshake.events import HandshakeComplete, HandshakeFailed, NeedData
+from tlshd.netlink.messages import AcceptReply, Header
+from tlshd.netlink.spec import AuthMode, MsgType
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    return write_pki(tmp_path_factory.mktemp("pki"))
+
+
+def write_crl(path: Path, ca: Issued, revoked: list[x509.Certificate], *, pem: bool = True) -> Path:
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(ca.cert.subject)
+               .last_update(now - datetime.timedelta(minutes=1))
+               .next_update(now + datetime.timedelta(days=1)))
+    for cert in revoked:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(cert.serial_number)
+            .revocation_date(now - datetime.timedelta(minutes=1)).build())
+    crl = builder.sign(ca.key, hashes.SHA256())
+    encoding = serialization.Encoding.PEM if pem else serialization.Encoding.DER
+    path.write_bytes(crl.public_bytes(encoding))
+    return path
+
+
+def handshake(client: HandshakeEngine, server: HandshakeEngine) -> tuple[object, object]:
+    for _ in range(50):
+        for src, dst in ((client, server), (server, client)):
+            data = src.data_to_send()
+            if data and isinstance(dst.next_event(), NeedData):
+                dst.receive_data(data)
+        events = (client.next_event(), server.next_event())
+        if not any(isinstance(e, NeedData) for e in events):
+            return events
+    raise AssertionError("handshake did not finish")
+
+
+def contexts(pki: PKI, server_crl: Path | None) -> Contexts:
+    config = Config(
+        client=X509Side(truststore=pki.ca, certificate=pki.client.cert,
+                        private_key=pki.client.key),
+        server=X509Side(truststore=pki.ca, certificate=pki.server.cert,
+                        private_key=pki.server.key, crl=server_crl),
+        require_client_cert=True,
+    )
+    return Contexts.from_config(config)
+
+
+def reply(message_type: MsgType) -> AcceptReply:
+    return AcceptReply(Header(0, 0, 1, 0), 3, message_type, AuthMode.X509, "localhost", None,
+                       None, (), None, ())
+
+
+@pytest.mark.parametrize("pem", [True, False])
+def test_revoked_client_certificate_is_rejected_by_the_server(pki, tmp_path, pem):
+    crl = write_crl(tmp_path / "ca.crl", pki.ca_issued, [pki.client.issued.cert], pem=pem)
+    ctxs = contexts(pki, crl)
+    client = HandshakeEngine(ctxs(reply(MsgType.CLIENTHELLO)), Role.CLIENT, peername="localhost")
+    server = HandshakeEngine(ctxs(reply(MsgType.SERVERHELLO)), Role.SERVER)
+    _client_event, server_event = handshake(client, server)
+    assert isinstance(server_event, HandshakeFailed)
+    assert isinstance(server_event.error, PeerAuthenticationError)
+    assert "revoked" in str(server_event.error)
+
+
+def test_crl_that_does_not_list_the_peer_lets_it_in(pki, tmp_path):
+    crl = write_crl(tmp_path / "ca.crl", pki.ca_issued, [pki.expired_server.issued.cert])
+    ctxs = contexts(pki, crl)
+    client = HandshakeEngine(ctxs(reply(MsgType.CLIENTHELLO)), Role.CLIENT, peername="localhost")
+    server = HandshakeEngine(ctxs(reply(MsgType.SERVERHELLO)), Role.SERVER)
+    events = handshake(client, server)
+    assert all(isinstance(e, HandshakeComplete) for e in events)
+
+
+def test_unreadable_or_malformed_crl_fails_at_start(pki, tmp_path):
+    bad = tmp_path / "bad.crl"
+    bad.write_bytes(b"not a crl")
+    with pytest.raises(CredentialError, match="bad.crl"):
+        contexts(pki, bad)
+    with pytest.raises(CredentialError, match="missing.crl"):
+        creds.load_crl(creds.client_context(pki.ca), tmp_path / "missing.crl")
