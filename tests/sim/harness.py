@@ -79,6 +79,17 @@ class Agent:
     def open_fds(self) -> int:
         return sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in self.worker_pids())
 
+    def settled_fds(self, timeout: float = 5.0) -> int:
+        """The workers' fd count once it stops changing (start-up is over)."""
+        deadline, last = time.monotonic() + timeout, self.open_fds()
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            now = self.open_fds()
+            if now == last:
+                return now
+            last = now
+        return last
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -89,10 +100,12 @@ class Agent:
             return self.proc.wait()
 
 
-def start_agent(kernel: Kernel, config: Path, netns: str | None = None) -> Agent:
+def start_agent(kernel: Kernel, config: Path, netns: str | None = None, *,
+                workers: int = 1) -> Agent:
+    """Start the agent and wait until ``workers`` of its processes joined the tlshd group."""
     agent = Agent(config, netns)
     ns = kernel.netns_of(_probe_socket(netns))
-    if not kernel.wait_for(lambda: kernel.listeners(ns) > 0, AGENT_START_TIMEOUT_S):
+    if not kernel.wait_for(lambda: kernel.listeners(ns) >= workers, AGENT_START_TIMEOUT_S):
         agent.stop()
         raise RuntimeError("agent did not join the tlshd group:\n" + "\n".join(agent.log))
     return agent

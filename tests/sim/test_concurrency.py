@@ -69,8 +69,8 @@ def test_200_requests_across_4_namespaces_with_a_stalled_peer(namespaces, pki, t
             for ns in namespaces:
                 kernel.add_netns(ns)
                 config = write_config(tmp_path, pki, kernel.endpoint, workers=2)
-                agents.append(start_agent(kernel, config, netns=ns))
-            baseline = [agent.open_fds() for agent in agents]
+                agents.append(start_agent(kernel, config, netns=ns, workers=2))
+            baseline = [agent.settled_fds() for agent in agents]
 
             stalled_listener = _listener(namespaces[0])
             stalled_client = _connect(namespaces[0], stalled_listener.getsockname())
@@ -97,7 +97,7 @@ def test_200_requests_across_4_namespaces_with_a_stalled_peer(namespaces, pki, t
             kernel.sock_release(stalled_client)
             stalled_peer.close()
             stalled_listener.close()
-            assert [agent.open_fds() for agent in agents] == baseline  # no fd left open
+            assert [agent.settled_fds() for agent in agents] == baseline  # no fd left open
             completes = kernel.events("complete")
             assert len(completes) == 199
         finally:
