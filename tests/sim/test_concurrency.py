@@ -20,7 +20,7 @@ from tests.sim.harness import Agent, start_agent, unique_endpoint, write_config
 pytestmark = [pytest.mark.sim, pytest.mark.netns]
 
 NAMESPACES = 4
-PAIRS_PER_NS = 25  # 2 requests per pair: 200 requests, at the kernel's pending cap of 50
+PAIRS_PER_NS = 25  # 2 requests per pair: 50 per namespace, the kernel's pending cap here
 
 
 @pytest.fixture
@@ -62,7 +62,9 @@ def _pair(kernel: Kernel, ns: str, results: list[tuple[str, HandshakeOutcome]]) 
     kernel.sock_release(server)
 
 
-def test_200_requests_across_4_namespaces_with_a_stalled_peer(namespaces, pki, tmp_path):
+def test_200_requests_across_4_namespaces_with_stalled_peers(namespaces, pki, tmp_path):
+    """198 requests in 99 client/server pairs, plus, in the first namespace, a client request
+    whose server never answers and a server request whose client never speaks."""
     with Kernel(endpoint=unique_endpoint()) as kernel:
         agents: list[Agent] = []
         try:
@@ -74,32 +76,40 @@ def test_200_requests_across_4_namespaces_with_a_stalled_peer(namespaces, pki, t
 
             stalled_listener = _listener(namespaces[0])
             stalled_client = _connect(namespaces[0], stalled_listener.getsockname())
-            stalled_peer, _ = stalled_listener.accept()  # never says a word
+            silent_server, _ = stalled_listener.accept()  # a plain socket: never answers
+            silent_client = _connect(namespaces[0], stalled_listener.getsockname())
+            stalled_server, _ = stalled_listener.accept()  # its peer never speaks
             stalled: dict[str, HandshakeOutcome] = {}
-            stall = threading.Thread(target=lambda: stalled.update(out=TLSConsumer(
-                kernel, timeout_ms=4000).client(stalled_client, peername="localhost")))
-            stall.start()
+            stalls = [
+                threading.Thread(target=lambda: stalled.update(client=TLSConsumer(
+                    kernel, timeout_ms=4000).client(stalled_client, peername="localhost"))),
+                threading.Thread(target=lambda: stalled.update(server=TLSConsumer(
+                    kernel, timeout_ms=4000).server(stalled_server))),
+            ]
 
             results: list[tuple[str, HandshakeOutcome]] = []
             pairs = [threading.Thread(target=_pair, args=(kernel, ns, results))
                      for ns in namespaces
                      for _ in range(PAIRS_PER_NS - (1 if ns == namespaces[0] else 0))]
-            for thread in pairs:
+            for thread in [*stalls, *pairs]:
                 thread.start()
             for thread in pairs:
                 thread.join(60)
-            stall.join(15)
+            for thread in stalls:
+                thread.join(15)
 
             assert len(results) == 2 * len(pairs) == 198
             failures = [(role, out.status) for role, out in results if out.status != 0]
             assert failures == []
-            assert stalled["out"].status == -errno.ETIMEDOUT
+            assert stalled["client"].status == -errno.ETIMEDOUT
+            assert stalled["server"].status == -errno.ETIMEDOUT
             kernel.sock_release(stalled_client)
-            stalled_peer.close()
-            stalled_listener.close()
+            kernel.sock_release(stalled_server)
+            for sock in (silent_server, silent_client, stalled_listener):
+                sock.close()
             assert [agent.settled_fds() for agent in agents] == baseline  # no fd left open
             completes = kernel.events("complete")
-            assert len(completes) == 199
+            assert len(completes) == 200
         finally:
             for agent in agents:
                 assert agent.stop() == 0, "\n".join(agent.log[-5:])
