@@ -17,6 +17,7 @@ from tlshd import keyring
 from tlshd.config import Config
 from tlshd.errors import CredentialError
 from tlshd.handshake import credentials as creds
+from tlshd.handshake.secrets import HashAlg
 from tlshd.ktls import CipherSuite
 from tlshd.netlink.messages import AcceptReply
 from tlshd.netlink.spec import AuthMode, MsgType
@@ -28,12 +29,28 @@ KTLS_SUITES = ":".join(s.openssl_name for s in (
     CipherSuite.TLS_AES_128_GCM_SHA256, CipherSuite.TLS_AES_128_CCM_SHA256))
 
 
+# A PSK's hash fixes the suites: NVMe/TCP pairs SHA-256 PSKs with the SHA-256 suites and
+# SHA-384 PSKs with TLS_AES_256_GCM_SHA384.
+PSK_SUITES = {
+    HashAlg.SHA256: ":".join(s.openssl_name for s in (
+        CipherSuite.TLS_AES_128_GCM_SHA256, CipherSuite.TLS_CHACHA20_POLY1305_SHA256,
+        CipherSuite.TLS_AES_128_CCM_SHA256)),
+    HashAlg.SHA384: CipherSuite.TLS_AES_256_GCM_SHA384.openssl_name,
+}
+
+
+def _psk_contexts(method: int) -> dict[HashAlg, SSL.Context]:
+    return {alg: creds.psk_context(method, suites) for alg, suites in PSK_SUITES.items()}
+
+
 @dataclass(frozen=True)
 class Contexts:
     config: Config
     client_anon: SSL.Context
     client_x509: SSL.Context | None
     server: SSL.Context | None
+    psk_client: dict[HashAlg, SSL.Context]
+    psk_server: dict[HashAlg, SSL.Context]
 
     @classmethod
     def from_config(cls, config: Config) -> Contexts:
@@ -51,7 +68,8 @@ class Contexts:
         for ctx, side in ((anon, client), (client_x509, client), (server_ctx, server)):
             if ctx is not None and side.crl is not None:
                 creds.load_crl(ctx, side.crl)
-        return cls(config, anon, client_x509, server_ctx)
+        return cls(config, anon, client_x509, server_ctx,
+                   _psk_contexts(SSL.TLS_CLIENT_METHOD), _psk_contexts(SSL.TLS_SERVER_METHOD))
 
     def __call__(self, reply: AcceptReply) -> SSL.Context:
         cert = reply.certificate

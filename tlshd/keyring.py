@@ -132,3 +132,12 @@ def revoke_key(key: int) -> None:
 
 def keyring_id(special: int, *, create: bool = False) -> int:
     return _check(_lib().keyctl_get_keyring_ID(special, int(create)), f"keyring {special}")
+
+
+def find_keyring(name: str) -> int:
+    """A keyring by name (libkeyutils ``find_key_by_type_and_desc``, via /proc/keys)."""
+    lib = _lib()
+    fn = lib.find_key_by_type_and_desc
+    fn.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int32]
+    fn.restype = ctypes.c_int32
+    return _check(fn(b"keyring", name.encode(), 0), f"find keyring {name!r}")

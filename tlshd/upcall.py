@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Protocol
 
-from tlshd.errors import DecodeError, NetlinkError, TransportError
+from tlshd.errors import DecodeError, NetlinkError, TlshdError, TransportError
 from tlshd.ktls import KernelSockopt
 from tlshd.netlink import codec
 from tlshd.netlink.messages import AcceptReply, ErrorReply, FamilyInfo, Ready
@@ -297,6 +297,8 @@ class SimUpcall(_GenlUpcall):
             _close_fds(fds)
             error = DecodeError(f"ACCEPT reply carried {len(fds)} fds, not 1")
             raise BrokenAcceptError(error, None)
+        if reply.keyring:
+            _link_request_keyring(reply.keyring)
         return replace(reply, sockfd=fds[0])
 
     def _ksim(self, cmd: int, attrs: bytes, what: str) -> None:
@@ -335,6 +337,16 @@ class SimUpcall(_GenlUpcall):
             self._ksim(KSIM_CMD_SETSOCKOPT, attrs, "setsockopt")
         except NetlinkError as exc:
             raise OSError(exc.errno, os.strerror(exc.errno)) from None
+
+
+def _link_request_keyring(serial: int) -> None:
+    """What Linux does at ACCEPT (``tls_handshake_private_keyring``) and kernel-sim cannot:
+    link the request's keyring into our process keyring, which makes us a possessor of its
+    keys. The permission checked is ours (LINK on the keyring), as in the kernel."""
+    from tlshd import keyring
+
+    with contextlib.suppress(TlshdError):
+        keyring.link_key(serial, keyring.KEY_SPEC_PROCESS_KEYRING)
 
 
 def _seqpacket(address: bytes) -> socket.socket:

@@ -31,27 +31,48 @@ import os
 import selectors
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
+from OpenSSL import SSL
+
+from tlshd import keyring
 from tlshd.errors import (
     HandshakeTimeoutError,
     PeerClosedError,
     TlshdError,
     TransportError,
+    UnknownPSKIdentityError,
     UnsupportedRequestError,
 )
-from tlshd.handshake.engine import HandshakeEngine, Role
+from tlshd.handshake import _psk
+from tlshd.handshake.engine import ConnectionHook, HandshakeEngine, Role
 from tlshd.handshake.events import HandshakeComplete, HandshakeFailed, NeedData, SessionResult
+from tlshd.handshake.hello import offered_identities
+from tlshd.handshake.secrets import HashAlg
 from tlshd.ktls import install_ktls, ktls_params_from_secrets, suite_from_openssl_name
 from tlshd.netlink.messages import AcceptReply
 from tlshd.netlink.spec import AuthMode, MsgType
+from tlshd.psk import PSK, find_server_psk, first_client_psk
 from tlshd.upcall import BrokenAcceptError, Upcall
 
 log = logging.getLogger("tlshd")
 
 SWEEP_INTERVAL_S = 1.0
 PEER_KEY_TIMEOUT_S = 600
+
+
+@dataclass(eq=False)
+class PSKChoice:
+    """The PSK a handshake uses: known at the start (client) or after the ClientHello."""
+
+    psk: PSK | None = None
+
+    def describe(self) -> str:
+        if self.psk is None:
+            return ""
+        return f" psk={self.psk.serial}:{self.psk.identity.decode(errors='replace')!r}"
 
 
 @dataclass(eq=False)
@@ -62,11 +83,32 @@ class Handshake:
     deadline: float
     started: float
     file_flags: int
+    psk: PSKChoice
     out: bytearray = field(default_factory=bytearray)
 
     @property
     def role(self) -> str:
         return _role(self.reply)
+
+
+def _unlink_request_keyring(reply: AcceptReply) -> None:
+    """The kernel linked the request's keyring into our process keyring at ACCEPT; this
+    worker lives on, so drop the link: one request's keys are not the next one's."""
+    if reply.keyring:
+        with contextlib.suppress(TlshdError):
+            keyring.unlink_key(reply.keyring, keyring.KEY_SPEC_PROCESS_KEYRING)
+
+
+class ContextProvider(Protocol):
+    """``tlshd.contexts.Contexts``: a context per x509/anonymous request, PSK ones by hash."""
+
+    @property
+    def psk_client(self) -> Mapping[HashAlg, SSL.Context]: ...
+
+    @property
+    def psk_server(self) -> Mapping[HashAlg, SSL.Context]: ...
+
+    def __call__(self, reply: AcceptReply) -> SSL.Context: ...
 
 
 def _internal(exc: BaseException) -> TlshdError:
@@ -94,8 +136,6 @@ def peer_identity_key(session: SessionResult) -> int:
     (XPT_PEER_AUTH); a real key lets a consumer inspect the certificate. The
     key lives in this process's keyring and expires after ten minutes.
     """
-    from tlshd import keyring
-
     der = session.peer_certificate_der
     if der is None:
         return 0
@@ -109,7 +149,7 @@ class Worker:
     def __init__(
         self,
         upcall: Upcall,
-        contexts: Callable[[AcceptReply], object],
+        contexts: ContextProvider,
         *,
         default_timeout_ms: int = 10_000,
         max_inflight: int = 256,
@@ -189,8 +229,9 @@ class Worker:
             with contextlib.suppress(OSError):
                 os.close(reply.sockfd)
             return
+        choice = PSKChoice()
         try:
-            engine = self._engine_for(reply)
+            engine = self._engine_for(reply, choice)
         except TlshdError as exc:
             self._finish_early(reply, sock, exc)
             return
@@ -203,20 +244,46 @@ class Worker:
         sock.setblocking(False)
         timeout_s = reply.timeout_ms / 1000 if reply.timeout_ms else self._default_timeout_s
         hs = Handshake(reply, sock, engine, deadline=now + timeout_s, started=now,
-                       file_flags=file_flags)
+                       file_flags=file_flags, psk=choice)
         self.inflight[sock.fileno()] = hs
         self._sel.register(sock, selectors.EVENT_READ, hs)
         self._service(hs, 0)
 
-    def _engine_for(self, reply: AcceptReply) -> HandshakeEngine:
+    def _engine_for(self, reply: AcceptReply, choice: PSKChoice) -> HandshakeEngine:
         if reply.message_type not in (MsgType.CLIENTHELLO, MsgType.SERVERHELLO):
             raise UnsupportedRequestError(f"message type {reply.message_type!r}")
-        if reply.auth_mode not in (AuthMode.UNAUTH, AuthMode.X509):
-            raise UnsupportedRequestError(f"auth mode {reply.auth_mode!r} not supported yet")
+        if reply.auth_mode not in (AuthMode.UNAUTH, AuthMode.X509, AuthMode.PSK):
+            raise UnsupportedRequestError(f"auth mode {reply.auth_mode!r}")
+        client = reply.message_type == MsgType.CLIENTHELLO
+        if reply.auth_mode == AuthMode.PSK:
+            return self._psk_client(reply, choice) if client else self._psk_server(reply, choice)
         context = self._contexts(reply)
-        role = Role.CLIENT if reply.message_type == MsgType.CLIENTHELLO else Role.SERVER
-        peername = reply.peername if role is Role.CLIENT else None
-        return HandshakeEngine(context, role, peername=peername)  # type: ignore[arg-type]
+        role = Role.CLIENT if client else Role.SERVER
+        peername = reply.peername if client else None
+        return HandshakeEngine(context, role, peername=peername)
+
+    def _psk_client(self, reply: AcceptReply, choice: PSKChoice) -> HandshakeEngine:
+        psk = choice.psk = first_client_psk(reply.peer_identities)
+        return HandshakeEngine(self._contexts.psk_client[psk.hash_alg], Role.CLIENT,
+                               on_connection=lambda conn: _psk.attach(conn, psk.identity,
+                                                                      psk.key, psk.suite))
+
+    def _psk_server(self, reply: AcceptReply, choice: PSKChoice) -> HandshakeEngine:
+        contexts = self._contexts
+        keyrings = [k for k in (reply.keyring, keyring.KEY_SPEC_PROCESS_KEYRING,
+                                keyring.KEY_SPEC_SESSION_KEYRING) if k]
+
+        def select(hello: bytes) -> tuple[SSL.Context, ConnectionHook]:
+            identities = offered_identities(hello)
+            psk = choice.psk = find_server_psk(identities, keyrings)
+            if psk is None:
+                offered = ", ".join(repr(i.decode(errors="replace")) for i in identities)
+                raise UnknownPSKIdentityError(f"no PSK key for identity {offered or '(none)'}")
+            return contexts.psk_server[psk.hash_alg], lambda conn: _psk.attach(
+                conn, psk.identity, psk.key, psk.suite)
+
+        fallback = contexts.psk_server[HashAlg.SHA256]
+        return HandshakeEngine(fallback, Role.SERVER, select_context=select)
 
     def _finish_early(self, reply: AcceptReply, sock: socket.socket, exc: TlshdError) -> None:
         _log_result(reply, exc.status, 0.0, f"refused: {exc}")
@@ -276,7 +343,8 @@ class Worker:
         params = ktls_params_from_secrets(suite, session.tx_secret, session.rx_secret,
                                           session.tx_seq, session.rx_seq)
         install_ktls(self.upcall, hs.sock.fileno(), params)
-        peer = self._peer_identity(session)
+        # PSK: the key's serial (the NVMe host looks it up); x509: the peer certificate's key
+        peer = hs.psk.psk.serial if hs.psk.psk else self._peer_identity(session)
         self._finish(hs, 0, (peer,) if peer else (), f"ok cipher={suite.openssl_name}")
         self.completed += 1
 
@@ -299,13 +367,15 @@ class Worker:
         self.failed += 1
 
     def _finish(self, hs: Handshake, status: int, remote: tuple[int, ...], what: str) -> None:
-        _log_result(hs.reply, status, (self._clock() - hs.started) * 1000, what)
+        _log_result(hs.reply, status, (self._clock() - hs.started) * 1000,
+                    what + hs.psk.describe())
         self.inflight.pop(hs.sock.fileno(), None)
         self._sel.unregister(hs.sock)
         with contextlib.suppress(OSError):
             fcntl.fcntl(hs.sock.fileno(), fcntl.F_SETFL, hs.file_flags)
         self._done(hs.sock.fileno(), status, remote)
         hs.sock.close()
+        _unlink_request_keyring(hs.reply)
 
     def _done(self, fd: int, status: int, remote: tuple[int, ...]) -> None:
         try:

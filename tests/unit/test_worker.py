@@ -13,6 +13,7 @@ TX crypto_info for the peer to read, proving the keys and sequence numbers.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import os
@@ -514,8 +515,7 @@ def test_setsockopt_enoent_becomes_the_done_status(
 @pytest.mark.parametrize(
     ("message_type", "auth_mode"),
     [
-        (MsgType.CLIENTHELLO, AuthMode.PSK),
-        (MsgType.SERVERHELLO, AuthMode.PSK),
+        (MsgType.CLIENTHELLO, AuthMode.PSK),  # a PSK client request without peer identities
         (MsgType.CLIENTHELLO, AuthMode.UNSPEC),
         (MsgType.UNSPEC, AuthMode.UNAUTH),
         (MsgType.UNSPEC, AuthMode.X509),
@@ -844,7 +844,7 @@ def test_credential_error_from_the_contexts_callable_is_that_requests_status(
     rig_factory: Callable[..., Rig], requests: Callable[..., Request], contexts: Contexts
 ) -> None:
     # A server request with no server certificate configured: Contexts raises CredentialError.
-    no_server = Contexts(contexts.config, contexts.client_anon, None, None)
+    no_server = dataclasses.replace(contexts, server=None)
     rig = rig_factory(ctx=no_server)
     req = requests(MsgType.SERVERHELLO, AuthMode.X509)
     rig.upcall.ready(req.reply)

@@ -324,3 +324,15 @@ def _pem_blocks(data: bytes, label: bytes) -> list[bytes]:
         blocks.append(data[start:stop])
         offset = stop
     return blocks
+
+
+def psk_context(method: int, ciphersuites: str) -> SSL.Context:
+    """A PSK-only context (no certificates either way) for suites of one hash."""
+    from tlshd.handshake import _psk
+
+    ctx = _base_context(method, SSL.VERIFY_NONE, ciphersuites)
+    if method == SSL.TLS_CLIENT_METHOD:
+        _psk.enable_client_psk(ctx)
+    else:
+        _psk.enable_server_psk(ctx)
+    return ctx

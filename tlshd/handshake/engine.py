@@ -49,6 +49,7 @@ import enum
 import errno
 import ipaddress
 import re
+from collections.abc import Callable
 from typing import Literal, Protocol, cast
 
 from cryptography import x509
@@ -57,13 +58,15 @@ from OpenSSL import SSL
 
 from tlshd.errors import (
     CredentialError,
+    DecodeError,
     PeerAuthenticationError,
     PeerClosedError,
     PeerProtocolError,
     TlshdError,
+    UnknownPSKIdentityError,
     UnsupportedRequestError,
 )
-from tlshd.handshake import _openssl
+from tlshd.handshake import _openssl, _psk
 from tlshd.handshake.events import (
     Event,
     HandshakeComplete,
@@ -71,6 +74,7 @@ from tlshd.handshake.events import (
     NeedData,
     SessionResult,
 )
+from tlshd.handshake.hello import client_hello_message
 
 __all__ = ["HandshakeEngine", "Role", "route_keylog_line"]
 
@@ -122,6 +126,19 @@ def count_records(data: bytes) -> int:
     return count
 
 
+ConnectionHook = Callable[[SSL.Connection], None]
+ContextSelector = Callable[[bytes], tuple[SSL.Context, ConnectionHook | None]]
+# RFC 8446 §6: alert(21), TLS 1.2 record version, length 2, fatal(2), unknown_psk_identity(115)
+ALERT_UNKNOWN_PSK_IDENTITY = bytes([21, 3, 3, 0, 2, 2, 115])
+
+
+def _check_context(context: SSL.Context) -> None:
+    if not _openssl.has_keylog_callback(context):
+        raise ValueError(
+            "SSL.Context has no key-log callback: build it with tlshd.handshake.credentials"
+        )
+
+
 class HandshakeEngine:
     """One TLS 1.3 handshake, bytes in and bytes out (see the module docstring).
 
@@ -145,22 +162,44 @@ class HandshakeEngine:
         sock.sendall(engine.data_to_send())   # e.g. the alert after a failure
     """
 
-    def __init__(self, context: SSL.Context, role: Role, *, peername: str | None = None) -> None:
-        if not _openssl.has_keylog_callback(context):
-            raise ValueError(
-                "SSL.Context has no key-log callback: build it with tlshd.handshake.credentials"
-            )
+    def __init__(
+        self,
+        context: SSL.Context,
+        role: Role,
+        *,
+        peername: str | None = None,
+        on_connection: ConnectionHook | None = None,
+        select_context: ContextSelector | None = None,
+    ) -> None:
+        """``on_connection`` runs on the new ``SSL.Connection`` before any byte is made
+        (e.g. to attach a PSK). ``select_context`` (server) sees the whole ClientHello
+        first and returns the context and hook to use; ``context`` is then the fallback
+        for input that is not a ClientHello. It may raise ``UnknownPSKIdentityError``:
+        the client then gets an ``unknown_psk_identity`` alert."""
+        _check_context(context)
         self._role = role
         self._inbuf = bytearray()
         self._outbuf = bytearray()
+        self._held = bytearray()  # whole records held until the ClientHello is complete
         self._secrets: dict[bytes, bytes] = {}
         self._result: HandshakeComplete | HandshakeFailed | None = None
+        self._peername = peername
+        self._fallback = context
+        self._select = select_context if role is Role.SERVER else None
+        self._conn: SSL.Connection = None  # type: ignore[assignment]
+        if self._select is None:
+            self._connect(context, on_connection)
+
+    def _connect(self, context: SSL.Context, hook: ConnectionHook | None) -> None:
+        _check_context(context)
         self._conn = SSL.Connection(context, None)
         self._conn.set_app_data(self)
-        if role is Role.CLIENT:
+        if hook is not None:
+            hook(self._conn)
+        if self._role is Role.CLIENT:
             self._conn.set_connect_state()
-            if peername is not None:
-                _expect_peername(self._conn, peername)
+            if self._peername is not None:
+                _expect_peername(self._conn, self._peername)
             self._step(started=False)  # writes the ClientHello
         else:
             self._conn.set_accept_state()
@@ -217,11 +256,40 @@ class HandshakeEngine:
                 return
             record = bytes(self._inbuf[:end])
             del self._inbuf[:end]
+            if self._conn is None:
+                self._hold(record)
+                continue
             self._conn.bio_write(record)
             self._step(started=True)
 
+    def _hold(self, record: bytes) -> None:
+        """Server with a context selector: keep records until the ClientHello is whole."""
+        assert self._select is not None
+        self._held += record
+        try:
+            hello = client_hello_message(bytes(self._held))
+        except DecodeError:
+            hello = b""  # not a ClientHello: the fallback context's OpenSSL will say why
+        if hello is None:
+            return
+        try:
+            context, hook = self._select(hello) if hello else (self._fallback, None)
+        except UnknownPSKIdentityError as exc:
+            self._outbuf += ALERT_UNKNOWN_PSK_IDENTITY
+            self._fail(exc)
+            return
+        except TlshdError as exc:
+            self._fail(exc)
+            return
+        self._connect(context, hook)
+        self._conn.bio_write(bytes(self._held))
+        self._held.clear()
+        self._step(started=True)
+
     def _reject(self, header: bytes, exc: PeerProtocolError) -> None:
         """Not TLS: let OpenSSL see the header so it sends the alert it wants."""
+        if self._conn is None:
+            self._connect(self._fallback, None)
         self._conn.bio_write(header)
         try:
             self._conn.do_handshake()
@@ -270,7 +338,9 @@ class HandshakeEngine:
 
     def _finish(self, result: HandshakeComplete | HandshakeFailed) -> None:
         self._result = result
-        self._conn.set_app_data(None)  # break the engine <-> connection cycle
+        if self._conn is not None:
+            self._conn.set_app_data(None)  # break the engine <-> connection cycle
+            _psk.detach(self._conn)
         self._secrets.clear()
 
     def _fail(self, error: TlshdError) -> None:
@@ -319,6 +389,8 @@ class HandshakeEngine:
         alert = _ALERT_REASON.search(reason)
         if alert is not None:
             name = alert["name"].replace(" ", "_")
+            if name == "unknown_psk_identity":
+                return UnknownPSKIdentityError("peer sent alert: unknown_psk_identity")
             if name == "protocol_version":
                 return PeerProtocolError(f"peer sent alert: {name}")
             return PeerAuthenticationError(f"peer sent alert: {name}")

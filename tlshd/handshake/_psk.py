@@ -1,0 +1,135 @@
+"""TLS 1.3 external PSKs through OpenSSL's session callbacks (private binding: hazmat).
+
+Why this way: pyOpenSSL has no PSK API. The binding under it has the legacy
+``SSL_CTX_set_psk_{client,server}_callback``, but in TLS 1.3 those always use
+SHA-256, and NVMe/TCP needs SHA-384 PSKs too. The session callbacks
+(``SSL_CTX_set_psk_use_session_callback`` / ``..._find_session_callback``)
+take an ``SSL_SESSION`` carrying the key, the cipher (whose hash is the PSK's
+hash) and the protocol version. The binding lacks ``SSL_SESSION_new``, so a
+session is made by ``d2i_SSL_SESSION`` of a minimal DER template (RFC-less
+OpenSSL ``SSL_SESSION_ASN1``: version 1, TLS 1.3, a cipher id, empty session
+id, a placeholder master key), then its key, cipher and version are set with
+the public setters. OpenSSL takes ownership of the session it is handed.
+
+The callbacks are installed once per context; the PSK of each handshake is
+attached to its ``SSL*`` in a registry and detached when the engine finishes.
+Callbacks run inside OpenSSL and never raise: a failure returns 0 (fatal).
+Every symbol used is checked by tests/unit/handshake/test_psk_binding.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from OpenSSL import SSL
+from OpenSSL._util import ffi, lib
+
+TLS1_3_VERSION = 0x0304
+SUITE_SHA256 = b"\x13\x01"  # TLS_AES_128_GCM_SHA256: the session's cipher fixes the hash
+SUITE_SHA384 = b"\x13\x02"  # TLS_AES_256_GCM_SHA384
+
+
+def _tlv(tag: int, body: bytes) -> bytes:
+    assert len(body) < 128
+    return bytes([tag, len(body)]) + body
+
+
+_TEMPLATE = _tlv(0x30, b"".join([
+    _tlv(0x02, b"\x01"),  # SSL_SESSION_ASN1_VERSION
+    _tlv(0x02, b"\x03\x04"),  # ssl_version: TLS 1.3
+    _tlv(0x04, SUITE_SHA256),  # cipher (replaced)
+    _tlv(0x04, b""),  # session_id
+    _tlv(0x04, b"\x00" * 32),  # master_key (replaced)
+]))
+
+
+@dataclass(eq=False)
+class _Attached:
+    identity: bytes
+    key: bytes = field(repr=False)
+    suite: bytes
+    identity_buf: Any = None  # keeps the identity alive while OpenSSL points at it
+    used: bool = False
+
+
+_registry: dict[int, _Attached] = {}
+
+
+def _address(ssl: Any) -> int:
+    return int(ffi.cast("uintptr_t", ssl))
+
+
+def _session(ssl: Any, att: _Attached) -> Any:
+    """A new SSL_SESSION for ``att`` (owned by the caller), or NULL."""
+    buf = ffi.new("unsigned char[]", _TEMPLATE)
+    ptr = ffi.new("unsigned char **", buf)
+    sess = lib.d2i_SSL_SESSION(ffi.NULL, ffi.cast("const unsigned char **", ptr), len(_TEMPLATE))
+    if sess == ffi.NULL:
+        return ffi.NULL
+    cipher = lib.SSL_CIPHER_find(ssl, att.suite)
+    ok = (cipher != ffi.NULL
+          and lib.SSL_SESSION_set1_master_key(sess, att.key, len(att.key)) == 1
+          and lib.SSL_SESSION_set_cipher(sess, cipher) == 1
+          and lib.SSL_SESSION_set_protocol_version(sess, TLS1_3_VERSION) == 1)
+    if not ok:
+        lib.SSL_SESSION_free(sess)
+        return ffi.NULL
+    return sess
+
+
+def _use_session(ssl: Any, md: Any, idp: Any, idlenp: Any, sessp: Any) -> int:
+    """Client: offer the attached PSK (``md`` is set on a HelloRetryRequest: same suite)."""
+    att = _registry.get(_address(ssl))
+    if att is None:
+        sessp[0] = ffi.NULL
+        return 1
+    sess = _session(ssl, att)
+    if sess == ffi.NULL:
+        return 0
+    att.identity_buf = ffi.new("unsigned char[]", att.identity)
+    idp[0], idlenp[0], sessp[0] = att.identity_buf, len(att.identity), sess
+    att.used = True
+    return 1
+
+
+def _find_session(ssl: Any, identity: Any, identity_len: int, sessp: Any) -> int:
+    """Server: the attached PSK if the client offered its identity, else no PSK."""
+    att = _registry.get(_address(ssl))
+    sessp[0] = ffi.NULL
+    if att is None or ffi.buffer(identity, identity_len)[:] != att.identity:
+        return 1
+    sess = _session(ssl, att)
+    if sess == ffi.NULL:
+        return 0
+    sessp[0] = sess
+    att.used = True
+    return 1
+
+
+_USE_CB = ffi.callback(ffi.typeof(lib.SSL_CTX_set_psk_use_session_callback).args[1],
+                       _use_session, error=0)
+_FIND_CB = ffi.callback(ffi.typeof(lib.SSL_CTX_set_psk_find_session_callback).args[1],
+                        _find_session, error=0)
+
+
+def enable_client_psk(ctx: SSL.Context) -> None:
+    lib.SSL_CTX_set_psk_use_session_callback(ctx._context, _USE_CB)
+
+
+def enable_server_psk(ctx: SSL.Context) -> None:
+    lib.SSL_CTX_set_psk_find_session_callback(ctx._context, _FIND_CB)
+
+
+def attach(conn: SSL.Connection, identity: bytes, key: bytes, suite: bytes) -> None:
+    """Give this handshake its PSK (client: the one to offer; server: the one to accept)."""
+    _registry[_address(conn._ssl)] = _Attached(identity, key, suite)
+
+
+def was_used(conn: SSL.Connection) -> bool:
+    att = _registry.get(_address(conn._ssl))
+    return att is not None and att.used
+
+
+def detach(conn: SSL.Connection) -> None:
+    _registry.pop(_address(conn._ssl), None)
