@@ -270,8 +270,10 @@ class Worker:
 
     def _psk_server(self, reply: AcceptReply, choice: PSKChoice) -> HandshakeEngine:
         contexts = self._contexts
-        keyrings = [k for k in (reply.keyring, keyring.KEY_SPEC_PROCESS_KEYRING,
-                                keyring.KEY_SPEC_SESSION_KEYRING) if k]
+        # This request's keyring, then the session keyring (where the configured keyrings and
+        # .nvme are linked). Never the whole process keyring: it also holds the keyrings the
+        # kernel linked for the other requests this worker is serving right now.
+        keyrings = [k for k in (reply.keyring, keyring.KEY_SPEC_SESSION_KEYRING) if k]
 
         def select(hello: bytes) -> tuple[SSL.Context, ConnectionHook]:
             identities = offered_identities(hello)

@@ -245,6 +245,21 @@ class TLSConsumer:
                              self.timeout_s)
         return self._finish(sock, out)
 
+    def psk_client(self, sock: socket.socket, peerids: tuple[int, ...], *,
+                   keyring: int = 0) -> HandshakeOutcome:
+        args = TLSHandshakeArgs(sock=sock, done=_unused, timeout_ms=self.timeout_ms,
+                                my_peerids=peerids, keyring=keyring)
+        out = wait_handshake(self.kernel, sock, self.kernel.tls_client_hello_psk, args,
+                             self.timeout_s)
+        return self._finish(sock, out)
+
+    def psk_server(self, sock: socket.socket, *, keyring: int = 0) -> HandshakeOutcome:
+        args = TLSHandshakeArgs(sock=sock, done=_unused, timeout_ms=self.timeout_ms,
+                                keyring=keyring)
+        out = wait_handshake(self.kernel, sock, self.kernel.tls_server_hello_psk, args,
+                             self.timeout_s)
+        return self._finish(sock, out)
+
     def _finish(self, sock: socket.socket, out: HandshakeOutcome) -> HandshakeOutcome:
         if out.status == 0:
             self.ktls = self.kernel.ktls(sock)

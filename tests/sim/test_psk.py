@@ -1,0 +1,309 @@
+"""PSK handshakes (NVMe/TCP) through the agent: agent against agent through kernel-sim's NVMe
+host and target, and against OpenSSL and GnuTLS peers in both roles; SHA-256 and SHA-384
+PSKs; failures with distinct DONE statuses and log lines that name the key, never its bytes."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from kernel_sim import keys
+from kernel_sim.consumer import TLSConsumer
+from kernel_sim.kernel import Kernel
+from kernel_sim.nvme import NVMeHost, NVMeKeyring, NVMeTarget, psk_identity
+from tests.sim.harness import Agent, free_port, recv_app_data, start_peer
+
+pytestmark = pytest.mark.sim
+
+HOSTNQN = "nqn.2014-08.org.nvmexpress:uuid:host-1"
+SUBNQN = "nqn.2026-11.test.tlshd:subsys-1"
+KEY_LEN = {1: 32, 2: 48}
+
+
+@pytest.fixture
+def nvme_keyring() -> Iterator[NVMeKeyring]:
+    ring = NVMeKeyring.create()
+    yield ring
+    ring.close()
+
+
+def _queue(kernel: Kernel, host: NVMeHost, target: NVMeTarget):
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    result: dict[str, object] = {}
+
+    def target_side() -> None:
+        result["target"] = target.handshake(server)
+        if result["target"].status == 0:  # type: ignore[attr-defined]
+            result["icreq"] = target.serve_icreq()
+
+    thread = threading.Thread(target=target_side)
+    thread.start()
+    host_out = host.connect(client)
+    icresp = host.init_connection() if host_out.status == 0 else None
+    thread.join(20)
+    kernel.sock_release(client)
+    kernel.sock_release(server)
+    return host_out, result["target"], icresp
+
+
+@pytest.mark.parametrize("hmac, suite", [(1, "TLS_AES_128_GCM_SHA256"),
+                                         (2, "TLS_AES_256_GCM_SHA384")])
+def test_agent_host_and_agent_target_over_nvme_queues(kernel, agent: Agent, nvme_keyring, hmac,
+                                                      suite):
+    serial = nvme_keyring.add_psk(psk_identity(HOSTNQN, SUBNQN, hmac), os.urandom(KEY_LEN[hmac]))
+    host = NVMeHost(kernel, hostnqn=HOSTNQN, subnqn=SUBNQN, keyring=nvme_keyring.serial)
+    target = NVMeTarget(kernel, keyring=nvme_keyring.serial)
+    host_out, target_out, icresp = _queue(kernel, host, target)
+    assert host_out.status == 0 and target_out.status == 0
+    assert host.tls_pskid == serial and target.tls_pskid == serial  # REMOTE_AUTH = the PSK
+    assert icresp is not None and icresp[0] == 0x01  # ICResp came back through kTLS
+    ciphers = [line for line in agent.log[-2:] if f"cipher={suite}" in line]
+    assert len(ciphers) == 2, agent.log[-2:]
+    assert all(f"psk={serial}:" in line for line in agent.log[-2:])
+
+
+def test_unknown_identity_is_ekeyrejected_with_the_alert(kernel, agent, nvme_keyring):
+    other = NVMeKeyring.create(name="kernel-sim:other")
+    try:
+        serial = other.add_psk(psk_identity(HOSTNQN, SUBNQN, 1), os.urandom(32))
+        host = NVMeHost(kernel, hostnqn=HOSTNQN, subnqn=SUBNQN, keyring=other.serial)
+        target = NVMeTarget(kernel, keyring=nvme_keyring.serial)  # empty: knows no identity
+        host_out, target_out, _ = _queue(kernel, host, target)
+    finally:
+        other.close()
+    assert target_out.status == -errno.EKEYREJECTED
+    assert host_out.status == -errno.EKEYREJECTED  # the client saw unknown_psk_identity
+    log = "\n".join(agent.log[-2:])
+    assert "no PSK key for identity" in log and f"psk={serial}:" in log
+
+
+def test_wrong_key_for_a_known_identity_is_eacces_on_both_sides(kernel, agent, nvme_keyring):
+    identity = psk_identity(HOSTNQN, SUBNQN, 1)
+    other = NVMeKeyring.create(name="kernel-sim:other")
+    try:
+        other.add_psk(identity, os.urandom(32))
+        nvme_keyring.add_psk(identity, os.urandom(32))
+        host = NVMeHost(kernel, hostnqn=HOSTNQN, subnqn=SUBNQN, keyring=other.serial)
+        target = NVMeTarget(kernel, keyring=nvme_keyring.serial)
+        host_out, target_out, _ = _queue(kernel, host, target)
+    finally:
+        other.close()
+    assert host_out.status == -errno.EACCES and target_out.status == -errno.EACCES
+
+
+def test_revoked_psk_is_ekeyrevoked(kernel, agent, nvme_keyring):
+    serial = nvme_keyring.add_psk(psk_identity(HOSTNQN, SUBNQN, 1), os.urandom(32))
+    keys.revoke(serial)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    out = TLSConsumer(kernel).psk_client(client, (serial,), keyring=nvme_keyring.serial)
+    assert out.status == -errno.EKEYREVOKED
+    assert f"key {serial}" in agent.log[-1] and "revoked" in agent.log[-1]
+    kernel.sock_release(client)
+    server.close()
+
+
+def test_psk_without_read_permission_is_eacces(kernel, agent, nvme_keyring):
+    key = os.urandom(32)
+    serial = nvme_keyring.add_psk(psk_identity(HOSTNQN, SUBNQN, 1), key)
+    keys.set_perm(serial, 0x01010000)  # view only, for possessor and user
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    out = TLSConsumer(kernel).psk_client(client, (serial,), keyring=nvme_keyring.serial)
+    assert out.status == -errno.EACCES
+    assert f"key {serial}" in agent.log[-1]
+    assert key.hex() not in "\n".join(agent.log)
+    kernel.sock_release(client)
+    server.close()
+
+
+# --- independent peers -------------------------------------------------------------------
+
+
+def test_agent_client_against_openssl_psk_server(kernel, agent, nvme_keyring):
+    identity, key = "NVMe0R01 openssl-host openssl-subsys", os.urandom(32)
+    serial = nvme_keyring.add_psk(identity, key)
+    port = free_port()
+    peer = start_peer(["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-tls1_3", "-nocert",
+                       "-psk_identity", identity, "-psk", key.hex(), "-rev",
+                       "-num_tickets", "0"], port)
+    try:
+        client = socket.create_connection(("127.0.0.1", port))
+        consumer = TLSConsumer(kernel)
+        out = consumer.psk_client(client, (serial,), keyring=nvme_keyring.serial)
+        assert out.status == 0 and out.peerid == serial, agent.log[-3:]
+        assert consumer.ktls is not None
+        consumer.ktls.sendmsg(b"psk data\n")
+        assert recv_app_data(consumer, 9)[0] == b"atad ksp\n"
+        kernel.sock_release(client)
+    finally:
+        peer.close()
+
+
+def test_agent_server_against_openssl_psk_client(kernel, agent, nvme_keyring):
+    identity, key = "NVMe0R01 openssl-host openssl-subsys", os.urandom(32)
+    serial = nvme_keyring.add_psk(identity, key)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        peer = start_peer(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-tls1_3",
+                           "-psk_identity", identity, "-psk", key.hex(), "-quiet"])
+        try:
+            conn, _ = listener.accept()
+            consumer = TLSConsumer(kernel)
+            out = consumer.psk_server(conn, keyring=nvme_keyring.serial)
+            assert out.status == 0 and out.peerid == serial, agent.log[-3:]
+            peer.write(b"from openssl\n")
+            assert recv_app_data(consumer, 13)[0] == b"from openssl\n"
+            assert consumer.ktls is not None
+            consumer.ktls.sendmsg(b"from the kernel\n")
+            assert b"from the kernel" in peer.read_until(b"from the kernel")
+            kernel.sock_release(conn)
+        finally:
+            peer.close()
+
+
+def _gnutls_priority(hmac: int) -> str:
+    cipher = "AES-256-GCM" if hmac == 2 else "AES-128-GCM"
+    return f"NORMAL:-VERS-ALL:+VERS-TLS1.3:-CIPHER-ALL:+{cipher}:+PSK:+ECDHE-PSK:+DHE-PSK"
+
+
+# GnuTLS 3.7.9 (Debian bookworm) computes external-PSK binders with SHA-256 only: against a
+# SHA-384 PSK it fails (illegal_parameter / a binder that does not verify). SHA-384 interop is
+# proven against OpenSSL's own PSK session files below.
+@pytest.mark.parametrize("hmac", [1])
+def test_agent_client_against_gnutls_psk_server(kernel, agent, nvme_keyring, tmp_path, hmac):
+    identity, key = psk_identity("gnutls-host", "gnutls-subsys", hmac), os.urandom(KEY_LEN[hmac])
+    serial = nvme_keyring.add_psk(identity, key)
+    passwd = tmp_path / "psk.passwd"
+    passwd.write_text(f"{identity}:{key.hex()}\n")
+    port = free_port()
+    peer = start_peer(["gnutls-serv", "--echo", "-p", str(port), "--pskpasswd", str(passwd),
+                       "--priority", _gnutls_priority(hmac)], port)
+    try:
+        client = socket.create_connection(("127.0.0.1", port))
+        consumer = TLSConsumer(kernel)
+        out = consumer.psk_client(client, (serial,), keyring=nvme_keyring.serial)
+        assert out.status == 0, agent.log[-3:]
+        assert consumer.ktls is not None
+        consumer.ktls.sendmsg(b"echo over psk\n")
+        assert recv_app_data(consumer, 14)[0] == b"echo over psk\n"
+        kernel.sock_release(client)
+    finally:
+        peer.close()
+    suite = "TLS_AES_256_GCM_SHA384" if hmac == 2 else "TLS_AES_128_GCM_SHA256"
+    assert f"cipher={suite}" in agent.log[-1]
+
+
+@pytest.mark.parametrize("hmac", [1])
+def test_agent_server_against_gnutls_psk_client(kernel, agent, nvme_keyring, hmac):
+    identity, key = psk_identity("gnutls-host", "gnutls-subsys", hmac), os.urandom(KEY_LEN[hmac])
+    serial = nvme_keyring.add_psk(identity, key)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        peer = start_peer(["gnutls-cli", "-p", str(port), "127.0.0.1", "--pskusername", identity,
+                           "--pskkey", key.hex(), "--priority", _gnutls_priority(hmac)])
+        try:
+            conn, _ = listener.accept()
+            consumer = TLSConsumer(kernel)
+            out = consumer.psk_server(conn, keyring=nvme_keyring.serial)
+            assert out.status == 0 and out.peerid == serial, agent.log[-3:]
+            peer.read_until(b"Handshake was completed")
+            peer.write(b"from gnutls\n")
+            assert recv_app_data(consumer, 12)[0] == b"from gnutls\n"
+            kernel.sock_release(conn)
+        finally:
+            peer.close()
+
+
+def test_unknown_identity_from_an_independent_client_gets_the_alert(kernel, agent,
+                                                                    nvme_keyring):
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        peer = subprocess.Popen(["openssl", "s_client", "-connect", f"127.0.0.1:{port}",
+                                 "-tls1_3", "-psk_identity", "nobody-knows-me", "-psk",
+                                 os.urandom(32).hex()], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        conn, _ = listener.accept()
+        out = TLSConsumer(kernel).psk_server(conn, keyring=nvme_keyring.serial)
+        output, _ = peer.communicate(timeout=10)
+    assert out.status == -errno.EKEYREJECTED
+    assert "unknown psk identity" in output.lower()
+    kernel.sock_release(conn)
+
+
+def _der(tag: int, body: bytes) -> bytes:
+    return bytes([tag, len(body)]) + body
+
+
+def write_psk_session(path, key: bytes, suite: bytes):
+    """An OpenSSL ``SSL SESSION PARAMETERS`` PEM (the SSL_SESSION ASN.1, written by hand):
+    version 1, TLS 1.3, the suite (whose hash is the PSK's), empty id, the key."""
+    import base64
+
+    der = _der(0x30, _der(0x02, b"\x01") + _der(0x02, b"\x03\x04") + _der(0x04, suite)
+               + _der(0x04, b"") + _der(0x04, key))
+    path.write_text("-----BEGIN SSL SESSION PARAMETERS-----\n"
+                    + base64.encodebytes(der).decode()
+                    + "-----END SSL SESSION PARAMETERS-----\n")
+    return path
+
+
+@pytest.mark.parametrize("hmac, suite_id, suite", [
+    (1, b"\x13\x01", "_SHA256"), (2, b"\x13\x02", "TLS_AES_256_GCM_SHA384")])
+def test_agent_client_against_openssl_psk_session_server(kernel, agent, nvme_keyring, tmp_path,
+                                                          hmac, suite_id, suite):
+    identity, key = psk_identity("ossl-host", "ossl-subsys", hmac), os.urandom(KEY_LEN[hmac])
+    serial = nvme_keyring.add_psk(identity, key)
+    session = write_psk_session(tmp_path / "psk.pem", key, suite_id)
+    port = free_port()
+    peer = start_peer(["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-tls1_3", "-nocert",
+                       "-psk_identity", identity, "-psk_session", str(session), "-rev",
+                       "-num_tickets", "0"], port)
+    try:
+        client = socket.create_connection(("127.0.0.1", port))
+        consumer = TLSConsumer(kernel)
+        out = consumer.psk_client(client, (serial,), keyring=nvme_keyring.serial)
+        assert out.status == 0 and out.peerid == serial, agent.log[-3:]
+        assert consumer.ktls is not None
+        consumer.ktls.sendmsg(b"sha-2 psk\n")
+        assert recv_app_data(consumer, 10)[0] == b"ksp 2-ahs\n"
+        kernel.sock_release(client)
+    finally:
+        peer.close()
+    cipher = agent.log[-1].split("cipher=", 1)[1].split()[0]
+    assert cipher.endswith(suite)  # the suite's hash is the PSK's
+
+
+@pytest.mark.parametrize("hmac, suite_id, suite", [
+    (1, b"\x13\x01", "_SHA256"), (2, b"\x13\x02", "TLS_AES_256_GCM_SHA384")])
+def test_agent_server_against_openssl_psk_session_client(kernel, agent, nvme_keyring, tmp_path,
+                                                          hmac, suite_id, suite):
+    identity, key = psk_identity("ossl-host", "ossl-subsys", hmac), os.urandom(KEY_LEN[hmac])
+    serial = nvme_keyring.add_psk(identity, key)
+    session = write_psk_session(tmp_path / "psk.pem", key, suite_id)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        peer = start_peer(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-tls1_3",
+                           "-psk_identity", identity, "-psk_session", str(session), "-quiet"])
+        try:
+            conn, _ = listener.accept()
+            consumer = TLSConsumer(kernel)
+            out = consumer.psk_server(conn, keyring=nvme_keyring.serial)
+            assert out.status == 0 and out.peerid == serial, agent.log[-3:]
+            peer.write(b"hello over sha-2\n")
+            assert recv_app_data(consumer, 17)[0] == b"hello over sha-2\n"
+            kernel.sock_release(conn)
+        finally:
+            peer.close()
+    cipher = agent.log[-1].split("cipher=", 1)[1].split()[0]
+    assert cipher.endswith(suite)  # the suite's hash is the PSK's
