@@ -21,8 +21,10 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
+from tlshd import keyring
 from tlshd.config import Config
 from tlshd.contexts import Contexts
+from tlshd.errors import ConfigError, KeyNotFoundError
 from tlshd.upcall import open_upcall
 from tlshd.worker import Worker
 
@@ -51,9 +53,32 @@ def run_worker(config: Config, contexts: Contexts, stop: _Stop) -> int:
     return 0
 
 
+KERNEL_KEYRINGS = (".nvme", ".nfs", ".nfsd")
+
+
+def link_keyrings(names: tuple[str, ...], where: str = "") -> list[tuple[str, int]]:
+    """Link the kernel's keyrings that exist and the configured ones into our session keyring,
+    so PSK searches find their keys (under systemd the service has a session keyring of its
+    own). A configured keyring that does not exist is an error; a kernel one is optional."""
+    linked = []
+    for name in (*KERNEL_KEYRINGS, *names):
+        try:
+            serial = keyring.find_keyring(name)
+        except KeyNotFoundError:
+            if name in names:
+                raise ConfigError(f"keyring {name!r} not found",
+                                  where=f"{where} [authenticate] keyrings".strip()) from None
+            continue
+        keyring.link_key(serial, keyring.KEY_SPEC_SESSION_KEYRING)
+        linked.append((name, serial))
+    return linked
+
+
 def serve(config: Config, *, on_ready: Callable[[], None] | None = None) -> int:
     """Run the agent until SIGTERM/SIGINT. Returns the exit status."""
     contexts = Contexts.from_config(config)  # bad credentials fail here, before any fork
+    for name, serial in link_keyrings(config.keyrings, str(config.path or "")):
+        log.info("keyring %s (%d) linked into the session keyring", name, serial)
     open_upcall(config.upcall).close()  # and so does a missing handshake family
     count = config.workers or os.cpu_count() or 1
     stop = _Stop()

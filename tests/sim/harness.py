@@ -33,11 +33,13 @@ def unique_endpoint() -> str:
 
 
 def write_config(directory: Path, pki: PKI, endpoint: str, *, require_client_cert: bool = False,
-                 workers: int = 1, timeout_ms: int = 10_000, client_cert: bool = True) -> Path:
+                 workers: int = 1, timeout_ms: int = 10_000, client_cert: bool = True,
+                 keyrings: str = "") -> Path:
     client = (f"x509.certificate={pki.client.cert}\nx509.private_key={pki.client.key}\n"
               if client_cert else "")
     text = (
-        "[authenticate.client]\n"
+        (f"[authenticate]\nkeyrings={keyrings}\n\n" if keyrings else "")
+        + "[authenticate.client]\n"
         f"x509.truststore={pki.ca}\n{client}\n"
         "[authenticate.server]\n"
         f"x509.truststore={pki.ca}\n"

@@ -8,6 +8,7 @@ import errno
 import os
 import socket
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -307,3 +308,40 @@ def test_agent_server_against_openssl_psk_session_client(kernel, agent, nvme_key
             peer.close()
     cipher = agent.log[-1].split("cipher=", 1)[1].split()[0]
     assert cipher.endswith(suite)  # the suite's hash is the PSK's
+
+
+def test_configured_keyrings_serve_a_kernel_without_the_keyring_attribute(pki, tmp_path):
+    """Linux 6.12 sends no KEYRING attribute: the target's PSK is found only because
+    `[authenticate] keyrings` linked its keyring into the agent's session keyring."""
+    from kernel_sim.profile import LINUX_6_12
+    from tests.sim.harness import start_agent, unique_endpoint, write_config
+
+    name = f"tlshd-test-{os.getpid()}-nvme"
+    ring = NVMeKeyring.create(name=name)
+    try:
+        serial = ring.add_psk(psk_identity(HOSTNQN, SUBNQN, 2), os.urandom(48))
+        with Kernel(endpoint=unique_endpoint(), profile=LINUX_6_12) as kernel:
+            kernel.add_netns(None)
+            agent = start_agent(kernel, write_config(tmp_path, pki, kernel.endpoint,
+                                                     keyrings=name))
+            try:
+                host = NVMeHost(kernel, hostnqn=HOSTNQN, subnqn=SUBNQN, keyring=ring.serial)
+                target = NVMeTarget(kernel, keyring=ring.serial)  # not sent on 6.12
+                host_out, target_out, icresp = _queue(kernel, host, target)
+                assert host_out.status == 0 and target_out.status == 0, agent.log[-3:]
+                assert target.tls_pskid == serial and icresp is not None
+                assert any(f"keyring {name}" in line for line in agent.log)
+            finally:
+                assert agent.stop() == 0
+    finally:
+        ring.close()
+
+
+def test_a_configured_keyring_that_does_not_exist_stops_the_start(pki, tmp_path):
+    from tests.sim.harness import write_config
+
+    config = write_config(tmp_path, pki, "unused", keyrings="no-such-keyring-anywhere")
+    done = subprocess.run([sys.executable, "-m", "tlshd", "-s", "-c", str(config)],
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 1
+    assert "no-such-keyring-anywhere" in done.stderr and "[authenticate] keyrings" in done.stderr

@@ -1,0 +1,214 @@
+"""PSK identities, hashes and the ClientHello's offered identities (pure), plus keyring loading."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from OpenSSL import SSL
+
+from tlshd import keyring
+from tlshd.errors import CredentialError, DecodeError, KeyRevokedError, UnknownPSKIdentityError
+from tlshd.handshake import _psk
+from tlshd.handshake.credentials import psk_context
+from tlshd.handshake.engine import (
+    ALERT_UNKNOWN_PSK_IDENTITY,
+    HandshakeEngine,
+    Role,
+)
+from tlshd.handshake.events import HandshakeComplete, HandshakeFailed, NeedData
+from tlshd.handshake.hello import client_hello_message, offered_identities
+from tlshd.handshake.secrets import HashAlg
+from tlshd.psk import find_server_psk, first_client_psk, hash_for, load_psk
+
+SHA256_SUITES = "TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_CCM_SHA256"
+SHA384_SUITES = "TLS_AES_256_GCM_SHA384"
+
+
+@pytest.mark.parametrize("identity, key_len, alg", [
+    ("NVMe0R01 host sub", 32, HashAlg.SHA256),
+    ("NVMe0R02 host sub", 48, HashAlg.SHA384),
+    ("NVMe1R01 host sub digest=", 32, HashAlg.SHA256),
+    ("NVMe1G02 host sub digest=", 48, HashAlg.SHA384),
+    ("quic-psk", 32, HashAlg.SHA256),
+    ("quic-psk", 48, HashAlg.SHA384),
+])
+def test_psk_hash_comes_from_the_nvme_identity_or_the_key_length(identity, key_len, alg):
+    assert hash_for(identity, key_len) is alg
+
+
+def test_nvme_identity_whose_key_length_does_not_match_its_hash_is_rejected():
+    with pytest.raises(CredentialError) as info:
+        hash_for("NVMe0R02 host sub", 32)
+    assert info.value.status == errno.EKEYREJECTED
+
+
+def test_nvme_identity_with_an_unknown_hash_field_is_einval():
+    with pytest.raises(CredentialError) as info:
+        hash_for("NVMe0R07 host sub", 32)
+    assert info.value.status == errno.EINVAL
+
+
+# --- ClientHello ------------------------------------------------------------------------
+
+
+def _client_hello(identities: list[bytes]) -> bytes:
+    """A ClientHello record from a real OpenSSL client offering these PSK identities."""
+    ctx = psk_context(SSL.TLS_CLIENT_METHOD, SHA256_SUITES)
+    conn = SSL.Connection(ctx, None)
+    if identities:
+        _psk.attach(conn, identities[0], b"k" * 32, _psk.SUITE_SHA256)
+    conn.set_connect_state()
+    with contextlib.suppress(SSL.WantReadError):
+        conn.do_handshake()
+    _psk.detach(conn)
+    return conn.bio_read(65536)
+
+
+def test_offered_identity_is_read_from_a_real_client_hello():
+    records = _client_hello([b"NVMe0R01 host-a subsys-b"])
+    hello = client_hello_message(records)
+    assert hello is not None and offered_identities(hello) == [b"NVMe0R01 host-a subsys-b"]
+
+
+def test_client_hello_without_psk_offers_nothing():
+    hello = client_hello_message(_client_hello([]))
+    assert hello is not None and offered_identities(hello) == []
+
+
+def test_client_hello_split_over_records_is_whole_only_at_the_end():
+    records = _client_hello([b"id"])
+    body = records[5:]
+    split = (bytes([22, 3, 3]) + len(body[:100]).to_bytes(2, "big") + body[:100]
+             + bytes([22, 3, 3]) + len(body[100:]).to_bytes(2, "big") + body[100:])
+    assert client_hello_message(split[: 5 + 100]) is None
+    hello = client_hello_message(split)
+    assert hello is not None and offered_identities(hello) == [b"id"]
+
+
+@given(st.binary(max_size=600))
+def test_malformed_client_hello_only_raises_decode_error(data):
+    with contextlib.suppress(DecodeError):
+        offered_identities(b"\x01" + len(data).to_bytes(3, "big") + data)
+
+
+def test_every_truncation_of_a_client_hello_only_raises_decode_error():
+    hello = client_hello_message(_client_hello([b"NVMe0R01 h s"]))
+    assert hello is not None
+    for cut in range(len(hello)):
+        try:
+            offered_identities(hello[:cut])
+        except DecodeError:
+            continue
+
+
+# --- engines with PSKs, in memory ----------------------------------------------------------
+
+
+def _pair(client_key: bytes, server_key: bytes | None, suites: str, suite: bytes,
+          identity: bytes = b"NVMe0R01 h s"):
+    client_ctx = psk_context(SSL.TLS_CLIENT_METHOD, suites)
+    server_ctx = psk_context(SSL.TLS_SERVER_METHOD, suites)
+    client = HandshakeEngine(client_ctx, Role.CLIENT,
+                             on_connection=lambda c: _psk.attach(c, identity, client_key, suite))
+
+    def select(hello: bytes):
+        if server_key is None or offered_identities(hello) != [identity]:
+            raise UnknownPSKIdentityError("unknown")
+        return server_ctx, lambda c: _psk.attach(c, identity, server_key, suite)
+
+    server = HandshakeEngine(server_ctx, Role.SERVER, select_context=select)
+    for _ in range(20):
+        for src, dst in ((client, server), (server, client)):
+            data = src.data_to_send()
+            if data and isinstance(dst.next_event(), NeedData):
+                dst.receive_data(data)
+        events = (client.next_event(), server.next_event())
+        if not any(isinstance(e, NeedData) for e in events):
+            return events, server
+    raise AssertionError("no result")
+
+
+@pytest.mark.parametrize("suites, suite, key_len, cipher", [
+    (SHA256_SUITES, _psk.SUITE_SHA256, 32, "TLS_AES_128_GCM_SHA256"),
+    (SHA384_SUITES, _psk.SUITE_SHA384, 48, "TLS_AES_256_GCM_SHA384"),
+])
+def test_psk_handshake_between_engines_agrees_on_keys(suites, suite, key_len, cipher):
+    key = os.urandom(key_len)
+    (client, server), _ = _pair(key, key, suites, suite)
+    assert isinstance(client, HandshakeComplete) and isinstance(server, HandshakeComplete)
+    assert client.session.cipher_name == server.session.cipher_name == cipher
+    assert client.session.tx_secret == server.session.rx_secret
+    assert client.session.peer_certificate_der is None  # no certificates in PSK mode
+
+
+def test_different_keys_fail_on_both_sides():
+    (client, server), _ = _pair(os.urandom(32), os.urandom(32), SHA256_SUITES, _psk.SUITE_SHA256)
+    assert isinstance(server, HandshakeFailed) and isinstance(client, HandshakeFailed)
+
+
+def test_unknown_identity_sends_unknown_psk_identity_and_the_client_says_ekeyrejected():
+    client_ctx = psk_context(SSL.TLS_CLIENT_METHOD, SHA256_SUITES)
+    server_ctx = psk_context(SSL.TLS_SERVER_METHOD, SHA256_SUITES)
+    client = HandshakeEngine(client_ctx, Role.CLIENT, on_connection=lambda c: _psk.attach(
+        c, b"who", os.urandom(32), _psk.SUITE_SHA256))
+
+    def select(hello: bytes):
+        raise UnknownPSKIdentityError("no PSK key for identity 'who'")
+
+    server = HandshakeEngine(server_ctx, Role.SERVER, select_context=select)
+    server.receive_data(client.data_to_send())
+    event = server.next_event()
+    assert isinstance(event, HandshakeFailed) and event.error.status == errno.EKEYREJECTED
+    alert = server.data_to_send()
+    assert alert == ALERT_UNKNOWN_PSK_IDENTITY
+    client.receive_data(alert)
+    failed = client.next_event()
+    assert isinstance(failed, HandshakeFailed) and failed.error.status == errno.EKEYREJECTED
+
+
+# --- keyrings ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ring():
+    serial = keyring.add_key("keyring", f"tlshd-unit-psk-{os.getpid()}", b"",
+                             keyring.KEY_SPEC_SESSION_KEYRING)
+    yield serial
+    keyring.unlink_key(serial, keyring.KEY_SPEC_SESSION_KEYRING)
+
+
+def test_client_psk_is_the_first_readable_peer_identity(ring):
+    revoked = keyring.add_key("user", "NVMe0R01 a b", os.urandom(32), ring)
+    keyring.revoke_key(revoked)
+    good = keyring.add_key("user", "NVMe0R02 a b", os.urandom(48), ring)
+    psk = first_client_psk((revoked, good))
+    assert psk.serial == good and psk.hash_alg is HashAlg.SHA384
+    assert psk.key.hex() not in repr(psk)
+
+
+def test_client_psk_errors_are_the_first_identity_s(ring):
+    revoked = keyring.add_key("user", "NVMe0R01 a b", os.urandom(32), ring)
+    keyring.revoke_key(revoked)
+    with pytest.raises(KeyRevokedError):
+        first_client_psk((revoked,))
+    with pytest.raises(CredentialError) as info:
+        first_client_psk(())
+    assert info.value.status == errno.EINVAL
+
+
+def test_a_keyring_is_not_a_psk(ring):
+    with pytest.raises(CredentialError) as info:
+        load_psk(ring)
+    assert info.value.status == errno.EKEYREJECTED
+
+
+def test_server_finds_the_offered_identity_in_its_keyrings(ring):
+    serial = keyring.add_key("user", "NVMe0R01 host sub", os.urandom(32), ring)
+    found = find_server_psk([b"unknown", b"NVMe0R01 host sub"], [ring])
+    assert found is not None and found.serial == serial
+    assert find_server_psk([b"nobody"], [ring]) is None
