@@ -1,4 +1,4 @@
-"""Command line: ``tlshd [-c FILE] [-s]`` runs the agent; ``tlshd run`` / ``tlshd demo``.
+"""Command line: ``tlshd [-c FILE] [-s]`` runs the agent; ``doctor``, ``status``, ``run``, ``demo``.
 
 Flags of the reference agent: ``-c/--config``, ``-s/--stderr``, ``-h/--help``,
 ``-v/--version``. Exit status: 0 after a clean stop, 1 on a configuration or
@@ -8,6 +8,7 @@ start-up error (the message says what to fix), 2 on a usage error.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from tlshd import __version__
-from tlshd.config import load_config
+from tlshd.config import Config, load_config
 from tlshd.errors import TlshdError
 
 log = logging.getLogger("tlshd")
@@ -24,39 +25,61 @@ log = logging.getLogger("tlshd")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tlshd", description="TLS handshake agent for the Linux kernel's kTLS consumers")
-    parser.add_argument("command", nargs="?", default="agent", choices=("agent", "run", "demo"),
-                        help="agent (default): serve the kernel; demo: kernel-sim demonstration; "
-                             "run: agent if this kernel has the handshake family, else demo")
+    parser.add_argument("command", nargs="?", default="agent",
+                        choices=("agent", "run", "demo", "status"),
+                        help="agent (default): serve the kernel; "
+                             "status: what the running agent of this network namespace is "
+                             "doing; demo: kernel-sim demonstration; run: agent if this kernel "
+                             "has the handshake family, else demo")
     parser.add_argument("-c", "--config", type=Path, help="configuration file "
                         "(default /etc/tlshd/config, then /etc/tlshd.conf)")
     parser.add_argument("-s", "--stderr", action="store_true", help="log to stderr, not syslog")
     parser.add_argument("-v", "--version", action="version", version=f"tlshd {__version__}")
     parser.add_argument("--upcall", help="auto, netlink or kernel-sim[:ENDPOINT]")
     parser.add_argument("--workers", type=int, help="worker processes (default: one per CPU)")
+    parser.add_argument("--json", action="store_true", help="status: print the JSON document")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from tlshd.daemon import configure_logging, serve
-
     if args.command == "demo" or (args.command == "run" and not _kernel_has_family()):
         from tlshd.demo import run_demo
 
         return run_demo()
     try:
-        config = load_config(args.config)
-        if args.upcall:
-            config = replace(config, upcall=args.upcall)
-        if args.workers is not None:
-            config = replace(config, workers=args.workers)
-        configure_logging(args.stderr, config.loglevel)
+        config = _load(args)
+        if args.command == "status":
+            return _status(config, as_json=args.json)
+        from tlshd.daemon import configure_logging, serve
+
+        configure_logging(args.stderr, config)
         for warning in config.warnings:
             log.warning("%s", warning)
-        return serve(config)
+        return serve(config, load=lambda: _load(args))
     except TlshdError as exc:
         print(f"tlshd: {exc}", file=sys.stderr)
         return 1
+
+
+def _load(args: argparse.Namespace) -> Config:
+    """The configuration with the command line's overrides (also what SIGHUP re-reads)."""
+    config = load_config(args.config)
+    if args.upcall:
+        config = replace(config, upcall=args.upcall)
+    if args.workers is not None:
+        config = replace(config, workers=args.workers)
+    return config
+
+
+def _status(config: Config, *, as_json: bool) -> int:
+    from tlshd.control import query_status
+    from tlshd.stats import format_status
+
+    doc = query_status(("\0" + config.control_socket).encode())
+    print(json.dumps(doc, indent=2) if as_json else format_status(doc), end="" if not as_json
+          else "\n")
+    return 0
 
 
 def _kernel_has_family() -> bool:

@@ -32,7 +32,8 @@ _KNOWN: dict[str, tuple[str, ...]] = {
     "authenticate": ("keyrings",),
     "authenticate.client": _X509_KEYS + _PQ_KEYS,
     "authenticate.server": _X509_KEYS + _PQ_KEYS,
-    "agent": ("workers", "handshake_timeout_ms", "require_client_cert", "upcall"),
+    "agent": ("workers", "handshake_timeout_ms", "require_client_cert", "upcall", "metrics",
+              "control_socket"),
 }
 _GROUP_RE = re.compile(r"^\[([^\[\]]+)\]$")
 
@@ -63,6 +64,8 @@ class Config:
     handshake_timeout_ms: int = 10_000
     require_client_cert: bool = False
     upcall: str = "auto"
+    metrics: str = ""  # HOST:PORT of the Prometheus endpoint; off when empty
+    control_socket: str = "tlshd/control"  # abstract Unix name, per network namespace
     path: Path | None = None
     warnings: tuple[str, ...] = ()
 
@@ -105,6 +108,8 @@ def parse_config(text: str, path: Path | None = None) -> Config:
                                   (1, 3_600_000)),
         require_client_cert=_bool(groups, "agent", "require_client_cert", where),
         upcall=_upcall(groups, where),
+        metrics=_metrics(groups, where),
+        control_socket=_name(groups, "agent", "control_socket", where, "tlshd/control"),
         path=path,
         warnings=warnings,
     )
@@ -184,3 +189,30 @@ def _upcall(groups: dict[str, dict[str, Entry]], where: str) -> str:
         return entry.value
     raise ConfigError(f"expected auto, netlink or kernel-sim[:NAME], got {entry.value!r}",
                       where=f"{where}:{entry.line} [agent] upcall")
+
+
+def parse_listen(value: str, where: str = "[agent] metrics") -> tuple[str, int]:
+    """``HOST:PORT`` (IPv6 in brackets); an empty host means 127.0.0.1."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"expected HOST:PORT, got {value!r}", where=where)
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _metrics(groups: dict[str, dict[str, Entry]], where: str) -> str:
+    entry = groups.get("agent", {}).get("metrics")
+    if entry is None or not entry.value:
+        return ""
+    parse_listen(entry.value, f"{where}:{entry.line} [agent] metrics")
+    return entry.value
+
+
+def _name(groups: dict[str, dict[str, Entry]], group: str, key: str, where: str,
+          default: str) -> str:
+    entry = groups.get(group, {}).get(key)
+    if entry is None:
+        return default
+    if not entry.value or len(entry.value) > 100 or "\0" in entry.value:
+        raise ConfigError(f"expected a name of 1 to 100 characters, got {entry.value!r}",
+                          where=f"{where}:{entry.line} [{group}] {key}")
+    return entry.value

@@ -15,18 +15,24 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import selectors
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import FrameType
+from typing import Any
 
-from tlshd import keyring
+from tlshd import keyring, sdnotify
 from tlshd.config import Config
 from tlshd.contexts import Contexts
-from tlshd.errors import ConfigError, KeyNotFoundError
+from tlshd.control import Metrics, answer_control, answer_http, control_listener, metrics_listener
+from tlshd.errors import ConfigError, DecodeError, KeyNotFoundError, TlshdError
+from tlshd.stats import MAX_EVENT, Stats, decode_event, encode_event
 from tlshd.upcall import open_upcall
-from tlshd.worker import Worker
+from tlshd.worker import EventSink, Worker
 
 log = logging.getLogger("tlshd")
 DRAIN_GRACE_S = 30.0
@@ -40,10 +46,14 @@ class _Stop:
         self.requested = True
 
 
-def run_worker(config: Config, contexts: Contexts, stop: _Stop) -> int:
+def run_worker(config: Config, contexts: Contexts, stop: _Stop,
+               events: EventSink | None = None) -> int:
     """One worker process's life: serve until asked to stop, then drain."""
     upcall = open_upcall(config.upcall)
-    worker = Worker(upcall, contexts, default_timeout_ms=config.handshake_timeout_ms)
+    worker = Worker(upcall, contexts, default_timeout_ms=config.handshake_timeout_ms,
+                    events=events, debug_io=config.tls_debug > 0)
+    if events is not None:
+        events("ready", {})
     try:
         while not stop.requested:
             worker.run_once()
@@ -74,58 +84,277 @@ def link_keyrings(names: tuple[str, ...], where: str = "") -> list[tuple[str, in
     return linked
 
 
-def serve(config: Config, *, on_ready: Callable[[], None] | None = None) -> int:
-    """Run the agent until SIGTERM/SIGINT. Returns the exit status."""
-    contexts = Contexts.from_config(config)  # bad credentials fail here, before any fork
-    for name, serial in link_keyrings(config.keyrings, str(config.path or "")):
-        log.info("keyring %s (%d) linked into the session keyring", name, serial)
-    open_upcall(config.upcall).close()  # and so does a missing handshake family
-    count = config.workers or os.cpu_count() or 1
-    stop = _Stop()
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    children = {_spawn(config, contexts, stop) for _ in range(count)}
-    log.info("tlshd serving with %d worker process(es), upcall=%s", count, config.upcall)
-    if on_ready is not None:
-        on_ready()
-    while children:
-        pid, status = _wait_child()
-        if pid < 0:
-            break
+@dataclass(frozen=True)
+class Generation:
+    """A configuration in force and the contexts built from it."""
+
+    number: int
+    config: Config
+    contexts: Contexts
+
+    @property
+    def size(self) -> int:
+        return self.config.workers or os.cpu_count() or 1
+
+
+LoadConfig = Callable[[], Config]
+
+
+class Supervisor:
+    """The supervisor: worker processes, signals, reload, status and metrics.
+
+    Signals only set flags and write to a wakeup socket, so everything happens in one
+    selector loop: SIGTERM/SIGINT drain and stop, SIGHUP reloads, SIGCHLD reaps. A reload
+    loads and checks the new configuration and credentials completely first; if that
+    fails the old generation goes on and the error is logged. If it succeeds, new workers
+    start with it and the old ones drain: handshakes in flight finish with what they
+    started with.
+    """
+
+    def __init__(self, load: LoadConfig, first: Config) -> None:
+        self._load = load
+        self.generation = _build_generation(0, first)
+        self.stats = Stats(time.monotonic(), config_path=str(first.path or ""))
+        self.metrics = Metrics() if first.metrics else None
+        self._sel = selectors.DefaultSelector()
+        self._events_r, self._events_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._signals: list[int] = []
+        self._children: dict[int, int] = {}  # pid -> generation number
+        self._ready: set[int] = set()
+        self._notified_ready = False
+        self._stopping = False
+        self._listeners: list[socket.socket] = []
+
+    # --- start and stop ------------------------------------------------------------
+
+    def run(self) -> int:
+        self._open_endpoints(self.generation.config)
+        self._install_signals()
+        self._spawn_generation()
+        log.info("tlshd serving with %d worker process(es), upcall=%s",
+                 self.generation.size, self.generation.config.upcall)
+        while self._children or not self._stopping:
+            for key, _ in self._sel.select(timeout=1.0):
+                key.data()
+            self._reap()
+            if self._stopping and not self._children:
+                break
+        sdnotify.notify("STOPPING=1")
+        return 0
+
+    def _open_endpoints(self, config: Config) -> None:
+        self._events_r.setblocking(False)
+        self._wake_r.setblocking(False)
+        self._sel.register(self._events_r, selectors.EVENT_READ, self._on_events)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
+        control = control_listener(("\0" + config.control_socket).encode())
+        self._listen(control, lambda: self._serve_control(control))
+        if config.metrics:
+            metrics = metrics_listener(config.metrics)
+            self._listen(metrics, lambda: self._serve_metrics(metrics))
+
+    def _listen(self, sock: socket.socket, handler: Callable[[], None]) -> None:
+        self._listeners.append(sock)
+        self._sel.register(sock, selectors.EVENT_READ, handler)
+
+    def _install_signals(self) -> None:
+        self._wake_w.setblocking(False)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals.append(signum)
+
+    def _on_wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            self._wake_r.recv(4096)
+        while self._signals:
+            signum = self._signals.pop(0)
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                self._stop()
+            elif signum == signal.SIGHUP and not self._stopping:
+                self._reload()
+
+    def _stop(self) -> None:
+        if not self._stopping:
+            log.info("tlshd stopping: draining %d worker(s)", len(self._children))
+            sdnotify.notify("STOPPING=1")
+        self._stopping = True
+        _signal_all(set(self._children), signal.SIGTERM)
+
+    # --- workers -----------------------------------------------------------------------
+
+    def _spawn_generation(self) -> None:
+        self._ready.clear()
+        self._notified_ready = False
+        for _ in range(self.generation.size):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        pid = os.fork()
         if pid == 0:
-            if stop.requested:
-                _signal_all(children, signal.SIGTERM)
-            continue
-        children.discard(pid)
-        if not stop.requested:
-            log.error("worker %d died (%s); restarting", pid, _describe(status))
-            time.sleep(RESTART_BACKOFF_S)
-            children.add(_spawn(config, contexts, stop))
-    return 0
+            self._become_worker()
+        self._children[pid] = self.generation.number
+        self.stats.workers = sorted(self._children)
 
-
-def _spawn(config: Config, contexts: Contexts, stop: _Stop) -> int:
-    pid = os.fork()
-    if pid == 0:
+    def _become_worker(self) -> None:
         code = 1
         try:
-            code = run_worker(config, contexts, stop)
-        except BaseException:  # the child must never return into the parent's code
+            signal.set_wakeup_fd(-1)
+            for sig in (signal.SIGHUP, signal.SIGINT):
+                signal.signal(sig, signal.SIG_IGN)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            stop = _Stop()
+            signal.signal(signal.SIGTERM, stop)
+            for sock in (self._events_r, self._wake_r, self._wake_w, *self._listeners):
+                sock.close()
+            code = run_worker(self.generation.config, self.generation.contexts, stop,
+                              _event_sender(self._events_w))
+        except BaseException:  # the child must never return into the supervisor's code
             log.exception("worker failed")
         finally:
             logging.shutdown()
             os._exit(code)
-    return pid
+
+    def _reap(self) -> None:
+        while self._children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self._children.clear()
+                return
+            if pid == 0:
+                return
+            self._child_exited(pid, status)
+
+    def _child_exited(self, pid: int, status: int) -> None:
+        number = self._children.pop(pid, None)
+        self._ready.discard(pid)
+        self.stats.worker_gone(pid)
+        self.stats.workers = sorted(self._children)
+        if self._stopping or number != self.generation.number:
+            return  # drained on purpose (stop, or an older generation after a reload)
+        log.error("worker %d died (%s); restarting", pid, _describe(status))
+        time.sleep(RESTART_BACKOFF_S)
+        self._spawn()
+
+    # --- reload ------------------------------------------------------------------------
+
+    def _reload(self) -> None:
+        sdnotify.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            new = _build_generation(self.generation.number + 1, self._load())
+        except TlshdError as exc:
+            log.error("reload failed, keeping the running configuration: %s", exc)
+            self.stats.reload_failures += 1
+            self._count_reload("failed")
+            sdnotify.notify("READY=1", f"STATUS=reload failed: {exc}")
+            return
+        old = [pid for pid, number in self._children.items() if number == self.generation.number]
+        self.generation = new
+        self.stats.config_path = str(new.config.path or "")
+        self._spawn_generation()
+        _signal_all(set(old), signal.SIGTERM)  # they drain: in-flight handshakes finish
+        self.stats.reloads += 1
+        self._count_reload("ok")
+        log.info("configuration reloaded (generation %d); %d old worker(s) draining",
+                 new.number, len(old))
+
+    def _count_reload(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.reloads.labels(result).inc()
+
+    # --- events, status, metrics ------------------------------------------------------
+
+    def _on_events(self) -> None:
+        while True:
+            try:
+                data = self._events_r.recv(MAX_EVENT)
+            except BlockingIOError:
+                return
+            try:
+                event = decode_event(data)
+            except DecodeError as exc:
+                log.warning("ignored a malformed worker event: %s", exc)
+                continue
+            self._apply(event)
+
+    def _apply(self, event: dict[str, Any]) -> None:
+        if event["t"] == "ready":
+            self._worker_ready(event["pid"])
+            return
+        self.stats.apply(event, time.monotonic())
+        if self.metrics is not None:
+            self.metrics.observe(event, sum(self.stats.inflight.values()))
+
+    def _worker_ready(self, pid: int) -> None:
+        if self._children.get(pid) != self.generation.number:
+            return
+        self._ready.add(pid)
+        if len(self._ready) >= self.generation.size and not self._notified_ready:
+            self._notified_ready = True
+            sdnotify.notify("READY=1", f"STATUS=serving with {len(self._ready)} worker(s)")
+
+    def _serve_control(self, listener: socket.socket) -> None:
+        with contextlib.suppress(BlockingIOError):
+            conn, _ = listener.accept()
+            with conn:
+                answer_control(conn, self.stats.status_document(time.monotonic()))
+
+    def _serve_metrics(self, listener: socket.socket) -> None:
+        assert self.metrics is not None
+        with contextlib.suppress(BlockingIOError):
+            conn, _ = listener.accept()
+            with conn:
+                answer_http(conn, self.metrics)
 
 
-def _wait_child() -> tuple[int, int]:
-    try:
-        pid, status = os.waitpid(-1, os.WNOHANG)
-    except ChildProcessError:
-        return -1, 0
-    if pid == 0:
-        time.sleep(0.1)
-    return pid, status
+def _build_generation(number: int, config: Config) -> Generation:
+    """Everything a configuration needs, checked before it is used: contexts, keyrings."""
+    contexts = Contexts.from_config(config)  # bad credentials fail here, before any fork
+    for name, serial in link_keyrings(config.keyrings, str(config.path or "")):
+        log.info("keyring %s (%d) linked into the session keyring", name, serial)
+    return Generation(number, config, contexts)
+
+
+def _event_sender(sock: socket.socket) -> EventSink:
+    sock.setblocking(False)
+    pid = os.getpid()
+
+    def send(kind: str, fields: dict[str, Any]) -> None:
+        with contextlib.suppress(OSError):  # a full queue loses a statistic, never a request
+            sock.send(encode_event(kind, pid, **fields))
+
+    return send
+
+
+def serve(config: Config, load: LoadConfig | None = None) -> int:
+    """Run the agent until SIGTERM/SIGINT; SIGHUP reloads through ``load``."""
+    supervisor = Supervisor(load or (lambda: config), config)  # credentials, keyrings first
+    open_upcall(config.upcall).close()  # then a missing handshake family fails the start
+    return supervisor.run()
+
+
+def configure_logging(to_stderr: bool, config: Config) -> None:
+    """syslog (ident tlshd, facility auth) or stderr. ``[debug] loglevel`` 7 turns on debug
+    lines; ``tls`` > 0 adds per-read sizes, ``nl`` > 0 a line per netlink exchange. No level
+    ever logs key material: only sizes, names, serials, statuses."""
+    handler: logging.Handler
+    if to_stderr:
+        handler = logging.StreamHandler(sys.stderr)
+    else:
+        from logging.handlers import SysLogHandler
+
+        handler = SysLogHandler(address="/dev/log", facility=SysLogHandler.LOG_AUTH)
+    handler.setFormatter(logging.Formatter("tlshd[%(process)d]: %(message)s"))
+    root = logging.getLogger("tlshd")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if config.loglevel >= 7 else logging.INFO)
+    logging.getLogger("tlshd.io").setLevel(logging.DEBUG if config.tls_debug else logging.INFO)
+    logging.getLogger("tlshd.netlink").setLevel(logging.DEBUG if config.nl_debug
+                                                else logging.INFO)
 
 
 def _signal_all(children: set[int], sig: int) -> None:
@@ -138,18 +367,3 @@ def _describe(status: int) -> str:
     if os.WIFSIGNALED(status):
         return f"signal {os.WTERMSIG(status)}"
     return f"exit {os.waitstatus_to_exitcode(status)}"
-
-
-def configure_logging(to_stderr: bool, level: int) -> None:
-    handler: logging.Handler
-    if to_stderr:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("tlshd[%(process)d]: %(message)s"))
-    else:
-        from logging.handlers import SysLogHandler
-
-        handler = SysLogHandler(address="/dev/log", facility=SysLogHandler.LOG_AUTH)
-        handler.setFormatter(logging.Formatter("tlshd[%(process)d]: %(message)s"))
-    root = logging.getLogger("tlshd")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if level >= 7 else logging.INFO)

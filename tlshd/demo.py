@@ -90,6 +90,7 @@ x509.private_key={pki['server_key']}
 [agent]
 workers={workers}
 upcall=kernel-sim:{endpoint}
+control_socket=tlshd-demo/{endpoint}
 """
     path = directory / "config"
     path.write_text(text)

@@ -30,6 +30,7 @@ import array
 import contextlib
 import errno
 import itertools
+import logging
 import os
 import socket
 import struct
@@ -57,6 +58,7 @@ KSIM_CMD_ADD_MEMBERSHIP = 1
 KSIM_CMD_SETSOCKOPT = 3
 KSIM_A_GROUP, KSIM_A_SOCKFD, KSIM_A_LEVEL, KSIM_A_OPTNAME, KSIM_A_OPTVAL = 1, 2, 3, 4, 5
 DEFAULT_SIM_ENDPOINT = "kernel-sim"
+nl_log = logging.getLogger("tlshd.netlink")  # [debug] nl > 0
 
 
 class BrokenAcceptError(Exception):
@@ -184,7 +186,13 @@ class _GenlUpcall:
         if reply is None:
             _close_fds(fds)
             return None
-        return self._own_fd(reply, fds)
+        reply = self._own_fd(reply, fds)
+        nl_log.debug("ACCEPT seq=%d sockfd=%d type=%s auth=%s peername=%s timeout_ms=%s "
+                     "keyring=%s peer_ids=%s certificate=%s unknown_attrs=%s", seq,
+                     reply.sockfd, reply.message_type.name, reply.auth_mode.name,
+                     reply.peername, reply.timeout_ms, reply.keyring, reply.peer_identities,
+                     reply.certificate, reply.unknown_attrs)
+        return reply
 
     def _own_fd(self, reply: AcceptReply, fds: list[int]) -> AcceptReply:
         return reply
@@ -204,6 +212,8 @@ class _GenlUpcall:
 
     def done(self, sockfd: int, status: int, remote_auth: Sequence[int]) -> None:
         seq = next(self._seq)
+        nl_log.debug("DONE seq=%d sockfd=%d status=%d remote_auth=%s", seq, sockfd, status,
+                     tuple(remote_auth))
         self._request.send(codec.encode_done(self.family.family_id, seq, status, sockfd,
                                              tuple(remote_auth)))
         self._replies(seq, "DONE")

@@ -33,7 +33,7 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from OpenSSL import SSL
 
@@ -58,6 +58,7 @@ from tlshd.psk import PSK, find_server_psk, first_client_psk
 from tlshd.upcall import BrokenAcceptError, Upcall
 
 log = logging.getLogger("tlshd")
+io_log = logging.getLogger("tlshd.io")  # [debug] tls > 0
 
 SWEEP_INTERVAL_S = 1.0
 PEER_KEY_TIMEOUT_S = 600
@@ -119,14 +120,35 @@ def _role(reply: AcceptReply) -> str:
     return "client" if reply.message_type == MsgType.CLIENTHELLO else "server"
 
 
-def _log_result(reply: AcceptReply, status: int, elapsed_ms: float, what: str) -> None:
-    """One line per request: role, auth mode, peer, DONE status, duration, outcome."""
-    log.info("handshake role=%s auth=%s peer=%s status=%d %.1fms %s", _role(reply),
-             getattr(reply.auth_mode, "name", reply.auth_mode), reply.peername or "-", status,
-             elapsed_ms, what)
+def _auth_name(reply: AcceptReply) -> str:
+    return str(getattr(reply.auth_mode, "name", reply.auth_mode))
+
+
+def _log_result(reply: AcceptReply, status: int, elapsed_ms: float, what: str,
+                netns: str = "-") -> None:
+    """One line per request: namespace, role, auth mode, peer, DONE status, duration,
+    outcome (ok + cipher, or why it failed)."""
+    log.info("handshake netns=%s role=%s auth=%s peer=%s status=%d %.1fms %s", netns,
+             _role(reply), _auth_name(reply), reply.peername or "-", status, elapsed_ms, what)
+
+
+def netns_label() -> str:
+    """This process's network namespace: its ``ip netns`` name if it has one, else
+    ``net:[inode]`` as /proc shows it."""
+    try:
+        inode = os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        return "-"
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/run/netns"):
+            with contextlib.suppress(OSError):
+                if entry.stat().st_ino == inode:
+                    return entry.name
+    return f"net:[{inode}]"
 
 
 PeerIdentity = Callable[[SessionResult], int]
+EventSink = Callable[[str, dict[str, Any]], None]  # ("start" | "done" | "ready", fields)
 
 
 def peer_identity_key(session: SessionResult) -> int:
@@ -155,6 +177,8 @@ class Worker:
         max_inflight: int = 256,
         peer_identity: PeerIdentity = peer_identity_key,
         clock: Callable[[], float] = time.monotonic,
+        events: EventSink | None = None,
+        debug_io: bool = False,
     ) -> None:
         self.upcall = upcall
         self._contexts = contexts
@@ -162,6 +186,9 @@ class Worker:
         self._max_inflight = max_inflight
         self._peer_identity = peer_identity
         self._clock = clock
+        self._events = events or (lambda kind, fields: None)
+        self._debug_io = debug_io
+        self.netns = netns_label()
         self._sel = selectors.DefaultSelector()
         self._sel.register(upcall.notify_fileno(), selectors.EVENT_READ, None)
         self.inflight: dict[int, Handshake] = {}
@@ -221,10 +248,11 @@ class Worker:
 
     def _start(self, reply: AcceptReply) -> None:
         now = self._clock()
+        self._events("start", {})
         try:
             sock = socket.socket(fileno=reply.sockfd)
         except OSError as exc:
-            log.error("accepted fd %d is not a socket: %s", reply.sockfd, exc)
+            self._report(reply, errno.EBADF, 0.0, f"refused: accepted fd is not a socket: {exc}")
             self._done(reply.sockfd, errno.EBADF, ())
             with contextlib.suppress(OSError):
                 os.close(reply.sockfd)
@@ -288,7 +316,7 @@ class Worker:
         return HandshakeEngine(fallback, Role.SERVER, select_context=select)
 
     def _finish_early(self, reply: AcceptReply, sock: socket.socket, exc: TlshdError) -> None:
-        _log_result(reply, exc.status, 0.0, f"refused: {exc}")
+        self._report(reply, exc.status, 0.0, f"refused: {exc}")
         self._done(reply.sockfd, exc.status, ())
         sock.close()
         self.failed += 1
@@ -314,6 +342,9 @@ class Worker:
             return
         except OSError as exc:
             raise PeerClosedError(f"connection error: {exc.strerror}") from None
+        if self._debug_io:  # sizes only: the bytes may be encrypted handshake messages
+            io_log.debug("fd=%d read %d of %d wanted bytes", hs.sock.fileno(), len(data),
+                      event.max_bytes)
         hs.engine.receive_data(data)
 
     def _pump(self, hs: Handshake) -> None:
@@ -369,8 +400,8 @@ class Worker:
         self.failed += 1
 
     def _finish(self, hs: Handshake, status: int, remote: tuple[int, ...], what: str) -> None:
-        _log_result(hs.reply, status, (self._clock() - hs.started) * 1000,
-                    what + hs.psk.describe())
+        self._report(hs.reply, status, (self._clock() - hs.started) * 1000,
+                     what + hs.psk.describe())
         self.inflight.pop(hs.sock.fileno(), None)
         self._sel.unregister(hs.sock)
         with contextlib.suppress(OSError):
@@ -378,6 +409,16 @@ class Worker:
         self._done(hs.sock.fileno(), status, remote)
         hs.sock.close()
         _unlink_request_keyring(hs.reply)
+
+    def _report(self, reply: AcceptReply, status: int, elapsed_ms: float, what: str) -> None:
+        """One log line and one ``done`` event per request (no key material in either)."""
+        cipher = what.split("cipher=", 1)[1].split(maxsplit=1)[0] if "cipher=" in what else "-"
+        _log_result(reply, status, elapsed_ms, what, self.netns)
+        self._events("done", {
+            "role": _role(reply), "auth": _auth_name(reply), "peer": reply.peername or "-",
+            "cipher": cipher, "status": status, "ms": round(elapsed_ms, 3), "what": what[:300],
+            "netns": self.netns,
+        })
 
     def _done(self, fd: int, status: int, remote: tuple[int, ...]) -> None:
         try:

@@ -34,7 +34,7 @@ def unique_endpoint() -> str:
 
 def write_config(directory: Path, pki: PKI, endpoint: str, *, require_client_cert: bool = False,
                  workers: int = 1, timeout_ms: int = 10_000, client_cert: bool = True,
-                 keyrings: str = "") -> Path:
+                 keyrings: str = "", extra: str = "") -> Path:
     client = (f"x509.certificate={pki.client.cert}\nx509.private_key={pki.client.key}\n"
               if client_cert else "")
     text = (
@@ -46,6 +46,7 @@ def write_config(directory: Path, pki: PKI, endpoint: str, *, require_client_cer
         f"x509.certificate={pki.server.cert}\nx509.private_key={pki.server.key}\n\n"
         "[agent]\n"
         f"workers={workers}\nupcall=kernel-sim:{endpoint}\n"
+        f"control_socket=tlshd-test/{endpoint}\n{extra}"
         f"handshake_timeout_ms={timeout_ms}\n"
         f"require_client_cert={'true' if require_client_cert else 'false'}\n"
     )

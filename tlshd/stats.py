@@ -1,0 +1,120 @@
+"""What the agent has been doing: events from workers, aggregated by the supervisor.
+
+Workers report each request twice over a datagram socket: ``start`` (when it
+was accepted) and ``done`` (role, auth mode, peer, cipher, DONE status,
+duration). The supervisor folds them into ``Stats``, which answers
+``tlshd status`` (a JSON document) and the Prometheus endpoint. Events carry
+no key material: only names, numbers and error descriptions.
+
+This module is pure: ``encode_event``/``decode_event`` are bytes <-> dicts,
+``Stats.apply`` takes a decoded event and a timestamp.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from tlshd.errors import DecodeError
+
+MAX_EVENT = 4096
+RECENT_FAILURES = 50
+DURATION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_DONE_FIELDS = {"role": str, "auth": str, "peer": str, "cipher": str, "status": int,
+                "ms": float, "what": str, "netns": str}
+
+
+def encode_event(kind: str, pid: int, **fields: Any) -> bytes:
+    data = json.dumps({"t": kind, "pid": pid, **fields}, separators=(",", ":")).encode()
+    return data[:MAX_EVENT]
+
+
+def decode_event(data: bytes) -> dict[str, Any]:
+    try:
+        event = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise DecodeError("worker event is not JSON") from None
+    if not isinstance(event, dict) or event.get("t") not in ("start", "done", "ready"):
+        raise DecodeError("worker event without a known type")
+    if not isinstance(event.get("pid"), int):
+        raise DecodeError("worker event without a pid")
+    if event["t"] == "done":
+        for name, kind in _DONE_FIELDS.items():
+            value = event.get(name)
+            if not isinstance(value, kind) and not (kind is float and isinstance(value, int)):
+                raise DecodeError(f"worker event field {name!r} missing or mistyped")
+    return event
+
+
+def status_name(status: int) -> str:
+    return "OK" if status == 0 else errno.errorcode.get(status, str(status))
+
+
+@dataclass
+class Stats:
+    started_at: float
+    handshakes: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    statuses: Counter[str] = field(default_factory=Counter)
+    inflight: Counter[int] = field(default_factory=Counter)
+    durations_s: list[float] = field(default_factory=list)  # only until read by metrics
+    failures: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=RECENT_FAILURES))
+    reloads: int = 0
+    reload_failures: int = 0
+    workers: list[int] = field(default_factory=list)
+    config_path: str = ""
+
+    def apply(self, event: dict[str, Any], now: float) -> None:
+        pid = event["pid"]
+        if event["t"] == "start":
+            self.inflight[pid] += 1
+            return
+        self.inflight[pid] = max(0, self.inflight[pid] - 1)
+        result = "ok" if event["status"] == 0 else "failed"
+        self.handshakes[(event["role"], event["auth"], result)] += 1
+        self.statuses[status_name(event["status"])] += 1
+        self.durations_s.append(event["ms"] / 1000)
+        if event["status"]:
+            self.failures.append({"at": now, **{k: event[k] for k in _DONE_FIELDS}})
+
+    def worker_gone(self, pid: int) -> None:
+        """A worker exited: what it had in flight is no longer in flight (for us)."""
+        self.inflight.pop(pid, None)
+
+    def status_document(self, now: float) -> dict[str, Any]:
+        return {
+            "uptime_s": round(now - self.started_at, 3),
+            "config": self.config_path,
+            "workers": list(self.workers),
+            "in_flight": sum(self.inflight.values()),
+            "in_flight_by_worker": {str(pid): n for pid, n in self.inflight.items() if n},
+            "handshakes": [{"role": r, "auth": a, "result": res, "count": n}
+                           for (r, a, res), n in sorted(self.handshakes.items())],
+            "done_statuses": dict(sorted(self.statuses.items())),
+            "reloads": self.reloads,
+            "reload_failures": self.reload_failures,
+            "recent_failures": [{**f, "age_s": round(now - f.pop("at", now), 3)}
+                                for f in (dict(x) for x in self.failures)],
+        }
+
+
+def format_status(doc: dict[str, Any]) -> str:
+    """``tlshd status`` for people."""
+    lines = [
+        f"tlshd: up {doc['uptime_s']:.0f} s, workers {', '.join(map(str, doc['workers']))}, "
+        f"config {doc['config'] or '(defaults)'}",
+        f"in flight: {doc['in_flight']}   reloads: {doc['reloads']} "
+        f"(failed {doc['reload_failures']})",
+        "handshakes:",
+    ]
+    lines += [f"  {h['role']:<7} {h['auth']:<7} {h['result']:<7} {h['count']}"
+              for h in doc["handshakes"]] or ["  none yet"]
+    lines.append("DONE statuses: " + (", ".join(f"{k} {v}" for k, v in
+                                              doc["done_statuses"].items()) or "none"))
+    lines.append("recent failures:")
+    lines += [f"  {f['age_s']:.0f} s ago: {f['role']} {f['auth']} peer={f['peer']} "
+              f"status={f['status']} ({status_name(f['status'])}) {f['what']}"
+              for f in doc["recent_failures"][-10:]] or ["  none"]
+    return "\n".join(lines) + "\n"
