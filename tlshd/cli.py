@@ -26,11 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tlshd", description="TLS handshake agent for the Linux kernel's kTLS consumers")
     parser.add_argument("command", nargs="?", default="agent",
-                        choices=("agent", "run", "demo", "status"),
-                        help="agent (default): serve the kernel; "
-                             "status: what the running agent of this network namespace is "
-                             "doing; demo: kernel-sim demonstration; run: agent if this kernel "
-                             "has the handshake family, else demo")
+                        choices=("agent", "run", "demo", "doctor", "status"),
+                        help="agent (default): serve the kernel; doctor: check this host and "
+                             "say what to fix; status: what the running agent of this network "
+                             "namespace is doing; demo: kernel-sim demonstration; run: agent if "
+                             "this kernel has the handshake family, else demo")
     parser.add_argument("-c", "--config", type=Path, help="configuration file "
                         "(default /etc/tlshd/config, then /etc/tlshd.conf)")
     parser.add_argument("-s", "--stderr", action="store_true", help="log to stderr, not syslog")
@@ -47,6 +47,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tlshd.demo import run_demo
 
         return run_demo()
+    if args.command == "doctor":
+        from tlshd.doctor import run_doctor
+
+        return run_doctor(args.config, args.upcall, sys.stdout)
     try:
         config = _load(args)
         if args.command == "status":

@@ -82,7 +82,9 @@ def parse_keyfile(text: str, where: str) -> dict[str, dict[str, Entry]]:
         if match:
             current = groups.setdefault(match.group(1).strip(), {})
         elif "=" not in line:
-            raise ConfigError(f"expected 'key=value' or '[group]', got {line[:40]!r}",
+            # The line is not quoted: it could be a pasted key or secret.
+            raise ConfigError(f"expected 'key=value' or '[group]', got a {len(line)}-character "
+                              "line of neither form",
                               where=f"{where}:{number}")
         elif current is None:
             raise ConfigError("key outside any [group]", where=f"{where}:{number}")
