@@ -50,6 +50,8 @@ class X509Side:
     crl: Path | None = None
     certificate: Path | None = None
     private_key: Path | None = None
+    pq_certificate: Path | None = None  # x509.pq.*: a second, post-quantum (ML-DSA) identity
+    pq_private_key: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -142,11 +144,15 @@ def _unknown_keys(groups: dict[str, dict[str, Entry]], where: str) -> tuple[str,
 
 def _x509_side(entries: dict[str, Entry], where: str, group: str) -> X509Side:
     paths: dict[str, Path | None] = {}
-    for key in _X509_KEYS:
+    for key in _X509_KEYS + _PQ_KEYS:
         entry = entries.get(key)
         if entry is not None and not entry.value:
             raise ConfigError("empty path", where=f"{where}:{entry.line} [{group}] {key}")
-        paths[key.removeprefix("x509.")] = Path(entry.value) if entry else None
+        field_name = key.removeprefix("x509.").replace("pq.", "pq_")
+        paths[field_name] = Path(entry.value) if entry else None
+    if (paths["pq_certificate"] is None) != (paths["pq_private_key"] is None):
+        raise ConfigError("x509.pq.certificate and x509.pq.private_key go together",
+                          where=f"{where} [{group}]")
     return X509Side(**paths)
 
 

@@ -68,6 +68,9 @@ class Contexts:
         for ctx, side in ((anon, client), (client_x509, client), (server_ctx, server)):
             if ctx is not None and side.crl is not None:
                 creds.load_crl(ctx, side.crl)
+        for ctx, side in ((client_x509, client), (server_ctx, server)):
+            if ctx is not None and side.pq_certificate and side.pq_private_key:
+                creds.add_pq_credentials(ctx, side.pq_certificate, side.pq_private_key)
         return cls(config, anon, client_x509, server_ctx,
                    _psk_contexts(SSL.TLS_CLIENT_METHOD), _psk_contexts(SSL.TLS_SERVER_METHOD))
 

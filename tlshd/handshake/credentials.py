@@ -336,3 +336,26 @@ def psk_context(method: int, ciphersuites: str) -> SSL.Context:
     else:
         _psk.enable_server_psk(ctx)
     return ctx
+
+
+def add_pq_credentials(ctx: SSL.Context, certificate: Path, private_key: Path) -> None:
+    """A second identity (``x509.pq.*``, e.g. ML-DSA) beside the classic one.
+
+    OpenSSL keeps one certificate per key type and picks, per handshake, the one the peer's
+    signature algorithms allow. pyOpenSSL cannot wrap ML-DSA keys, so the files are loaded
+    by OpenSSL itself. An OpenSSL without the algorithm fails here, at start.
+    """
+    _read(certificate, "post-quantum certificate")
+    _read(private_key, "post-quantum private key")
+    try:
+        ctx.use_certificate_chain_file(str(certificate))
+        ctx.use_privatekey_file(str(private_key))
+        ctx.check_privatekey()
+    except SSL.Error as exc:
+        raise CredentialError(f"post-quantum credentials {certificate} / {private_key}: "
+                              f"{_ssl_reason(exc)}") from None
+
+
+def _ssl_reason(exc: SSL.Error) -> str:
+    args = exc.args[0] if exc.args and isinstance(exc.args[0], list) else []
+    return "; ".join(str(item[-1]) for item in args) or "rejected by OpenSSL"
