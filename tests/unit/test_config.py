@@ -77,10 +77,14 @@ def test_reference_file_with_every_key_loads_every_value(tmp_path: Path) -> None
     assert cfg.keyrings == (".nfs", ".nvme", ".nvmf")
     assert cfg.client == X509Side(
         truststore=Path("/etc/pki/client-ca.pem"), crl=Path("/etc/pki/client.crl"),
-        certificate=Path("/etc/pki/client.crt"), private_key=Path("/etc/pki/client.key"))
+        certificate=Path("/etc/pki/client.crt"), private_key=Path("/etc/pki/client.key"),
+        pq_certificate=Path("/etc/pki/client-mldsa.crt"),
+        pq_private_key=Path("/etc/pki/client-mldsa.key"))
     assert cfg.server == X509Side(
         truststore=Path("/etc/pki/server-ca.pem"), crl=Path("/etc/pki/server.crl"),
-        certificate=Path("/etc/pki/server.crt"), private_key=Path("/etc/pki/server.key"))
+        certificate=Path("/etc/pki/server.crt"), private_key=Path("/etc/pki/server.key"),
+        pq_certificate=Path("/etc/pki/server-mldsa.crt"),
+        pq_private_key=Path("/etc/pki/server-mldsa.key"))
     assert (cfg.workers, cfg.handshake_timeout_ms) == (4, 2500)
     assert cfg.require_client_cert is True
     assert cfg.upcall == "kernel-sim:lab"
