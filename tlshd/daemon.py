@@ -337,17 +337,25 @@ def serve(config: Config, load: LoadConfig | None = None) -> int:
     return supervisor.run()
 
 
-def configure_logging(to_stderr: bool, config: Config) -> None:
+SYSLOG_ADDRESS = "/dev/log"
+
+
+def configure_logging(to_stderr: bool, config: Config, *,
+                      syslog_address: str = SYSLOG_ADDRESS) -> None:
     """syslog (ident tlshd, facility auth) or stderr. ``[debug] loglevel`` 7 turns on debug
     lines; ``tls`` > 0 adds per-read sizes, ``nl`` > 0 a line per netlink exchange. No level
     ever logs key material: only sizes, names, serials, statuses."""
-    handler: logging.Handler
-    if to_stderr:
-        handler = logging.StreamHandler(sys.stderr)
-    else:
+    handler: logging.Handler = logging.StreamHandler(sys.stderr)
+    fallback = ""
+    if not to_stderr:
         from logging.handlers import SysLogHandler
 
-        handler = SysLogHandler(address="/dev/log", facility=SysLogHandler.LOG_AUTH)
+        try:  # SysLogHandler would only fail later, line by line
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+                probe.connect(syslog_address)
+            handler = SysLogHandler(address=syslog_address, facility=SysLogHandler.LOG_AUTH)
+        except OSError as exc:  # no syslog daemon: say so, and keep logging somewhere
+            fallback = f"syslog at {syslog_address} unavailable ({exc.strerror}); using stderr"
     handler.setFormatter(logging.Formatter("tlshd[%(process)d]: %(message)s"))
     root = logging.getLogger("tlshd")
     root.handlers[:] = [handler]
@@ -355,6 +363,8 @@ def configure_logging(to_stderr: bool, config: Config) -> None:
     logging.getLogger("tlshd.io").setLevel(logging.DEBUG if config.tls_debug else logging.INFO)
     logging.getLogger("tlshd.netlink").setLevel(logging.DEBUG if config.nl_debug
                                                 else logging.INFO)
+    if fallback:
+        root.warning("%s", fallback)
 
 
 def _signal_all(children: set[int], sig: int) -> None:
