@@ -351,8 +351,7 @@ def configure_logging(to_stderr: bool, config: Config, *,
         from logging.handlers import SysLogHandler
 
         try:  # SysLogHandler would only fail later, line by line
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
-                probe.connect(syslog_address)
+            _probe_syslog(syslog_address)
             handler = SysLogHandler(address=syslog_address, facility=SysLogHandler.LOG_AUTH)
         except OSError as exc:  # no syslog daemon: say so, and keep logging somewhere
             fallback = f"syslog at {syslog_address} unavailable ({exc.strerror}); using stderr"
@@ -377,3 +376,17 @@ def _describe(status: int) -> str:
     if os.WIFSIGNALED(status):
         return f"signal {os.WTERMSIG(status)}"
     return f"exit {os.waitstatus_to_exitcode(status)}"
+
+
+def _probe_syslog(address: str) -> None:
+    """Raise OSError unless something listens at ``address`` (datagram or stream)."""
+    error: OSError | None = None
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        with socket.socket(socket.AF_UNIX, kind) as probe:
+            try:
+                probe.connect(address)
+                return
+            except OSError as exc:
+                error = error or exc
+    assert error is not None
+    raise error
