@@ -186,13 +186,13 @@ class HandshakeEngine:
         self._peername = peername
         self._fallback = context
         self._select = select_context if role is Role.SERVER else None
-        self._conn: SSL.Connection = None  # type: ignore[assignment]
+        self._connection: SSL.Connection | None = None  # None: held for the ClientHello
         if self._select is None:
             self._connect(context, on_connection)
 
     def _connect(self, context: SSL.Context, hook: ConnectionHook | None) -> None:
         _check_context(context)
-        self._conn = SSL.Connection(context, None)
+        self._connection = SSL.Connection(context, None)
         self._conn.set_app_data(self)
         if hook is not None:
             hook(self._conn)
@@ -203,6 +203,11 @@ class HandshakeEngine:
             self._step(started=False)  # writes the ClientHello
         else:
             self._conn.set_accept_state()
+
+    @property
+    def _conn(self) -> SSL.Connection:
+        assert self._connection is not None, "no OpenSSL connection before the ClientHello"
+        return self._connection
 
     # -- public API ------------------------------------------------------------
 
@@ -256,7 +261,7 @@ class HandshakeEngine:
                 return
             record = bytes(self._inbuf[:end])
             del self._inbuf[:end]
-            if self._conn is None:
+            if self._connection is None:
                 self._hold(record)
                 continue
             self._conn.bio_write(record)
@@ -288,7 +293,7 @@ class HandshakeEngine:
 
     def _reject(self, header: bytes, exc: PeerProtocolError) -> None:
         """Not TLS: let OpenSSL see the header so it sends the alert it wants."""
-        if self._conn is None:
+        if self._connection is None:
             self._connect(self._fallback, None)
         self._conn.bio_write(header)
         try:
@@ -338,9 +343,9 @@ class HandshakeEngine:
 
     def _finish(self, result: HandshakeComplete | HandshakeFailed) -> None:
         self._result = result
-        if self._conn is not None:
-            self._conn.set_app_data(None)  # break the engine <-> connection cycle
-            _psk.detach(self._conn)
+        if self._connection is not None:
+            self._connection.set_app_data(None)  # break the engine <-> connection cycle
+            _psk.detach(self._connection)
         self._secrets.clear()
 
     def _fail(self, error: TlshdError) -> None:
