@@ -328,9 +328,11 @@ class Worker:
             if events & selectors.EVENT_READ:
                 self._read(hs)
             self._pump(hs)
-        except Exception as exc:  # one handshake must never kill the loop
+        except TlshdError as exc:  # an expected failure: the request's log line says it
+            self._end(hs, exc)
+        except Exception as exc:  # a bug: one handshake must never kill the loop
             log.exception("handshake crashed")
-            self._end(hs, exc if isinstance(exc, TlshdError) else _internal(exc))
+            self._end(hs, _internal(exc))
 
     def _read(self, hs: Handshake) -> None:
         event = hs.engine.next_event()
