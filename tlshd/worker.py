@@ -402,8 +402,9 @@ class Worker:
         self.failed += 1
 
     def _finish(self, hs: Handshake, status: int, remote: tuple[int, ...], what: str) -> None:
+        tls_ms = hs.engine.tls_seconds * 1000
         self._report(hs.reply, status, (self._clock() - hs.started) * 1000,
-                     what + hs.psk.describe())
+                     f"{what}{hs.psk.describe()} tls={tls_ms:.2f}ms", tls_ms)
         self.inflight.pop(hs.sock.fileno(), None)
         self._sel.unregister(hs.sock)
         with contextlib.suppress(OSError):
@@ -412,14 +413,15 @@ class Worker:
         hs.sock.close()
         _unlink_request_keyring(hs.reply)
 
-    def _report(self, reply: AcceptReply, status: int, elapsed_ms: float, what: str) -> None:
+    def _report(self, reply: AcceptReply, status: int, elapsed_ms: float, what: str,
+                tls_ms: float = 0.0) -> None:
         """One log line and one ``done`` event per request (no key material in either)."""
         cipher = what.split("cipher=", 1)[1].split(maxsplit=1)[0] if "cipher=" in what else "-"
         _log_result(reply, status, elapsed_ms, what, self.netns)
         self._events("done", {
             "role": _role(reply), "auth": _auth_name(reply), "peer": reply.peername or "-",
             "cipher": cipher, "status": status, "ms": round(elapsed_ms, 3), "what": what[:300],
-            "netns": self.netns,
+            "netns": self.netns, "tls_ms": round(tls_ms, 3),
         })
 
     def _done(self, fd: int, status: int, remote: tuple[int, ...]) -> None:

@@ -150,7 +150,8 @@ def test_mtls_credentials_from_keyring_serials(pki, tmp_path):
         try:
             outcome, (server_outcome, peer_auth), served, _ = _nfs_mount(
                 kernel, "mtls", calls=1, cert=cert, key=key)
-            assert outcome.status == 0 and server_outcome.status == 0 and served == 1
+            assert outcome.status == 0 and server_outcome.status == 0 and served == 1, (
+                agent.log, kernel.events("submit_err"))
             assert peer_auth  # the server saw the certificate that came from the keyring
             keyring.revoke_key(key)
             outcome, _, _, _ = _nfs_mount(kernel, "mtls", calls=1, cert=cert, key=key)

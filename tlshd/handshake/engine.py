@@ -49,6 +49,7 @@ import enum
 import errno
 import ipaddress
 import re
+import time
 from collections.abc import Callable
 from typing import Literal, Protocol, cast
 
@@ -187,6 +188,7 @@ class HandshakeEngine:
         self._fallback = context
         self._select = select_context if role is Role.SERVER else None
         self._connection: SSL.Connection | None = None  # None: held for the ClientHello
+        self.tls_seconds = 0.0  # time inside OpenSSL (do_handshake): the rest is ours
         if self._select is None:
             self._connect(context, on_connection)
 
@@ -308,15 +310,19 @@ class HandshakeEngine:
     # -- driving OpenSSL -----------------------------------------------------------
 
     def _step(self, *, started: bool) -> None:
+        begun = time.perf_counter()
         try:
             self._conn.do_handshake()
         except SSL.WantReadError:
+            self.tls_seconds += time.perf_counter() - begun
             self._outbuf += self._drain_bio()
             return
         except SSL.Error as exc:
+            self.tls_seconds += time.perf_counter() - begun
             self._outbuf += self._drain_bio()
             self._fail(self._classify(exc) if started else _local_failure(exc))
             return
+        self.tls_seconds += time.perf_counter() - begun
         self._complete()
 
     def _drain_bio(self) -> bytes:
