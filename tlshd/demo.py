@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -97,9 +97,10 @@ control_socket=tlshd-demo/{endpoint}
     return path
 
 
-def start_agent(config: Path, *extra: str) -> subprocess.Popen[bytes]:
+def start_agent(config: Path, *extra: str, stderr: IO[str] | None = None
+                ) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "tlshd", "-s", "-c", str(config), *extra],
-                            stdin=subprocess.DEVNULL)
+                            stdin=subprocess.DEVNULL, stderr=stderr)
 
 
 def _mount(kernel: Kernel, xprtsec: str, calls: int) -> str:

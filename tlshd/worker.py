@@ -86,6 +86,7 @@ class Handshake:
     file_flags: int
     psk: PSKChoice
     out: bytearray = field(default_factory=bytearray)
+    busy_s: float = 0.0  # time this worker spent on this request (OpenSSL included)
 
     @property
     def role(self) -> str:
@@ -247,7 +248,7 @@ class Worker:
     # --- one request -------------------------------------------------------------
 
     def _start(self, reply: AcceptReply) -> None:
-        now = self._clock()
+        now, begun = self._clock(), time.perf_counter()
         self._events("start", {})
         try:
             sock = socket.socket(fileno=reply.sockfd)
@@ -273,6 +274,7 @@ class Worker:
         timeout_s = reply.timeout_ms / 1000 if reply.timeout_ms else self._default_timeout_s
         hs = Handshake(reply, sock, engine, deadline=now + timeout_s, started=now,
                        file_flags=file_flags, psk=choice)
+        hs.busy_s = time.perf_counter() - begun  # engine set-up (a ClientHello) counts too
         self.inflight[sock.fileno()] = hs
         self._sel.register(sock, selectors.EVENT_READ, hs)
         self._service(hs, 0)
@@ -322,6 +324,13 @@ class Worker:
         self.failed += 1
 
     def _service(self, hs: Handshake, events: int) -> None:
+        begun = time.perf_counter()
+        try:
+            self._serve_events(hs, events)
+        finally:
+            hs.busy_s += time.perf_counter() - begun
+
+    def _serve_events(self, hs: Handshake, events: int) -> None:
         try:
             if events & selectors.EVENT_WRITE:
                 self._flush(hs)
@@ -403,8 +412,10 @@ class Worker:
 
     def _finish(self, hs: Handshake, status: int, remote: tuple[int, ...], what: str) -> None:
         tls_ms = hs.engine.tls_seconds * 1000
+        busy_ms = hs.busy_s * 1000
         self._report(hs.reply, status, (self._clock() - hs.started) * 1000,
-                     f"{what}{hs.psk.describe()} tls={tls_ms:.2f}ms", tls_ms)
+                     f"{what}{hs.psk.describe()} busy={busy_ms:.2f}ms tls={tls_ms:.2f}ms",
+                     tls_ms)
         self.inflight.pop(hs.sock.fileno(), None)
         self._sel.unregister(hs.sock)
         with contextlib.suppress(OSError):

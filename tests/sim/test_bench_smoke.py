@@ -18,3 +18,17 @@ def test_bench_agent_smoke_prints_its_figures():
     figures = dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
     assert float(figures["workers1_hs_per_s"]) > 0
     assert float(figures["fork_per_request_ms"]) > 0
+
+
+def test_bench_prints_every_issue_7_figure():
+    bench = BENCH.parent / "bench.py"
+    done = subprocess.run([sys.executable, str(bench), "--seconds", "0.5", "--pairs", "3",
+                           "--concurrency", "2", "--workers", "1"], capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
+    for key in ("ceiling_hs_per_s", "agent_x509_hs_per_s", "agent_psk_hs_per_s",
+                "ratio_x509_to_ceiling", "ratio_psk_to_ceiling", "overhead_p50_ms",
+                "overhead_p99_ms", "idle_rss_mb", "rss_per_inflight_kb", "fds_leaked"):
+        assert key in figures, key
+    assert float(figures["fds_leaked"]) == 0
