@@ -129,6 +129,12 @@ class TransportError(LocalError):
     status = errno.EIO
 
 
+class TransportTimeoutError(TransportError):
+    """The kernel side did not answer in time; the channel itself may be fine."""
+
+    status = errno.ETIMEDOUT
+
+
 class NetlinkError(TransportError):
     """The kernel answered a request with NLMSG_ERROR; ``errno`` is positive."""
 

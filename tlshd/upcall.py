@@ -38,7 +38,13 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Protocol
 
-from tlshd.errors import DecodeError, NetlinkError, TlshdError, TransportError
+from tlshd.errors import (
+    DecodeError,
+    NetlinkError,
+    TlshdError,
+    TransportError,
+    TransportTimeoutError,
+)
 from tlshd.ktls import KernelSockopt
 from tlshd.netlink import codec
 from tlshd.netlink.messages import AcceptReply, ErrorReply, FamilyInfo, Ready
@@ -145,7 +151,7 @@ class _GenlUpcall:
             try:
                 data, got_fds = self._recv()
             except TimeoutError:
-                raise TransportError(f"{what}: no answer in {REQUEST_TIMEOUT_S} s") from None
+                raise TransportTimeoutError(f"{what}: no answer in {REQUEST_TIMEOUT_S} s") from None
             except OSError as exc:
                 raise TransportError(f"{what}: {exc.strerror}") from exc
             if not data:

@@ -43,6 +43,7 @@ from tlshd.errors import (
     PeerClosedError,
     TlshdError,
     TransportError,
+    TransportTimeoutError,
     UnknownPSKIdentityError,
     UnsupportedRequestError,
 )
@@ -234,6 +235,9 @@ class Worker:
             except BrokenAcceptError as broken:
                 self._answer_broken(broken)
                 continue
+            except TransportTimeoutError as exc:  # a slow kernel side: try again next sweep
+                log.warning("upcall: %s", exc)
+                return
             if reply is None:
                 return
             self._start(reply)
@@ -438,7 +442,7 @@ class Worker:
     def _done(self, fd: int, status: int, remote: tuple[int, ...]) -> None:
         try:
             self.upcall.done(fd, status, remote)
-        except TlshdError as exc:
+        except TlshdError as exc:  # a lost channel also shows on the READY socket: we exit there
             log.error("DONE for fd %d failed: %s", fd, exc)
 
     def _expire(self) -> None:

@@ -160,6 +160,7 @@ class Kernel:
         self.table = RequestTable(self._notify, self._trace_req)
         self.trace: deque[TraceEvent] = deque(maxlen=100_000)
         self._namespaces: dict[int, NetNS] = {}
+        self._ns_lock = threading.Lock()
         self._sockets: dict[int, socket.socket] = {}  # cookie -> consumer socket
         self._ports = itertools.count(1000)
         self._sel = selectors.DefaultSelector()
@@ -190,7 +191,7 @@ class Kernel:
         self._wake_w.send(b"x")
         if self._thread is not None:
             self._thread.join(timeout=5)
-        for ns in list(self._namespaces.values()):
+        for ns in self._all_netns():
             self._close_endpoint(ns)
         self._sel.close()
         self._wake_r.close()
@@ -216,11 +217,16 @@ class Kernel:
         return sock
 
     def _netns_for_inode(self, inode: int, name: str | None = None) -> NetNS:
-        ns = self._namespaces.get(inode)
-        if ns is None:
-            ns = NetNS(name, inode, HandshakeNet(name or "init"), ULPRegistry())
-            self._namespaces[inode] = ns
-        return ns
+        with self._ns_lock:  # consumers' threads and the loop both look namespaces up
+            ns = self._namespaces.get(inode)
+            if ns is None:
+                ns = NetNS(name, inode, HandshakeNet(name or "init"), ULPRegistry())
+                self._namespaces[inode] = ns
+            return ns
+
+    def _all_netns(self) -> list[NetNS]:
+        with self._ns_lock:
+            return list(self._namespaces.values())
 
     def netns_of(self, sock: socket.socket | int) -> NetNS:
         """``sock_net(sk)``: every namespace has handshake state, endpoint or not."""
@@ -311,7 +317,7 @@ class Kernel:
 
     def _notify(self, hn: HandshakeNet, handler_class: int) -> int:
         """``handshake_genl_notify``: -ESRCH unless someone in the netns joined the group."""
-        ns = next(n for n in self._namespaces.values() if n.hn is hn)
+        ns = next(n for n in self._all_netns() if n.hn is hn)
         group = HANDSHAKE_GROUP_IDS[handler_class]
         members = [a for a in ns.agents if group in a.groups]
         if not members:
@@ -532,7 +538,7 @@ class Kernel:
         self.trace.append(TraceEvent(time.monotonic(), event, ns.name if ns else None, sock, info))
 
     def _trace_req(self, event: str, req: HandshakeReq | None, info: dict[str, Any]) -> None:
-        ns = next((n for n in self._namespaces.values() if req and n.hn is req.net), None)
+        ns = next((n for n in self._all_netns() if req and n.hn is req.net), None)
         self._trace(ns, event, req.sock_key if req else None, info)
 
     def events(self, name: str) -> list[TraceEvent]:

@@ -8,12 +8,15 @@ sockets. Everything is bounded in time and cleaned up by the fixtures.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 import uuid
@@ -56,23 +59,51 @@ def write_config(directory: Path, pki: PKI, endpoint: str, *, require_client_cer
 
 
 class Agent:
-    """The agent process; ``log`` collects its stderr lines."""
+    """The agent process; ``log`` is its stderr, one line an entry.
+
+    The agent writes a request's log line before it sends DONE, so by the time a consumer
+    has its status the line is in the pipe: ``log`` waits until the reader thread has taken
+    everything the pipe holds, which makes ``agent.log[-1]`` that request's line.
+    """
 
     def __init__(self, config: Path, netns: str | None = None) -> None:
         prefix = ["ip", "netns", "exec", netns] if netns else []
         self.proc = subprocess.Popen(
             [*prefix, sys.executable, "-m", "tlshd", "-s", "-c", str(config)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            text=True,
         )
-        self.log: list[str] = []
+        self._lines: list[str] = []
+        self._partial = b""
+        self._lock = threading.Lock()
+        self._busy = threading.Event()  # set while a chunk is read but not yet appended
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
     def _read(self) -> None:
         assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.log.append(line.rstrip())
+        fd = self.proc.stderr.fileno()
+        while True:
+            select.select([fd], [], [])
+            self._busy.set()
+            chunk = os.read(fd, 65536)
+            with self._lock:
+                *lines, self._partial = (self._partial + chunk).split(b"\n")
+                self._lines += [line.decode(errors="replace").rstrip() for line in lines]
+            self._busy.clear()
+            if not chunk:
+                return
+
+    @property
+    def log(self) -> list[str]:
+        assert self.proc.stderr is not None
+        fd, deadline = self.proc.stderr.fileno(), time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            pending = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
+            if pending == 0 and not self._busy.is_set():
+                break
+            time.sleep(0.002)
+        with self._lock:
+            return list(self._lines)
 
     def worker_pids(self) -> list[int]:
         """The supervisor's children (``ip netns exec`` execs, so the pid is the supervisor's)."""
