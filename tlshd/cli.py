@@ -90,7 +90,7 @@ def _kernel_has_family() -> bool:
     from tlshd.upcall import NetlinkUpcall
 
     try:
-        NetlinkUpcall().close()
+        NetlinkUpcall(join=False).close()
     except (TlshdError, OSError):
         return False
     return True

@@ -333,7 +333,7 @@ def _event_sender(sock: socket.socket) -> EventSink:
 def serve(config: Config, load: LoadConfig | None = None) -> int:
     """Run the agent until SIGTERM/SIGINT; SIGHUP reloads through ``load``."""
     supervisor = Supervisor(load or (lambda: config), config)  # credentials, keyrings first
-    open_upcall(config.upcall).close()  # then a missing handshake family fails the start
+    open_upcall(config.upcall, join=False).close()  # then a missing family fails the start
     return supervisor.run()
 
 

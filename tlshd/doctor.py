@@ -169,7 +169,7 @@ def check_upcall(mode: str) -> tuple[list[Verdict], bool]:
 
 def _probe_netlink() -> Verdict:
     try:
-        upcall = NetlinkUpcall()
+        upcall = NetlinkUpcall(join=False)
     except NetlinkError as exc:
         return netlink_verdict(exc.errno, str(exc))
     except (TlshdError, OSError) as exc:
@@ -191,7 +191,7 @@ def netlink_verdict(err: int | None, detail: str) -> Verdict:
 
 def _probe_sim(endpoint: str) -> Verdict:
     try:
-        SimUpcall(endpoint).close()
+        SimUpcall(endpoint, join=False).close()
     except (TlshdError, OSError) as exc:
         return _fail("upcall", f"no answer: {exc}",
                      f"start kernel-sim with endpoint {endpoint!r} in this network namespace "

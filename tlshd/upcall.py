@@ -92,7 +92,10 @@ class Upcall(Protocol):
 class _GenlUpcall:
     """What both transports share: family resolution, request/reply matching."""
 
-    def __init__(self, notify: socket.socket, request: socket.socket) -> None:
+    def __init__(self, notify: socket.socket, request: socket.socket, *,
+                 join: bool = True) -> None:
+        """``join=False`` only checks that the family resolves (a start-up probe must not
+        count as an agent: the kernel would send READY to it, and nobody would ACCEPT)."""
         self._notify, self._request = notify, request
         self._seq = itertools.count(1)
         self._family_id: int | None = None
@@ -101,7 +104,8 @@ class _GenlUpcall:
         self._family_id = self.family.family_id
         if GROUP_NAME not in self.family.mcast_groups:
             raise TransportError(f"family {FAMILY_NAME!r} has no {GROUP_NAME!r} group")
-        self._join(self.family.mcast_groups[GROUP_NAME])
+        if join:
+            self._join(self.family.mcast_groups[GROUP_NAME])
         self._notify.setblocking(False)
 
     # transport-specific hooks
@@ -250,10 +254,10 @@ def _close_fds(fds: Sequence[int]) -> None:
 class NetlinkUpcall(_GenlUpcall):
     """The real kernel: AF_NETLINK generic netlink in this network namespace."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, join: bool = True) -> None:
         notify, request = (_netlink_socket() for _ in range(2))
         try:
-            super().__init__(notify, request)
+            super().__init__(notify, request, join=join)
         except BaseException:
             notify.close()
             request.close()
@@ -280,12 +284,12 @@ def _netlink_socket() -> socket.socket:
 class SimUpcall(_GenlUpcall):
     """kernel-sim: its endpoint in this network namespace (abstract Unix name)."""
 
-    def __init__(self, endpoint: str = DEFAULT_SIM_ENDPOINT) -> None:
+    def __init__(self, endpoint: str = DEFAULT_SIM_ENDPOINT, *, join: bool = True) -> None:
         address = b"\0" + endpoint.encode() + b"/genl"
         notify, request = (_seqpacket(address) for _ in range(2))
         self._sim_notify = notify
         try:
-            super().__init__(notify, request)
+            super().__init__(notify, request, join=join)
         except BaseException:
             notify.close()
             request.close()
@@ -394,17 +398,18 @@ def _genl_request(family_id: int, cmd: int, seq: int, attrs: bytes) -> bytes:
     return struct.pack("=IHHII", 16 + len(body), family_id, 0x1 | 0x4, seq, 0) + body
 
 
-def open_upcall(mode: str) -> Upcall:
-    """``auto``: the kernel's family if this namespace has it, else kernel-sim if it listens."""
+def open_upcall(mode: str, *, join: bool = True) -> Upcall:
+    """``auto``: the kernel's family if this namespace has it, else kernel-sim if it listens.
+    ``join=False``: a probe that does not join the ``tlshd`` group."""
     if mode == "netlink":
-        return NetlinkUpcall()
+        return NetlinkUpcall(join=join)
     if mode.startswith("kernel-sim"):
-        return SimUpcall(mode.partition(":")[2] or DEFAULT_SIM_ENDPOINT)
+        return SimUpcall(mode.partition(":")[2] or DEFAULT_SIM_ENDPOINT, join=join)
     try:
-        return NetlinkUpcall()
+        return NetlinkUpcall(join=join)
     except (NetlinkError, TransportError, OSError) as kernel_error:
         try:
-            return SimUpcall()
+            return SimUpcall(join=join)
         except TransportError:
             raise TransportError(
                 f"this network namespace has no 'handshake' netlink family ({kernel_error}) "

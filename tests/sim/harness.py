@@ -16,6 +16,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import termios
 import threading
 import time
@@ -68,9 +69,20 @@ class Agent:
 
     def __init__(self, config: Path, netns: str | None = None) -> None:
         prefix = ["ip", "netns", "exec", netns] if netns else []
+        # Readiness the way systemd sees it: READY=1 on a notification socket.
+        # A path, not an abstract name: those are per network namespace. A test that
+        # listens on NOTIFY_SOCKET itself keeps it (and does its own waiting for READY=1).
+        env = dict(os.environ)
+        self._notify: socket.socket | None = None
+        if "NOTIFY_SOCKET" not in env:
+            notify_dir = tempfile.mkdtemp(prefix="tlshd-notify-")
+            self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._notify.bind(os.path.join(notify_dir, "notify"))
+            env["NOTIFY_SOCKET"] = self._notify.getsockname()
         self.proc = subprocess.Popen(
             [*prefix, sys.executable, "-m", "tlshd", "-s", "-c", str(config)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env=env,
         )
         self._lines: list[str] = []
         self._partial = b""
@@ -83,9 +95,13 @@ class Agent:
         assert self.proc.stderr is not None
         fd = self.proc.stderr.fileno()
         while True:
-            select.select([fd], [], [])
-            self._busy.set()
-            chunk = os.read(fd, 65536)
+            try:
+                select.select([fd], [], [])
+                self._busy.set()
+                chunk = os.read(fd, 65536)
+            except (OSError, ValueError):  # the pipe was closed under us: the agent is gone
+                self._busy.clear()
+                return
             with self._lock:
                 *lines, self._partial = (self._partial + chunk).split(b"\n")
                 self._lines += [line.decode(errors="replace").rstrip() for line in lines]
@@ -104,6 +120,22 @@ class Agent:
             time.sleep(0.002)
         with self._lock:
             return list(self._lines)
+
+    def wait_ready(self, timeout: float) -> bool:
+        """True once the agent sent READY=1 (every worker has its upcall open)."""
+        if self._notify is None:
+            return True  # the test itself listens for READY=1
+        self._notify.settimeout(timeout)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                message = self._notify.recv(4096)
+            except TimeoutError:
+                return False
+            if b"READY=1" in message.split(b"\n"):
+                return True
+            self._notify.settimeout(max(0.01, deadline - time.monotonic()))
+        return False
 
     def worker_pids(self) -> list[int]:
         """The supervisor's children (``ip netns exec`` execs, so the pid is the supervisor's)."""
@@ -139,7 +171,8 @@ def start_agent(kernel: Kernel, config: Path, netns: str | None = None, *,
     """Start the agent and wait until ``workers`` of its processes joined the tlshd group."""
     agent = Agent(config, netns)
     ns = kernel.netns_of(_probe_socket(netns))
-    if not kernel.wait_for(lambda: kernel.listeners(ns) >= workers, AGENT_START_TIMEOUT_S):
+    ready = agent.wait_ready(AGENT_START_TIMEOUT_S)
+    if not ready or not kernel.wait_for(lambda: kernel.listeners(ns) >= workers, 5):
         agent.stop()
         raise RuntimeError("agent did not join the tlshd group:\n" + "\n".join(agent.log))
     return agent
