@@ -59,7 +59,6 @@ class Stats:
     handshakes: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     statuses: Counter[str] = field(default_factory=Counter)
     inflight: Counter[int] = field(default_factory=Counter)
-    durations_s: list[float] = field(default_factory=list)  # only until read by metrics
     failures: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=RECENT_FAILURES))
     reloads: int = 0
     reload_failures: int = 0
@@ -75,7 +74,6 @@ class Stats:
         result = "ok" if event["status"] == 0 else "failed"
         self.handshakes[(event["role"], event["auth"], result)] += 1
         self.statuses[status_name(event["status"])] += 1
-        self.durations_s.append(event["ms"] / 1000)
         if event["status"]:
             self.failures.append({"at": now, **{k: event[k] for k in _DONE_FIELDS}})
 

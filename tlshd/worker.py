@@ -393,7 +393,8 @@ class Worker:
         install_ktls(self.upcall, hs.sock.fileno(), params)
         # PSK: the key's serial (the NVMe host looks it up); x509: the peer certificate's key
         peer = hs.psk.psk.serial if hs.psk.psk else self._peer_identity(session)
-        self._finish(hs, 0, (peer,) if peer else (), f"ok cipher={suite.openssl_name}")
+        self._finish(hs, 0, (peer,) if peer else (), f"ok cipher={suite.openssl_name}",
+                     cipher=suite.openssl_name)
         self.completed += 1
 
     def _send_final_flight(self, hs: Handshake) -> None:
@@ -414,12 +415,13 @@ class Worker:
         self._finish(hs, status, (), f"failed: {error}")
         self.failed += 1
 
-    def _finish(self, hs: Handshake, status: int, remote: tuple[int, ...], what: str) -> None:
+    def _finish(self, hs: Handshake, status: int, remote: tuple[int, ...], what: str, *,
+                cipher: str = "-") -> None:
         tls_ms = hs.engine.tls_seconds * 1000
         busy_ms = hs.busy_s * 1000
         self._report(hs.reply, status, (self._clock() - hs.started) * 1000,
                      f"{what}{hs.psk.describe()} busy={busy_ms:.2f}ms tls={tls_ms:.2f}ms",
-                     tls_ms)
+                     tls_ms, cipher)
         self.inflight.pop(hs.sock.fileno(), None)
         self._sel.unregister(hs.sock)
         with contextlib.suppress(OSError):
@@ -429,9 +431,8 @@ class Worker:
         _unlink_request_keyring(hs.reply)
 
     def _report(self, reply: AcceptReply, status: int, elapsed_ms: float, what: str,
-                tls_ms: float = 0.0) -> None:
+                tls_ms: float = 0.0, cipher: str = "-") -> None:
         """One log line and one ``done`` event per request (no key material in either)."""
-        cipher = what.split("cipher=", 1)[1].split(maxsplit=1)[0] if "cipher=" in what else "-"
         _log_result(reply, status, elapsed_ms, what, self.netns)
         self._events("done", {
             "role": _role(reply), "auth": _auth_name(reply), "peer": reply.peername or "-",
