@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from OpenSSL import SSL
 
+from tests.unit.handshake.pairing import drive
 from tlshd import keyring
 from tlshd.errors import CredentialError, DecodeError, KeyRevokedError, UnknownPSKIdentityError
 from tlshd.handshake import _psk
@@ -20,7 +21,7 @@ from tlshd.handshake.engine import (
     HandshakeEngine,
     Role,
 )
-from tlshd.handshake.events import HandshakeComplete, HandshakeFailed, NeedData
+from tlshd.handshake.events import HandshakeComplete, HandshakeFailed
 from tlshd.handshake.hello import client_hello_message, offered_identities
 from tlshd.handshake.secrets import HashAlg
 from tlshd.psk import find_server_psk, first_client_psk, hash_for, load_psk
@@ -122,15 +123,7 @@ def _pair(client_key: bytes, server_key: bytes | None, suites: str, suite: bytes
         return server_ctx, lambda c: _psk.attach(c, identity, server_key, suite)
 
     server = HandshakeEngine(server_ctx, Role.SERVER, select_context=select)
-    for _ in range(20):
-        for src, dst in ((client, server), (server, client)):
-            data = src.data_to_send()
-            if data and isinstance(dst.next_event(), NeedData):
-                dst.receive_data(data)
-        events = (client.next_event(), server.next_event())
-        if not any(isinstance(e, NeedData) for e in events):
-            return events, server
-    raise AssertionError("no result")
+    return drive(client, server), server
 
 
 @pytest.mark.parametrize("suites, suite, key_len, cipher", [

@@ -10,12 +10,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from tests.pki import PKI, Issued, write_pki
+from tests.unit.handshake.pairing import drive
 from tlshd.config import Config, X509Side
 from tlshd.contexts import Contexts
 from tlshd.errors import CredentialError, PeerAuthenticationError
 from tlshd.handshake import credentials as creds
 from tlshd.handshake.engine import HandshakeEngine, Role
-from tlshd.handshake.events import HandshakeComplete, HandshakeFailed, NeedData
+from tlshd.handshake.events import HandshakeComplete, HandshakeFailed
 from tlshd.netlink.messages import AcceptReply, Header
 from tlshd.netlink.spec import AuthMode, MsgType
 
@@ -41,15 +42,7 @@ def write_crl(path: Path, ca: Issued, revoked: list[x509.Certificate], *, pem: b
 
 
 def handshake(client: HandshakeEngine, server: HandshakeEngine) -> tuple[object, object]:
-    for _ in range(50):
-        for src, dst in ((client, server), (server, client)):
-            data = src.data_to_send()
-            if data and isinstance(dst.next_event(), NeedData):
-                dst.receive_data(data)
-        events = (client.next_event(), server.next_event())
-        if not any(isinstance(e, NeedData) for e in events):
-            return events
-    raise AssertionError("handshake did not finish")
+    return drive(client, server)
 
 
 def contexts(pki: PKI, server_crl: Path | None) -> Contexts:

@@ -13,12 +13,13 @@ from cryptography.x509.oid import NameOID
 from OpenSSL._util import lib
 
 from tests.pki import write_pki
+from tests.unit.handshake.pairing import drive
 from tlshd.config import Config, X509Side, parse_config
 from tlshd.contexts import Contexts
 from tlshd.errors import ConfigError, CredentialError
 from tlshd.handshake import credentials as creds
 from tlshd.handshake.engine import HandshakeEngine, Role
-from tlshd.handshake.events import HandshakeComplete, HandshakeFailed, NeedData
+from tlshd.handshake.events import HandshakeComplete, HandshakeFailed
 from tlshd.netlink.messages import AcceptReply, Header
 from tlshd.netlink.spec import AuthMode, MsgType
 
@@ -50,15 +51,7 @@ def _reply(message_type: MsgType) -> AcceptReply:
 def _handshake(server_ctx, client_ctx):
     client = HandshakeEngine(client_ctx, Role.CLIENT, peername="localhost")
     server = HandshakeEngine(server_ctx, Role.SERVER)
-    for _ in range(20):
-        for src, dst in ((client, server), (server, client)):
-            data = src.data_to_send()
-            if data and isinstance(dst.next_event(), NeedData):
-                dst.receive_data(data)
-        events = (client.next_event(), server.next_event())
-        if not any(isinstance(e, NeedData) for e in events):
-            return events
-    raise AssertionError("no result")
+    return drive(client, server)
 
 
 @pytest.fixture(scope="module")
