@@ -138,16 +138,23 @@ class NFSClient:
         privkey_serial: int = 0,
         timeout_s: float = XS_TLS_HANDSHAKE_TO,
     ) -> None:
-        if xprtsec not in ("tls", "mtls"):
-            raise ValueError("xprtsec is tls or mtls")
+        if xprtsec not in ("none", "tls", "mtls"):
+            raise ValueError("xprtsec is none, tls or mtls")
         self.kernel, self.xprtsec, self.timeout_s = kernel, xprtsec, timeout_s
         self.cert_serial, self.privkey_serial = cert_serial, privkey_serial
         self.sock: socket.socket | None = None
         self.ktls: KTLSSocket | None = None
 
     def mount(self, sock: socket.socket, servername: str) -> HandshakeOutcome:
-        """Probe with AUTH_TLS on connected ``sock``, then hand it to the agent."""
+        """Probe with AUTH_TLS on connected ``sock``, then hand it to the agent.
+
+        ``xprtsec=none`` sends its first call with AUTH_NONE and no handshake (status 0):
+        whether the export accepts that is the server's decision (:meth:`NFSServer.admits`).
+        """
         self.sock = sock
+        if self.xprtsec == "none":
+            sock.sendall(rpc_null_call(1, RPC_AUTH_NONE))
+            return HandshakeOutcome(0, TLS_NO_PEERID, 0.0)
         sock.sendall(rpc_null_call(1, RPC_AUTH_TLS))
         if _verifier_of(read_record(sock.recv)) != STARTTLS:
             return HandshakeOutcome(-errno.EACCES, TLS_NO_PEERID, 0.0)  # rpc_tls_unavailable
@@ -189,7 +196,10 @@ class NFSServer:
         self.kernel, self.xprtsec, self.timeout_s = kernel, xprtsec, timeout_s
 
     def handshake(self, conn: socket.socket) -> tuple[HandshakeOutcome, bool]:
-        """Returns (outcome, peer_authenticated). mtls exports refuse unauthenticated peers."""
+        """Returns (outcome, peer_authenticated); ``outcome`` is the handshake's own.
+
+        A first call without AUTH_TLS means no handshake: (-EPERM, False), which
+        :meth:`admits` turns into the refusal a TLS-only export gives."""
         xid, _mtype, rest = parse_rpc(read_record(conn.recv))
         flavor = struct.unpack_from(">I", rest, 16)[0]
         if flavor != RPC_AUTH_TLS:
@@ -198,10 +208,18 @@ class NFSServer:
         args = TLSHandshakeArgs(sock=conn, done=_unused)
         out = wait_handshake(self.kernel, conn, self.kernel.tls_server_hello_x509, args,
                              self.timeout_s)
-        peer_auth = out.status == 0 and out.peerid != TLS_NO_PEERID
-        if self.xprtsec == "mtls" and out.status == 0 and not peer_auth:
-            return HandshakeOutcome(-errno.EACCES, out.peerid, out.seconds), False
-        return out, peer_auth
+        return out, out.status == 0 and out.peerid != TLS_NO_PEERID
+
+    def admits(self, outcome: HandshakeOutcome, peer_auth: bool) -> int:
+        """The export's ``xprtsec=`` check (``check_xprtsec_policy``): 0, or -EPERM as the
+        mount sees it. A TLS-only export refuses a transport without TLS; an mtls export
+        also refuses a TLS transport whose peer presented no certificate. On Linux 6.12 both
+        handshakes of the latter succeed (kTLS is installed) and only the mount fails."""
+        if outcome.status != 0:
+            return -errno.EPERM
+        if self.xprtsec == "mtls" and not peer_auth:
+            return -errno.EPERM
+        return 0
 
     def serve(self, conn: socket.socket, calls: int) -> int:
         """Answer ``calls`` RPC NULL calls over kTLS; returns how many were answered."""

@@ -1,28 +1,31 @@
 #!/bin/bash
 # Host side of the real-kernel tier: boot Debian's 6.12 kernel under QEMU (TCG) with virtme-ng
-# over this host's root filesystem and run scripts/qemu/guest-nvme.sh inside it.
+# over a Debian trixie root (make-rootfs.sh) and run scripts/qemu/guest.sh's scenarios inside it.
 #
-#   scripts/qemu/run-guest.sh [OUTDIR]
+#   scripts/qemu/run-guest.sh OUTDIR SCENARIO...      (see guest.sh for the scenario names)
 #
-# Needs root and the package registries (first run only). Cached under $TLSHD_QEMU_CACHE
-# (default var/qemu in the repository, which .gitignore covers): the kernel .deb and its extracted tree, a venv with
-# virtme-ng. The kernel's modules are made visible as /lib/modules/<release> (a symlink into the
-# cache, plus depmod for that release: files only, no package is installed from backports).
-# Host packages from the host's own suite: qemu-system-x86, busybox-static, udev, kmod.
+# Needs root and, on the first run, the package registries. Cached under $TLSHD_QEMU_CACHE
+# (default /var/cache/tlshd-qemu, shared by every checkout and clean clone of this machine):
+# the kernel .deb and its extracted tree, the trixie root (kernel modules, nfs-utils, nvme-cli,
+# ktls-utils, a venv with tlshd's dependencies), a venv with virtme-ng. Nothing from trixie or
+# from backports is installed on the host. Host packages from the host's own suite:
+# qemu-system-x86, busybox-static (virtme-ng's initramfs), debootstrap.
 #
-# OUTDIR (default $CACHE/out/<time>) receives console.log (the kernel console and the guest's
-# output), results (RESULT lines) and the guest's artefacts. Exit status: 0 when the guest
-# script ran to its end, else non-zero. A boot that prints nothing of the guest script is
-# retried once ($TLSHD_QEMU_TRIES).
+# The checkout is shared read-only at /work/tlshd, OUTDIR read-write at /out. OUTDIR receives
+# console.log (the kernel console and the guest's output), results (RESULT lines) and the
+# guest's artefacts. Exit status: 0 when the guest script ran to its end, else non-zero. A boot
+# that prints nothing of the guest script is retried ($TLSHD_QEMU_TRIES, default 2).
+# TLSHD_GUEST_AGENT=reference runs ktls-utils' tlshd instead of this checkout's.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
-# not under /var/cache, /var/tmp or /tmp: virtme-ng mounts tmpfs there in the guest, and the
-# guest must see the modules through the /lib/modules symlink
-CACHE=${TLSHD_QEMU_CACHE:-$REPO/var/qemu}
-OUT=${1:-$CACHE/out/$(date +%Y%m%d-%H%M%S)}
-TIMEOUT=${TLSHD_QEMU_TIMEOUT:-300}
+CACHE=${TLSHD_QEMU_CACHE:-/var/cache/tlshd-qemu}
+OUT=${1:?usage: run-guest.sh OUTDIR SCENARIO...}
+shift
+SCENARIOS=("$@")
+[ ${#SCENARIOS[@]} -gt 0 ] || { echo "run-guest: no scenario given" >&2; exit 2; }
+TIMEOUT=${TLSHD_QEMU_TIMEOUT:-600}
 TRIES=${TLSHD_QEMU_TRIES:-2}
 CPUS=${TLSHD_QEMU_CPUS:-2}
 MEMORY=${TLSHD_QEMU_MEMORY:-2G}
@@ -37,8 +40,7 @@ mkdir -p "$CACHE" "$OUT"
 need=()
 command -v qemu-system-x86_64 > /dev/null || need+=(qemu-system-x86)
 command -v busybox > /dev/null || need+=(busybox-static)
-command -v udevadm > /dev/null || need+=(udev)
-command -v depmod > /dev/null || need+=(kmod)
+command -v debootstrap > /dev/null || need+=(debootstrap)
 if [ ${#need[@]} -gt 0 ]; then
     log "installing ${need[*]}"
     apt-get update -qq
@@ -68,15 +70,11 @@ if ! ls "$KROOT"/boot/vmlinuz-* > /dev/null 2>&1; then
 fi
 VMLINUZ=$(ls "$KROOT"/boot/vmlinuz-* | sort -V | tail -1)
 REL=${VMLINUZ##*/vmlinuz-}
-MODS=$KROOT/lib/modules/$REL
-[ -d "$MODS" ] || MODS=$KROOT/usr/lib/modules/$REL
-mkdir -p /lib/modules
-if [ ! -e "/lib/modules/$REL" ]; then
-    ln -s "$MODS" "/lib/modules/$REL"
-elif [ "$(readlink -f "/lib/modules/$REL")" != "$(readlink -f "$MODS")" ]; then
-    log "/lib/modules/$REL exists and is not ours; using it as it is"
-fi
-[ -f "/lib/modules/$REL/modules.dep.bin" ] || depmod -a "$REL"
+KDEB=$(ls -t "$CACHE"/deb/linux-image-"$REL"_*.deb | head -1)
+
+# ---- the guest's root --------------------------------------------------------------------------
+GROOT=$CACHE/trixie
+bash "$HERE/make-rootfs.sh" "$GROOT" "$KDEB"
 
 # ---- virtme-ng ---------------------------------------------------------------------------------
 VENV=$CACHE/vng-venv
@@ -87,7 +85,7 @@ fi
 export PATH=$VENV/bin:$PATH
 
 # ---- boot --------------------------------------------------------------------------------------
-GUEST="bash $HERE/guest-nvme.sh $OUT"
+GUEST="TLSHD_GUEST_AGENT=${TLSHD_GUEST_AGENT:-tlshd} bash /work/tlshd/scripts/qemu/guest.sh /out ${SCENARIOS[*]}"
 log "kernel $REL, virtme-ng $(vng --version 2>&1 | awk '{print $2}'), output $OUT"
 rc=1
 rm -f "$OUT/host-results"
@@ -97,15 +95,16 @@ for try in $(seq "$TRIES"); do
     set +e
     # --force-9p: this host's virtiofsd does not start; the kernel has 9p as a module, so
     # virtme-ng builds an initramfs (busybox). TCG: nested KVM fails on these machines.
-    timeout --kill-after=10 "$TIMEOUT" vng --run "$VMLINUZ" --disable-kvm --force-9p \
-        --cpus "$CPUS" --memory "$MEMORY" --verbose --rwdir="$OUT" \
+    timeout --kill-after=10 "$TIMEOUT" vng --run "$VMLINUZ" --root "$GROOT" --disable-kvm \
+        --force-9p --cpus "$CPUS" --memory "$MEMORY" --verbose \
+        --rodir=/work/tlshd="$REPO" --rwdir=/out="$OUT" \
         --exec "$GUEST" < /dev/null > "$OUT/console.log" 2>&1
     rc=$?
     set -e
     end=$(date +%s.%N)
     awk -v a="$start" -v b="$end" -v t="$try" -v r="$rc" \
         'BEGIN { printf "RESULT boot_try_%d=rc:%d,seconds:%.1f\n", t, r, b - a }' >> "$OUT/host-results"
-    if grep -q '^RESULT done=yes' "$OUT/results" 2> /dev/null; then rc=0; break; fi
+    if grep -q '^RESULT global.done=yes' "$OUT/results" 2> /dev/null; then rc=0; break; fi
     if grep -q '^GUEST: ' "$OUT/console.log"; then break; fi   # the guest ran: do not hide a failure
     log "try $try: no output from the guest script (rc=$rc); see $OUT/console.log"
     cp "$OUT/console.log" "$OUT/console.try$try.log"

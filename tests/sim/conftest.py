@@ -6,13 +6,8 @@ from pathlib import Path
 import pytest
 
 from kernel_sim.kernel import Kernel
-from tests.pki import PKI, write_pki
+from tests.pki import PKI
 from tests.sim.harness import Agent, start_agent, unique_endpoint, write_config
-
-
-@pytest.fixture(scope="session")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
-    return write_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")

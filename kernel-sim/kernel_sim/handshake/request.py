@@ -110,6 +110,8 @@ class RequestTable:
             if err == 0:
                 assert net is not None
                 err = self._notify(net, req.proto.handler_class)
+                if err:
+                    self._trace("notify_err", req, {"errno": err})
                 if err and not self._remove_pending(req):
                     err = 0  # an agent accepted it already: the submit stands
             if err:

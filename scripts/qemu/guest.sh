@@ -1,0 +1,469 @@
+#!/bin/bash
+# Guest side of the real-kernel tier: runs INSIDE the QEMU guest booted by run-guest.sh, over the
+# trixie root of make-rootfs.sh, with the checkout at /work/tlshd (read-only).
+#
+#   guest.sh OUTDIR SCENARIO...
+#
+# Scenarios (the same names as tests/kernel/scenarios.py, which holds what each must show):
+#   nvme_psk            NVMe/TCP host + target over TLS (PSK), 8 MiB O_DIRECT I/O, disconnect
+#   nvme_no_agent       the same connect with no agent: ESRCH at once
+#   nvme_done_status    a raw agent (accept-probe.py) answers DONE(13): the host sees EACCES
+#   nfs_tls             NFSv4.2 mount with xprtsec=tls of an xprtsec=tls export, file I/O
+#   nfs_mtls            the same with xprtsec=mtls on both sides
+#   nfs_plain_refused   a mount without xprtsec of a TLS-only export: refused (EPERM)
+#   nfs_tls_on_mtls     an xprtsec=tls mount of an mtls export: handshakes succeed, mount refused
+#   nfs_untrusted_ca    the server's certificate comes from a CA the client does not trust
+#   nvme_loop N / nfs_loop N   N connect/disconnect (mount/umount) cycles, for bench/real_kernel
+# Environment: TLSHD_GUEST_AGENT=tlshd (default) | reference (ktls-utils' /usr/sbin/tlshd).
+#
+# For each scenario S: OUTDIR/S/trace.txt (tracefs handshake:* events, trace_clock=mono),
+# OUTDIR/S/tls_stat.before|after, and "RESULT S.key=value" lines on stdout and in
+# OUTDIR/results. Never run it on a host: it loads modules, configures nvmet and nfsd.
+set -u
+
+OUT=${1:?usage: guest.sh OUTDIR SCENARIO...}
+shift
+HERE=$(cd "$(dirname "$0")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+PY=${TLSHD_PYTHON:-/opt/tlshd/bin/python}
+AGENT_KIND=${TLSHD_GUEST_AGENT:-tlshd}
+WORK=/tmp/tlshd-guest
+T=/sys/kernel/tracing
+mkdir -p "$OUT" "$WORK"
+touch "$OUT/results"
+
+say() { echo "GUEST: $*"; }
+SCEN=global
+result() { echo "RESULT $SCEN.$1=$2" | tee -a "$OUT/results"; }
+now() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
+counters() { awk '{printf "%s:%s,", $1, $2}' /proc/net/tls_stat; }
+
+AGENT_PID=
+NOTIFY_PID=
+cleanup() {
+    agent_stop > /dev/null 2>&1
+    [ -n "$NOTIFY_PID" ] && kill "$NOTIFY_PID" 2> /dev/null
+    dmesg > "$OUT/dmesg.txt" 2>&1
+    say "end"
+}
+trap cleanup EXIT
+cd "$REPO" || exit 1
+
+# ---- the kernel side -----------------------------------------------------------------------------
+setup_kernel() {
+    result kernel "$(uname -r)"
+    result ncpus "$(nproc)"
+    result agent_kind "$AGENT_KIND"
+    for m in tls nvme-keyring nvme-fabrics nvme-tcp nvmet nvmet-tcp nfsd nfs nfsv4; do
+        modprobe "$m"; result "modprobe_$m" $?
+    done
+    modprobe brd rd_nr=1 rd_size=65536; result modprobe_brd $?
+    if "$PY" -c "from tlshd.upcall import NetlinkUpcall; NetlinkUpcall(join=False).close()" \
+            > "$WORK/genl.err" 2>&1; then
+        result genl_handshake ok
+    else
+        result genl_handshake "failed: $(tr '\n' ' ' < "$WORK/genl.err")"
+    fi
+    [ -d "$T/events" ] || mount -t tracefs nodev "$T" 2> /dev/null
+    if [ -d "$T/events/handshake" ]; then
+        ls "$T/events/handshake" | paste -sd, - > "$OUT/handshake-events.txt"
+        echo mono > "$T/trace_clock"
+        echo 8192 > "$T/buffer_size_kb"
+        echo 1 > "$T/events/handshake/enable"
+        result tracefs ok
+    else
+        result tracefs missing
+    fi
+    mountpoint -q /mnt || mount -t tmpfs tmpfs /mnt
+}
+
+scenario_begin() {
+    SCEN=$1
+    mkdir -p "$OUT/$SCEN"
+    say "scenario $SCEN"
+    [ -d "$T/events/handshake" ] && echo > "$T/trace"
+    cp /proc/net/tls_stat "$OUT/$SCEN/tls_stat.before"
+    dmesg > "$WORK/dmesg.before"
+}
+
+scenario_end() {
+    sleep 0.3
+    cp /proc/net/tls_stat "$OUT/$SCEN/tls_stat.after"
+    [ -d "$T/events/handshake" ] && cp "$T/trace" "$OUT/$SCEN/trace.txt"
+    dmesg > "$WORK/dmesg.after"
+    diff "$WORK/dmesg.before" "$WORK/dmesg.after" | sed -n 's/^> //p' > "$OUT/$SCEN/dmesg.txt"
+    result done yes
+    SCEN=global
+}
+
+# ---- credentials and the agent -------------------------------------------------------------------
+setup_credentials() {
+    "$PY" -c "from pathlib import Path; from tests.pki import write_pki; write_pki(Path('$WORK/pki'))"
+    result pki $?
+    HOSTID=$(cat /proc/sys/kernel/random/uuid)
+    # hostid goes with the hostnqn: 6.12 refuses a hostnqn that differs from the default
+    # host's while reusing its hostid ("found same hostid ... but different hostnqn", EINVAL)
+    HOSTNQN="nqn.2014-08.org.nvmexpress:uuid:$HOSTID"
+    SUBNQN="nqn.2026-01.io.tlshd:qemu-test"
+    local hex
+    hex=$(awk '$8 == "keyring" && $9 == ".nvme:" { print $1 }' /proc/keys)
+    [ -n "$hex" ] || { result nvme_keyring missing; return 1; }
+    NVME_KR=$((16#$hex))
+    result nvme_keyring "$NVME_KR"
+    # the identity kernel 6.12's default host lookup asks for: NVMe0R01 <hostnqn> <subnqn>
+    PSK=$(head -c 32 /dev/urandom | keyctl padd psk "NVMe0R01 $HOSTNQN $SUBNQN" "$NVME_KR")
+    result psk_serial "${PSK:-none}"
+}
+
+# $1: server certificate stem (server | server-untrusted)
+write_agent_config() {
+    local p=$WORK/pki
+    cat > "$WORK/agent.conf" <<EOF
+[authenticate]
+keyrings=.nvme
+
+[authenticate.client]
+x509.truststore=$p/ca.pem
+x509.certificate=$p/client.crt
+x509.private_key=$p/client.key
+
+[authenticate.server]
+x509.truststore=$p/ca.pem
+x509.certificate=$p/$1.crt
+x509.private_key=$p/$1.key
+EOF
+}
+
+# READY=1 and RELOADING=1 from tlshd's sd_notify, one line a message, in $WORK/notify.log
+start_notify_listener() {
+    rm -f "$WORK/notify.sock" "$WORK/notify.log"
+    "$PY" - "$WORK/notify.sock" "$WORK/notify.log" <<'EOF' &
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.bind(sys.argv[1])
+with open(sys.argv[2], "a", buffering=1) as log:
+    while True:
+        log.write(s.recv(4096).decode(errors="replace").replace("\n", " ") + "\n")
+EOF
+    NOTIFY_PID=$!
+    for _ in $(seq 100); do [ -S "$WORK/notify.sock" ] && break; sleep 0.1; done
+}
+
+ready_count() {
+    local n
+    n=$(grep -c 'READY=1' "$WORK/notify.log" 2> /dev/null) || true
+    echo "${n:-0}"
+}
+
+# wait until notify.log has more than $1 READY=1 lines (at most $2 seconds)
+wait_ready_count() {
+    local i
+    for i in $(seq $(($2 * 10))); do
+        [ "$(ready_count)" -gt "$1" ] && return 0
+        sleep 0.1
+    done
+    return 1
+}
+
+agent_start() {
+    local t0
+    t0=$(now)
+    if [ "$AGENT_KIND" = reference ]; then
+        # ktls-utils' tlshd: the same config keys; it has no readiness notification, so wait
+        # until it has joined the tlshd multicast group (a READY is then delivered)
+        /usr/sbin/tlshd -c "$WORK/agent.conf" -s > "$OUT/agent-$SCEN.log" 2>&1 &
+        AGENT_PID=$!
+        local i
+        for i in $(seq 600); do
+            # /proc/net/netlink: sk Eth Pid Groups ...; generic netlink is 16
+            awk -v p="$AGENT_PID" '$2 == 16 && $3 == p && $4 != "00000000" { f = 1 } END { exit !f }' \
+                /proc/net/netlink && break
+            sleep 0.1
+        done
+        result agent_ready "$(elapsed "$t0" "$(now)")"
+        return 0
+    fi
+    [ -n "$NOTIFY_PID" ] || start_notify_listener
+    local before
+    before=$(ready_count)
+    NOTIFY_SOCKET="$WORK/notify.sock" "$PY" -m tlshd -s -c "$WORK/agent.conf" \
+        --upcall netlink --workers 1 >> "$OUT/agent-$SCEN.log" 2>&1 &
+    AGENT_PID=$!
+    if wait_ready_count "$before" 120; then
+        result agent_ready "$(elapsed "$t0" "$(now)")"
+    else
+        result agent_ready no
+    fi
+}
+
+agent_reload() {
+    if [ "$AGENT_KIND" = reference ]; then agent_stop; agent_start; return; fi
+    local before t0
+    before=$(ready_count)
+    t0=$(now)
+    kill -HUP "$AGENT_PID"
+    if wait_ready_count "$before" 60; then
+        result agent_reload "$(elapsed "$t0" "$(now)")"
+    else
+        result agent_reload no
+    fi
+}
+
+agent_stop() {
+    [ -n "$AGENT_PID" ] || return 0
+    kill -TERM "$AGENT_PID" 2> /dev/null
+    wait "$AGENT_PID"
+    result agent_exit $?
+    AGENT_PID=
+}
+
+# ---- NVMe/TCP ------------------------------------------------------------------------------------
+NVMET_READY=
+setup_nvmet() {
+    [ -n "$NVMET_READY" ] && return 0
+    local cfg=/sys/kernel/config n
+    mountpoint -q "$cfg" || mount -t configfs none "$cfg"
+    n=$cfg/nvmet
+    (
+        set -e
+        mkdir "$n/hosts/$HOSTNQN"
+        mkdir "$n/subsystems/$SUBNQN"
+        echo 0 > "$n/subsystems/$SUBNQN/attr_allow_any_host"
+        ln -s "$n/hosts/$HOSTNQN" "$n/subsystems/$SUBNQN/allowed_hosts/"
+        mkdir "$n/subsystems/$SUBNQN/namespaces/1"
+        echo /dev/ram0 > "$n/subsystems/$SUBNQN/namespaces/1/device_path"
+        echo 1 > "$n/subsystems/$SUBNQN/namespaces/1/enable"
+        mkdir "$n/ports/1"
+        echo tcp > "$n/ports/1/addr_trtype"
+        echo ipv4 > "$n/ports/1/addr_adrfam"
+        echo 127.0.0.1 > "$n/ports/1/addr_traddr"
+        echo 4420 > "$n/ports/1/addr_trsvcid"
+        echo tls1.3 > "$n/ports/1/addr_tsas"  # also sets addr_treq to "required"
+        ln -s "$n/subsystems/$SUBNQN" "$n/ports/1/subsystems/"
+    )
+    result nvmet_config $?
+    result nvmet_treq "$(cat "$n/ports/1/addr_treq" 2> /dev/null)"
+    result nvmet_tsas "$(cat "$n/ports/1/addr_tsas" 2> /dev/null)"
+    NVMET_READY=yes
+}
+
+# writes the options to /dev/nvme-fabrics; prints the reply; fails with the write's status
+nvme_connect() {
+    local opts="transport=tcp,traddr=127.0.0.1,trsvcid=4420,nqn=$SUBNQN,hostnqn=$HOSTNQN"
+    opts="$opts,hostid=$HOSTID,tls"
+    exec 3<> /dev/nvme-fabrics || return 99
+    if ! echo "$opts" >&3 2> "$WORK/connect.err"; then exec 3>&-; return 1; fi
+    local reply=
+    read -r reply <&3
+    exec 3>&-
+    echo "$reply"
+}
+
+# the write's error message ("...: No such process") as an errno name (ESRCH)
+connect_errno() {
+    sed -n 's/.*: //p' "$WORK/connect.err" | head -1 | "$PY" -c '
+import errno, os, sys
+text = sys.stdin.read().strip()
+names = {os.strerror(n): name for n, name in errno.errorcode.items()}
+print(names.get(text, text))'
+}
+
+nvme_wait_live() {  # $1: controller name; prints the state it reached
+    local state=
+    for _ in $(seq 100); do
+        state=$(cat "/sys/class/nvme/$1/state" 2> /dev/null)
+        [ "$state" = live ] && break
+        sleep 0.1
+    done
+    echo "$state"
+}
+
+s_nvme_psk() {
+    setup_nvmet
+    local t0 reply rc ctrl dev=
+    t0=$(now)
+    reply=$(nvme_connect); rc=$?
+    result connect_seconds "$(elapsed "$t0" "$(now)")"
+    result consumer_errno "$([ $rc = 0 ] && echo 0 || connect_errno)"
+    ctrl=$(echo "$reply" | sed -n 's/.*instance=\([0-9]*\).*/nvme\1/p')
+    [ -n "$ctrl" ] || return 0
+    result ctrl_state "$(nvme_wait_live "$ctrl")"
+    result ctrl_queue_count "$(cat "/sys/class/nvme/$ctrl/queue_count" 2> /dev/null)"
+    result ctrl_transport "$(cat "/sys/class/nvme/$ctrl/transport" 2> /dev/null)"
+    [ -r "/sys/class/nvme/$ctrl/tls_key" ] && result ctrl_tls_key "$(cat "/sys/class/nvme/$ctrl/tls_key")"
+    for _ in $(seq 100); do
+        for d in /dev/"$ctrl"n1 /dev/nvme*n1; do [ -b "$d" ] && { dev=$d; break; }; done
+        [ -n "$dev" ] && break
+        sleep 0.1
+    done
+    result blockdev "${dev:-none}"
+    if [ -n "$dev" ]; then
+        head -c $((8 << 20)) /dev/urandom > "$WORK/data.in"
+        dd if="$WORK/data.in" of="$dev" bs=1M count=8 oflag=direct status=none
+        result dd_write_rc $?
+        dd if="$dev" of="$WORK/data.out" bs=1M count=8 iflag=direct status=none
+        result dd_read_rc $?
+        cmp -s "$WORK/data.in" "$WORK/data.out" && result data_identical yes || result data_identical no
+    fi
+    result tls_stat_connected "$(counters)"
+    t0=$(now)
+    echo 1 > "/sys/class/nvme/$ctrl/delete_controller"; result disconnect_rc $?
+    result disconnect_seconds "$(elapsed "$t0" "$(now)")"
+}
+
+s_nvme_no_agent() {
+    setup_nvmet
+    agent_stop
+    local t0 rc
+    t0=$(now)
+    nvme_connect > /dev/null; rc=$?
+    result connect_seconds "$(elapsed "$t0" "$(now)")"
+    result consumer_errno "$([ $rc = 0 ] && echo 0 || connect_errno)"
+    sleep 0.2
+    # "nvme nvmeN: queue 0: failed to start TLS: -3" (host), "failed to start TLS, err=-3" (target)
+    dmesg > "$WORK/dmesg.after"
+    result dmesg_target "$(diff "$WORK/dmesg.before" "$WORK/dmesg.after" | grep -o 'nvmet_tcp: failed to start TLS, err=-\?[0-9]*' | head -1)"
+    result dmesg_host "$(diff "$WORK/dmesg.before" "$WORK/dmesg.after" | grep -o 'queue [0-9]*: failed to start TLS: -\?[0-9]*' | head -1)"
+}
+
+s_nvme_done_status() {
+    setup_nvmet
+    agent_stop
+    rm -f "$WORK/probe.ready"
+    "$PY" "$HERE/accept-probe.py" "$WORK/probe.ready" 13 15 > "$OUT/$SCEN/probe.txt" 2>&1 &
+    local probe=$! t0 rc
+    for _ in $(seq 300); do [ -f "$WORK/probe.ready" ] && break; sleep 0.1; done
+    t0=$(now)
+    nvme_connect > /dev/null; rc=$?
+    result connect_seconds "$(elapsed "$t0" "$(now)")"
+    result consumer_errno "$([ $rc = 0 ] && echo 0 || connect_errno)"
+    kill "$probe" 2> /dev/null; wait "$probe" 2> /dev/null
+    result accept_attrs "$(sed -n -e 's/^PROBE attr=\([A-Z_0-9]*\):.*/\1/p' -e 's/^PROBE end_of_reply/;/p' "$OUT/$SCEN/probe.txt" | head -12 | paste -sd, -)"
+    result done_ack "$(sed -n 's/^PROBE done_ack=//p' "$OUT/$SCEN/probe.txt" | head -1)"
+}
+
+s_nvme_loop() {  # $1 cycles: connect, wait live, disconnect
+    setup_nvmet
+    local i reply ctrl ok=0 t0
+    t0=$(now)
+    for i in $(seq "$1"); do
+        reply=$(nvme_connect) || continue
+        ctrl=$(echo "$reply" | sed -n 's/.*instance=\([0-9]*\).*/nvme\1/p')
+        [ "$(nvme_wait_live "$ctrl")" = live ] && ok=$((ok + 1))
+        echo 1 > "/sys/class/nvme/$ctrl/delete_controller"
+    done
+    result cycles_ok "$ok"
+    result seconds "$(elapsed "$t0" "$(now)")"
+}
+
+# ---- NFSv4.2 -------------------------------------------------------------------------------------
+NFSD_READY=
+setup_nfsd() {
+    [ -n "$NFSD_READY" ] && return 0
+    # the 9p root cannot be exported: a tmpfs with fsid=0 is the pseudo-root
+    mountpoint -q /srv || mount -t tmpfs tmpfs /srv
+    mkdir -p /srv/export
+    mount -t tmpfs tmpfs /srv/export
+    echo "written by the server" > /srv/export/server-file
+    mkdir -p /var/lib/nfs/rpc_pipefs /var/lib/nfs/v4recovery
+    mountpoint -q /proc/fs/nfsd || mount -t nfsd nfsd /proc/fs/nfsd
+    rpcbind -w; result rpcbind $?
+    export_as tls
+    rpc.mountd; result mountd $?
+    # the NFSv4 grace period (90 s by default) blocks OPEN/CREATE: shorten it
+    rpc.nfsd -G 10 -L 10 4; result nfsd $?
+    NFSD_STARTED=$(now)
+    NFSD_READY=yes
+}
+
+export_as() {  # $1: tls | mtls
+    exportfs -ua 2> /dev/null
+    exportfs -o "rw,fsid=0,no_root_squash,insecure,xprtsec=$1" 127.0.0.1:/srv/export
+    result "exportfs_$1" $?
+}
+
+# grace: the first mount after rpc.nfsd waits until the grace period is over
+wait_grace() {
+    local left
+    left=$(awk -v a="$NFSD_STARTED" -v b="$(now)" 'BEGIN { l = 11 - (b - a); print (l > 0) ? int(l + 1) : 0 }')
+    [ "$left" -gt 0 ] && sleep "$left"
+    return 0
+}
+
+nfs_mount() {  # $1 mount options; prints nothing, returns mount.nfs's status
+    mkdir -p /mnt/nfs
+    timeout 120 mount -t nfs -o "vers=4.2,$1" 127.0.0.1:/ /mnt/nfs > "$WORK/mount.err" 2>&1
+}
+
+# mount.nfs's message becomes an errno name the scenarios compare
+mount_errno() {
+    case "$(cat "$WORK/mount.err")" in
+        *"Operation not permitted"*) echo EPERM ;;
+        *"access denied"*|*"Permission denied"*) echo EACCES ;;
+        *"timed out"*|*"Connection timed out"*) echo ETIMEDOUT ;;
+        *) head -c 200 "$WORK/mount.err" | tr '\n' ' ' ;;
+    esac
+}
+
+nfs_scenario() {  # $1 export xprtsec, $2 mount options
+    setup_nfsd
+    export_as "$1"
+    wait_grace
+    local t0 rc
+    t0=$(now)
+    nfs_mount "$2"; rc=$?
+    result mount_seconds "$(elapsed "$t0" "$(now)")"
+    result consumer_errno "$([ $rc = 0 ] && echo 0 || mount_errno)"
+    [ $rc = 0 ] || return 0
+    local data="written by the client $(date +%s%N)"
+    echo "$data" > /mnt/nfs/client-file; result client_write $?
+    sync
+    [ "$(cat /srv/export/client-file 2> /dev/null)" = "$data" ] && result server_sees_client yes || result server_sees_client no
+    [ "$(cat /mnt/nfs/server-file 2> /dev/null)" = "written by the server" ] && result client_sees_server yes || result client_sees_server no
+    result mount_proto "$(awk '$2 == "/mnt/nfs" { print $4 }' /proc/mounts | tr ',' '\n' | grep -E '^(vers|xprtsec)=' | paste -sd, -)"
+    umount /mnt/nfs; result umount_rc $?
+}
+
+s_nfs_tls() { nfs_scenario tls xprtsec=tls; }
+s_nfs_mtls() { nfs_scenario mtls xprtsec=mtls; }
+s_nfs_plain_refused() { nfs_scenario tls sec=sys; }
+s_nfs_tls_on_mtls() { nfs_scenario mtls xprtsec=tls; }
+s_nfs_untrusted_ca() {
+    write_agent_config server-untrusted; agent_reload
+    nfs_scenario tls xprtsec=tls
+    write_agent_config server; agent_reload
+}
+
+s_nfs_loop() {  # $1 cycles of mount + umount (xprtsec=tls)
+    setup_nfsd
+    export_as tls
+    wait_grace
+    local i ok=0 t0
+    t0=$(now)
+    for i in $(seq "$1"); do
+        nfs_mount xprtsec=tls && { ok=$((ok + 1)); umount /mnt/nfs; }
+    done
+    result cycles_ok "$ok"
+    result seconds "$(elapsed "$t0" "$(now)")"
+}
+
+# ---- main ----------------------------------------------------------------------------------------
+SCEN=global
+setup_kernel
+setup_credentials || exit 1
+write_agent_config server
+agent_start
+while [ $# -gt 0 ]; do
+    name=$1; shift
+    args=()
+    case "$name" in *_loop) args=("$1"); shift ;; esac
+    if ! declare -F "s_$name" > /dev/null; then say "unknown scenario $name"; continue; fi
+    scenario_begin "$name"
+    [ -n "$AGENT_PID" ] || case "$name" in *no_agent|*done_status) ;; *) agent_start ;; esac
+    "s_$name" "${args[@]}"
+    scenario_end
+done
+SCEN=global
+agent_stop
+result done yes

@@ -1,0 +1,115 @@
+"""The kernel's own evidence of handshakes, read the same way from a real kernel and kernel-sim.
+
+A real kernel: the ``handshake:*`` tracepoints as tracefs prints them (``trace_clock=mono``) and
+two ``/proc/net/tls_stat`` snapshots. kernel-sim: ``Kernel.trace`` (the same events) and its
+ULP counters. Both become one :class:`Evidence`, which the scenarios compare.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from kernel_sim.kernel import TraceEvent
+
+# "  nfsd-333  [001] .....  50.939093: handshake_submit: req=00000000038e3fea sk=000000008490"
+_LINE = re.compile(
+    r"^\s*(?P<task>.+?)-(?P<pid>\d+)\s+\[\d+\]\s+\S+\s+(?P<ts>\d+\.\d+): "
+    r"handshake_(?P<event>\w+): (?P<fields>.*)$"
+)
+_FIELD = re.compile(r"(\w+)=(\S+)")
+
+
+@dataclass(frozen=True)
+class Event:
+    ts: float  # seconds, CLOCK_MONOTONIC
+    event: str  # the tracepoint without "handshake_": submit, cmd_accept, complete, ...
+    req: str  # a request's key: the hashed req pointer (tracefs) or the socket cookie (sim)
+    value: int | None = None  # status (complete) or err (the *_err events)
+    task: str = ""
+
+
+def parse_tracefs(text: str) -> list[Event]:
+    events = []
+    for line in text.splitlines():
+        m = _LINE.match(line)
+        if not m:
+            continue
+        fields = dict(_FIELD.findall(m.group("fields")))
+        raw = fields.get("status", fields.get("err"))
+        events.append(Event(float(m.group("ts")), m.group("event"), fields.get("req", ""),
+                            int(raw) if raw is not None else None, m.group("task")))
+    return events
+
+
+def from_sim(trace: Iterable[TraceEvent]) -> list[Event]:
+    """kernel-sim's ``Kernel.trace`` entries as :class:`Event`s."""
+    events = []
+    for e in trace:
+        value = e.info.get("status", e.info.get("errno"))
+        events.append(Event(e.ts, e.event, str(e.sock), value))
+    return events
+
+
+def parse_tls_stat(text: str) -> dict[str, int]:
+    return {name: int(value) for name, value in (line.split() for line in text.splitlines()
+                                                 if line.strip())}
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One request's path through the kernel: submit -> ACCEPT -> DONE, in milliseconds."""
+
+    submit_to_accept_ms: float
+    accept_to_done_ms: float
+    status: int
+
+
+@dataclass(frozen=True)
+class Evidence:
+    submitted: int  # handshake_submit: requests queued and announced
+    submit_errors: tuple[int, ...]  # handshake_submit_err values, sorted
+    notify_errors: tuple[int, ...]  # handshake_notify_err: the READY multicast failed
+    accepted: int
+    done: int
+    statuses: tuple[int, ...]  # handshake_complete statuses, sorted
+    ktls_installed: int  # TlsTxSw and TlsRxSw both grew by this much
+    timings: tuple[Timing, ...] = field(default=(), compare=False)
+
+    def median_accept_to_done_ms(self) -> float:
+        return statistics.median(t.accept_to_done_ms for t in self.timings)
+
+
+def summarize(events: Iterable[Event], tls_before: Mapping[str, int],
+              tls_after: Mapping[str, int]) -> Evidence:
+    events = sorted(events, key=lambda e: e.ts)
+    count = {name: sum(e.event == name for e in events)
+             for name in ("submit", "cmd_accept", "cmd_done")}
+    tx = tls_after.get("TlsTxSw", 0) - tls_before.get("TlsTxSw", 0)
+    rx = tls_after.get("TlsRxSw", 0) - tls_before.get("TlsRxSw", 0)
+    return Evidence(
+        submitted=count["submit"],
+        submit_errors=tuple(sorted(e.value or 0 for e in events if e.event == "submit_err")),
+        notify_errors=tuple(sorted(e.value or 0 for e in events if e.event == "notify_err")),
+        accepted=count["cmd_accept"],
+        done=count["cmd_done"],
+        statuses=tuple(sorted(e.value or 0 for e in events if e.event == "complete")),
+        ktls_installed=min(tx, rx),
+        timings=tuple(_timings(events)),
+    )
+
+
+def _timings(events: list[Event]) -> Iterable[Timing]:
+    started: dict[str, dict[str, float]] = {}
+    for e in events:
+        if e.event == "submit":
+            started[e.req] = {"submit": e.ts}
+        elif e.event in ("cmd_accept", "cmd_done") and e.req in started:
+            started[e.req].setdefault(e.event, e.ts)
+        elif e.event == "complete" and e.req in started:
+            marks = started.pop(e.req)
+            if "cmd_accept" in marks and "cmd_done" in marks:
+                yield Timing((marks["cmd_accept"] - marks["submit"]) * 1000,
+                             (marks["cmd_done"] - marks["cmd_accept"]) * 1000, e.value or 0)
