@@ -14,7 +14,8 @@
 #   nfs_tls_on_mtls     an xprtsec=tls mount of an mtls export: handshakes succeed, mount refused
 #   nfs_untrusted_ca    the server's certificate comes from a CA the client does not trust
 #   nvme_loop N / nfs_loop N   N connect/disconnect (mount/umount) cycles, for bench/real_kernel
-# Environment: TLSHD_GUEST_AGENT=tlshd (default) | reference (ktls-utils' /usr/sbin/tlshd).
+# Environment: TLSHD_GUEST_AGENT=tlshd (default) | reference (ktls-utils' /usr/sbin/tlshd);
+# TLSHD_GUEST_WORKERS: tlshd's worker count (default: its own, one per CPU).
 #
 # For each scenario S: OUTDIR/S/trace.txt (tracefs handshake:* events, trace_clock=mono),
 # OUTDIR/S/tls_stat.before|after, and "RESULT S.key=value" lines on stdout and in
@@ -187,8 +188,10 @@ agent_start() {
     [ -n "$NOTIFY_PID" ] || start_notify_listener
     local before
     before=$(ready_count)
+    # default worker count (one per CPU), as deployed; TLSHD_GUEST_WORKERS overrides it
     NOTIFY_SOCKET="$WORK/notify.sock" "$PY" -m tlshd -s -c "$WORK/agent.conf" \
-        --upcall netlink --workers 1 >> "$OUT/agent-$SCEN.log" 2>&1 &
+        --upcall netlink ${TLSHD_GUEST_WORKERS:+--workers "$TLSHD_GUEST_WORKERS"} \
+        >> "$OUT/agent-$SCEN.log" 2>&1 &
     AGENT_PID=$!
     if wait_ready_count "$before" 120; then
         result agent_ready "$(elapsed "$t0" "$(now)")"

@@ -85,7 +85,7 @@ fi
 export PATH=$VENV/bin:$PATH
 
 # ---- boot --------------------------------------------------------------------------------------
-GUEST="TLSHD_GUEST_AGENT=${TLSHD_GUEST_AGENT:-tlshd} bash /work/tlshd/scripts/qemu/guest.sh /out ${SCENARIOS[*]}"
+GUEST="TLSHD_GUEST_AGENT=${TLSHD_GUEST_AGENT:-tlshd} TLSHD_GUEST_WORKERS=${TLSHD_GUEST_WORKERS:-} bash /work/tlshd/scripts/qemu/guest.sh /out ${SCENARIOS[*]}"
 log "kernel $REL, virtme-ng $(vng --version 2>&1 | awk '{print $2}'), output $OUT"
 rc=1
 rm -f "$OUT/host-results"
