@@ -16,9 +16,14 @@ may use them. No parsing, no I/O.
 from __future__ import annotations
 
 from enum import IntEnum
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-from pyroute2.netlink import genlmsg, nla
+if TYPE_CHECKING:
+    from pyroute2.netlink import genlmsg, nla
+else:  # without running pyroute2/__init__.py, which imports all of pyroute2 (see _pyroute2)
+    from tlshd.netlink._pyroute2 import netlink_module
+
+    genlmsg, nla = netlink_module().genlmsg, netlink_module().nla
 
 # --- netlink (linux/netlink.h) ----------------------------------------------
 
