@@ -18,7 +18,9 @@ Prints a table, then ``key=value`` figures (issue 7):
 * ``agent_cpu_ms_per_hs`` (the agent's processes' CPU per x509 handshake) against
   ``ceiling_cpu_ms_per_hs``: ``cpu_efficiency_vs_ceiling`` is the share of the agent's CPU
   that is the TLS work itself, independent of kernel-sim's own cost.
-* ``idle_rss_mb`` (supervisor + workers), ``rss_per_inflight_kb`` (100 stalled handshakes),
+* ``idle_rss_mb`` (supervisor + workers, RSS summed: shared pages counted in each process),
+  ``idle_pss_mb`` (the same processes' PSS: shared pages counted once), ``idle_rss_per_process_mb``,
+  ``rss_per_inflight_kb`` (100 stalled handshakes),
   ``fds_leaked`` (workers' fds before and after everything).
 """
 
@@ -116,6 +118,17 @@ def rss_kb(pids: list[int]) -> int:
     return total
 
 
+def pss_kb(pids: list[int]) -> int:
+    """Proportional set size: shared pages (the fork-shared Python and OpenSSL code and data)
+    split between the processes that map them, so the sum is what the agent costs the machine."""
+    total = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                total += int(line.split()[1])
+    return total
+
+
 def children(pid: int) -> list[int]:
     return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
@@ -207,6 +220,8 @@ def agent_figures(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
             time.sleep(0.5)
             pids = [agent.pid, *children(agent.pid)]
             figures["idle_rss_mb"] = rss_kb(pids) / 1024
+            figures["idle_pss_mb"] = pss_kb(pids) / 1024
+            figures["idle_rss_per_process_mb"] = rss_kb(pids) / 1024 / len(pids)
             fds_before = fd_count(pids[1:])
             cpu_before = cpu_s(pids)
             figures["agent_x509_hs_per_s"] = rate(lambda: one_pair(kernel), args.pairs,

@@ -32,3 +32,22 @@ def test_bench_prints_every_issue_7_figure():
                 "overhead_p99_ms", "idle_rss_mb", "rss_per_inflight_kb", "fds_leaked"):
         assert key in figures, key
     assert float(figures["fds_leaked"]) == 0
+
+
+@pytest.mark.netns
+def test_burst_smoke_completes_a_small_storm_through_the_pending_cap():
+    """3 namespaces, 300 requests, 60 pairs (120 requests) in flight per namespace against a
+    pending cap of 50: EAGAIN retries happen and every request still completes."""
+    burst = BENCH.parent / "burst.py"
+    done = subprocess.run([sys.executable, str(burst), "--namespaces", "3", "--requests", "300",
+                           "--concurrency", "60"], capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    figures = dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
+    assert int(figures["burst_requests"]) == 300
+    assert int(figures["burst_completed"]) == 300
+    assert int(figures["burst_failures"]) == 0
+    assert int(figures["burst_agents_exit_nonzero"]) == 0
+    for key in ("burst_eagain_retries", "burst_slowest_wait_s", "burst_p99_wait_s",
+                "burst_seconds", "burst_hs_per_s", "burst_pending_cap"):
+        assert key in figures, key

@@ -1,0 +1,104 @@
+"""tlshd against the reference agent (ktls-utils' tlshd, Debian trixie) on Linux 6.12 under QEMU.
+
+    .venv/bin/python bench/real_kernel.py [--cycles N] [--out DIR]
+
+Boots the real-kernel tier's guest twice, the same way (scripts/qemu/run-guest.sh, same kernel,
+same root, 2 vCPUs, TCG): once with this checkout's agent, once with the reference. Each boot
+plays ``nvme_loop N`` (N NVMe/TCP connect + disconnect cycles: PSK handshakes, 6 per cycle) and
+``nfs_loop N`` (N NFSv4.2 ``xprtsec=tls`` mount + umount cycles: an anonymous client and an
+x509 server handshake per cycle). Every time comes from the kernel's tracepoints
+(``handshake_submit`` -> ``handshake_cmd_accept`` -> ``handshake_cmd_done``), not from an agent.
+
+Prints a table, then ``key=value`` lines: per agent and kind (psk, x509) the median
+submit->accept and accept->done in ms, and ``accept_to_done_ratio_{psk,x509}`` = tlshd's median
+over the reference's (issue 7's target: <= 0.5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.kernel.evidence import Timing, parse_tls_stat, parse_tracefs, summarize
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_GUEST = REPO / "scripts" / "qemu" / "run-guest.sh"
+AGENTS = ("tlshd", "reference")
+KINDS = {"psk": "nvme_loop", "x509": "nfs_loop"}
+
+
+def boot(agent: str, out: Path, cycles: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, TLSHD_GUEST_AGENT=agent)
+    scenarios = ["nvme_loop", str(cycles), "nfs_loop", str(cycles)]
+    proc = subprocess.run(["bash", str(RUN_GUEST), str(out), *scenarios], env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"{agent}: guest failed (rc={proc.returncode}), see {out}/console.log\n"
+                         + proc.stderr[-2000:])
+
+
+def timings(out: Path, scenario: str) -> list[Timing]:
+    d = out / scenario
+    ev = summarize(parse_tracefs((d / "trace.txt").read_text()),
+                   parse_tls_stat((d / "tls_stat.before").read_text()),
+                   parse_tls_stat((d / "tls_stat.after").read_text()))
+    return [t for t in ev.timings if t.status == 0]
+
+
+def results(out: Path) -> dict[str, str]:
+    found = {}
+    for line in (out / "results").read_text().splitlines():
+        if line.startswith("RESULT ") and "=" in line:
+            key, value = line[len("RESULT "):].split("=", 1)
+            found[key] = value
+    return found
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cycles", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    base = args.out or Path(tempfile.mkdtemp(prefix="tlshd-real-bench-"))
+    figures: dict[str, float] = {}
+    rows = []
+    for agent in AGENTS:
+        out = base / agent
+        boot(agent, out, args.cycles)
+        res = results(out)
+        for kind, scenario in KINDS.items():
+            t = timings(out, scenario)
+            if not t:
+                raise SystemExit(f"{agent}: no completed {kind} handshake in {out / scenario}")
+            accept = statistics.median(x.submit_to_accept_ms for x in t)
+            done = statistics.median(x.accept_to_done_ms for x in t)
+            figures[f"{agent}_{kind}_submit_to_accept_ms"] = accept
+            figures[f"{agent}_{kind}_accept_to_done_ms"] = done
+            figures[f"{agent}_{kind}_handshakes"] = len(t)
+            rows.append((agent, kind, len(t), res.get(f"{scenario}.cycles_ok", "?"), accept, done,
+                         max(x.accept_to_done_ms for x in t)))
+    for kind in KINDS:
+        figures[f"accept_to_done_ratio_{kind}"] = (figures[f"tlshd_{kind}_accept_to_done_ms"]
+                                                   / figures[f"reference_{kind}_accept_to_done_ms"])
+    print(f"Linux 6.12 under QEMU/TCG, {args.cycles} cycles each; times from the handshake "
+          f"tracepoints; output in {base}")
+    print(f"{'agent':<10} {'kind':<5} {'handshakes':>10} {'cycles ok':>9} "
+          f"{'submit->accept':>15} {'accept->done':>13} {'max':>8}")
+    for agent, kind, n, ok, accept, done, worst in rows:
+        print(f"{agent:<10} {kind:<5} {n:>10} {ok:>9} {accept:>12.1f} ms {done:>10.1f} ms "
+              f"{worst:>6.1f} ms")
+    for key, value in figures.items():
+        print(f"{key}={value:.3f}" if isinstance(value, float) else f"{key}={value}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
