@@ -207,6 +207,9 @@ def agent_figures(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
 
     pki = write_demo_pki(tmp)
     config = write_demo_config(tmp, pki, endpoint, workers=args.workers)
+    # rss_per_inflight_kb holds STALLED handshakes in flight at once: above the default cap
+    # of max_inflight per worker (16), which the rates below do not reach either
+    config.write_text(config.read_text() + f"max_inflight={STALLED + 28}\n")
     ring = NVMeKeyring.create(name=f"tlshd-bench-{os.getpid()}")
     ring.add_psk(psk_identity("bench-host", "bench-subsys", 1), os.urandom(32))
     figures: dict[str, float] = {}

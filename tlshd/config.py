@@ -10,9 +10,10 @@ Keys understood (reference agent): ``[debug] loglevel, tls, nl``;
 ``[authenticate] keyrings``; ``[authenticate.client]`` and
 ``[authenticate.server]``: ``x509.truststore``, ``x509.crl``,
 ``x509.certificate``, ``x509.private_key`` (``x509.pq.*`` accepted).
-Keys of this agent live in ``[agent]``: ``workers``, ``handshake_timeout_ms``
-(used when ACCEPT carries no timeout), ``require_client_cert`` (server x509),
-``upcall`` (``auto``, ``netlink`` or ``kernel-sim[:ENDPOINT]``).
+Keys of this agent live in ``[agent]``: ``workers``, ``max_inflight`` (handshakes a
+worker runs at once), ``handshake_timeout_ms`` (used when ACCEPT carries no timeout),
+``require_client_cert`` (server x509), ``upcall`` (``auto``, ``netlink`` or
+``kernel-sim[:ENDPOINT]``).
 """
 
 from __future__ import annotations
@@ -27,13 +28,17 @@ DEFAULT_PATHS = (Path("/etc/tlshd/config"), Path("/etc/tlshd.conf"))
 
 _X509_KEYS = ("x509.truststore", "x509.crl", "x509.certificate", "x509.private_key")
 _PQ_KEYS = ("x509.pq.certificate", "x509.pq.private_key")
+# Handshakes one worker runs at once; more stay queued in the kernel (bench/burst.py,
+# docs/performance.md: a small number keeps every accepted request fast under a storm)
+MAX_INFLIGHT_DEFAULT = 16
+
 _KNOWN: dict[str, tuple[str, ...]] = {
     "debug": ("loglevel", "tls", "nl"),
     "authenticate": ("keyrings",),
     "authenticate.client": _X509_KEYS + _PQ_KEYS,
     "authenticate.server": _X509_KEYS + _PQ_KEYS,
-    "agent": ("workers", "handshake_timeout_ms", "require_client_cert", "upcall", "metrics",
-              "control_socket"),
+    "agent": ("workers", "max_inflight", "handshake_timeout_ms", "require_client_cert", "upcall",
+              "metrics", "control_socket"),
 }
 _GROUP_RE = re.compile(r"^\[([^\[\]]+)\]$")
 
@@ -63,6 +68,7 @@ class Config:
     tls_debug: int = 0
     nl_debug: int = 0
     workers: int = 0  # 0: one per CPU
+    max_inflight: int = MAX_INFLIGHT_DEFAULT  # handshakes one worker runs at once
     handshake_timeout_ms: int = 10_000
     require_client_cert: bool = False
     upcall: str = "auto"
@@ -108,6 +114,8 @@ def parse_config(text: str, path: Path | None = None) -> Config:
         tls_debug=_int(groups, "debug", "tls", where, 0, (0, 99)),
         nl_debug=_int(groups, "debug", "nl", where, 0, (0, 99)),
         workers=_int(groups, "agent", "workers", where, 0, (0, 256)),
+        max_inflight=_int(groups, "agent", "max_inflight", where, MAX_INFLIGHT_DEFAULT,
+                          (1, 4096)),
         handshake_timeout_ms=_int(groups, "agent", "handshake_timeout_ms", where, 10_000,
                                   (1, 3_600_000)),
         require_client_cert=_bool(groups, "agent", "require_client_cert", where),

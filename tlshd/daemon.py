@@ -51,7 +51,8 @@ def run_worker(config: Config, contexts: Contexts, stop: _Stop,
     """One worker process's life: serve until asked to stop, then drain."""
     upcall = open_upcall(config.upcall)
     worker = Worker(upcall, contexts, default_timeout_ms=config.handshake_timeout_ms,
-                    events=events, debug_io=config.tls_debug > 0)
+                    max_inflight=config.max_inflight, events=events,
+                    debug_io=config.tls_debug > 0)
     if events is not None:
         events("ready", {})
     try:

@@ -5,7 +5,9 @@ Theory of operation
 Each worker process owns an ``Upcall`` (ACCEPT must run in the process that
 will own the socket fd) and a selector loop. A READY, or a one-second sweep
 that recovers READYs lost to a full multicast queue, makes it ACCEPT until
-EAGAIN or until it holds ``max_inflight`` handshakes. Each accepted request
+EAGAIN or until it holds ``max_inflight`` handshakes; while it is full the
+rest wait in the kernel's queue (whose cap pushes back on the consumers with
+EAGAIN), and each finished handshake makes room for the next at once. Each accepted request
 becomes a ``Handshake``: a non-blocking socket, a sans-I/O engine and a
 deadline (the ACCEPT timeout, else the configured default).
 
@@ -40,6 +42,7 @@ from OpenSSL import SSL
 from tlshd import keyring
 from tlshd.errors import (
     HandshakeTimeoutError,
+    NetlinkError,
     PeerClosedError,
     TlshdError,
     TransportError,
@@ -176,7 +179,7 @@ class Worker:
         contexts: ContextProvider,
         *,
         default_timeout_ms: int = 10_000,
-        max_inflight: int = 256,
+        max_inflight: int = 16,
         peer_identity: PeerIdentity = peer_identity_key,
         clock: Callable[[], float] = time.monotonic,
         events: EventSink | None = None,
@@ -198,6 +201,7 @@ class Worker:
         self.completed = 0
         self.failed = 0
         self._next_sweep = 0.0
+        self._full = False  # the last ACCEPT round stopped at max_inflight, not at EAGAIN
 
     # --- loop -------------------------------------------------------------------
 
@@ -213,6 +217,8 @@ class Worker:
             else:
                 self._service(key.data, events)
         self._expire()
+        if self._full and len(self.inflight) < self._max_inflight and not self.draining:
+            self._accept_all()  # room again: the next queued request, without a READY
 
     def _wait_time(self, max_wait: float) -> float:
         now = self._clock()
@@ -229,7 +235,11 @@ class Worker:
             self._accept_all()
 
     def _accept_all(self) -> None:
-        while len(self.inflight) < self._max_inflight:
+        self._full = False
+        while True:
+            if len(self.inflight) >= self._max_inflight:
+                self._full = True  # requests may be waiting: refill as handshakes end
+                return
             try:
                 reply = self.upcall.accept()
             except BrokenAcceptError as broken:
@@ -237,6 +247,9 @@ class Worker:
                 continue
             except TransportTimeoutError as exc:  # a slow kernel side: try again next sweep
                 log.warning("upcall: %s", exc)
+                return
+            except NetlinkError as exc:  # the kernel refused this ACCEPT; the channel is fine
+                log.error("upcall: %s; trying again at the next READY or sweep", exc)
                 return
             if reply is None:
                 return

@@ -176,10 +176,14 @@ agent_start() {
         /usr/sbin/tlshd -c "$WORK/agent.conf" -s > "$OUT/agent-$SCEN.log" 2>&1 &
         AGENT_PID=$!
         local i
+        local inodes
         for i in $(seq 600); do
-            # /proc/net/netlink: sk Eth Pid Groups ...; generic netlink is 16
-            awk -v p="$AGENT_PID" '$2 == 16 && $3 == p && $4 != "00000000" { f = 1 } END { exit !f }' \
-                /proc/net/netlink && break
+            # one of its sockets is generic netlink (16) with a multicast group joined;
+            # /proc/net/netlink: sk Eth Pid Groups Rmem Wmem Dump Locks Drops Inode
+            # (libnl's port ids are not the pid: match the socket inodes)
+            inodes=$(ls -l "/proc/$AGENT_PID/fd" 2> /dev/null | sed -n 's/.*socket:\[\([0-9]*\)\]$/\1/p' | paste -sd' ' -)
+            awk -v list=" $inodes " '$2 == 16 && $4 != "00000000" && index(list, " " $10 " ") { f = 1 }
+                END { exit !f }' /proc/net/netlink && break
             sleep 0.1
         done
         result agent_ready "$(elapsed "$t0" "$(now)")"

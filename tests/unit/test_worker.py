@@ -35,7 +35,7 @@ from OpenSSL import SSL
 from tests.pki import PKI, write_pki
 from tlshd.config import load_config
 from tlshd.contexts import Contexts
-from tlshd.errors import DecodeError
+from tlshd.errors import DecodeError, NetlinkError
 from tlshd.handshake.events import SessionResult
 from tlshd.ktls import SOL_TCP, SOL_TLS, TCP_ULP, TLS_RX, TLS_TX
 from tlshd.netlink.messages import AcceptReply, Header
@@ -72,7 +72,7 @@ class DoneCall:
 
 @dataclass
 class FakeUpcall:
-    queue: deque[AcceptReply | BrokenAcceptError] = field(default_factory=deque)
+    queue: deque[AcceptReply | BrokenAcceptError | NetlinkError] = field(default_factory=deque)
     dones: list[DoneCall] = field(default_factory=list)
     sockopts: list[tuple[int, int, int, bytes]] = field(default_factory=list)
     sockopt_errno: int | None = None
@@ -83,7 +83,7 @@ class FakeUpcall:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
 
-    def ready(self, *replies: AcceptReply | BrokenAcceptError) -> None:
+    def ready(self, *replies: AcceptReply | BrokenAcceptError | NetlinkError) -> None:
         """Queue requests and multicast a READY."""
         self.queue.extend(replies)
         self._wake_w.send(b"R")
@@ -105,7 +105,7 @@ class FakeUpcall:
         if not self.queue:
             return None
         item = self.queue.popleft()
-        if isinstance(item, BrokenAcceptError):
+        if isinstance(item, (BrokenAcceptError, NetlinkError)):
             raise item
         return item
 
@@ -901,3 +901,43 @@ def test_max_inflight_caps_the_requests_accepted(
     os.close(second.reply.sockfd)
     assert list(rig.worker.inflight) == [first.reply.sockfd]
     assert list(rig.upcall.queue) == [second.reply]
+
+
+def test_a_full_worker_takes_the_next_queued_request_as_soon_as_one_ends(
+    rig_factory: Callable[..., Rig], requests: Callable[..., Request]
+) -> None:
+    """Backpressure: at max_inflight the rest stay in the kernel's queue; a finished handshake
+    makes room at once, with no READY and no sweep (the clock stands still)."""
+    rig = rig_factory(max_inflight=1, clock=lambda: 100.0)
+    first, second = requests(), requests()
+    rig.upcall.ready(first.reply, second.reply)
+    rig.worker.run_once(max_wait=0.05)
+    assert list(rig.worker.inflight) == [first.reply.sockfd]
+
+    first.peer.shutdown(socket.SHUT_RDWR)  # the first handshake fails (its peer went away)
+    rig.run_until(lambda: second.reply.sockfd in rig.worker.inflight)
+
+    assert [d.status for d in rig.upcall.dones] == [errno.EACCES]
+    assert list(rig.upcall.queue) == []
+    assert rig.upcall.drained == 1  # the one READY, no other
+
+
+def test_max_inflight_is_a_configuration_key() -> None:
+    from tlshd.config import MAX_INFLIGHT_DEFAULT, parse_config
+
+    assert parse_config("").max_inflight == MAX_INFLIGHT_DEFAULT
+    assert parse_config("[agent]\nmax_inflight=3\n").max_inflight == 3
+
+
+def test_an_accept_the_kernel_refuses_is_logged_and_the_worker_serves_on(
+    rig: Rig, requests: Callable[..., Request], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An NLMSG_ERROR answer to ACCEPT is the kernel's business with that request; the worker
+    logs it and takes the next request (here at once: the READY follows the start-up sweep)."""
+    req = requests(auth_mode=AuthMode.PSK)
+    rig.upcall.ready(NetlinkError(errno.EIO, "ACCEPT"), req.reply)
+
+    rig.run_until_done()
+
+    assert [d.status for d in rig.upcall.dones] == [errno.EINVAL]
+    assert "ACCEPT: EIO (5); trying again" in caplog.text
