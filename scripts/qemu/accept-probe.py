@@ -1,16 +1,19 @@
 """Guest-side probe: ACCEPT handshake requests by hand and print the raw reply attributes.
 
-    python accept-probe.py READYFILE STATUS SECONDS
+    python accept-probe.py READYFILE STATUS SECONDS [drop-admin]
 
 Joins the `handshake` family's `tlshd` group (stdlib only, independent of tlshd's codec), then
 for SECONDS answers every request: prints each ACCEPT reply attribute in wire order as
 `PROBE attr=<type>:<len>:<value>`, then sends DONE with STATUS and prints the kernel's answer.
-Used by guest-nvme.sh to settle the reply's attribute order and content on a real kernel.
-It writes READYFILE once it has joined the group.
+Used by guest.sh to settle the reply's attribute order and content on a real kernel.
+It writes READYFILE once it has joined the group. With ``drop-admin`` it removes
+CAP_NET_ADMIN from its effective set after each ACCEPT (which needs it) and before the DONE, to
+see whether the kernel requires the capability for DONE too.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import select
 import socket
@@ -85,8 +88,46 @@ def send(
     sock.send(struct.pack("=IHHII", 16 + len(body), family, NLM_F_REQUEST | flags, seq, 0) + body)
 
 
-def main() -> int:  # noqa: PLR0912 - a linear probe script
+CAP_NET_ADMIN = 12
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def set_net_admin(on: bool) -> None:
+    """CAP_NET_ADMIN in or out of the effective set (it stays permitted)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    header, data = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0), (_CapData * 2)()
+    if libc.capget(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capget")
+    if on:
+        data[0].effective |= 1 << CAP_NET_ADMIN
+    else:
+        data[0].effective &= ~(1 << CAP_NET_ADMIN)
+    if libc.capset(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+
+
+def effective_net_admin() -> int:
+    """CAP_NET_ADMIN's bit in this thread's CapEff, as /proc reports it."""
+    with open("/proc/thread-self/status") as status:
+        lines = status.read().splitlines()
+    for line in lines:
+        if line.startswith("CapEff:"):
+            return (int(line.split()[1], 16) >> CAP_NET_ADMIN) & 1
+    return -1
+
+
+def main() -> int:  # noqa: PLR0912, PLR0915 - a linear probe script
     ready_file, status, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    drop_admin = sys.argv[4:5] == ["drop-admin"]
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_GENERIC)
     sock.bind((0, 0))
     send(sock, GENL_ID_CTRL, CTRL_CMD_GETFAMILY, attr(CTRL_ATTR_FAMILY_NAME, b"handshake\0"), 1)
@@ -132,8 +173,19 @@ def main() -> int:  # noqa: PLR0912 - a linear probe script
             if isinstance(fd, int):
                 seq += 1
                 done = attr(1, struct.pack("=I", status)) + attr(2, struct.pack("=I", fd))
+                if drop_admin:
+                    set_net_admin(False)
+                    print(f"PROBE cap_net_admin_effective={effective_net_admin()}", flush=True)
                 send(sock, family, CMD_DONE, done, seq, NLM_F_ACK)
                 kind, body = reply(sock, seq)
+                if drop_admin:
+                    set_net_admin(True)
+                    if kind == NLMSG_ERROR and struct.unpack_from("=i", body)[0] != 0:
+                        print(f"PROBE done_ack_without_admin={struct.unpack_from('=i', body)[0]}",
+                              flush=True)
+                        seq += 1  # refused: answer the request with the capability back
+                        send(sock, family, CMD_DONE, done, seq, NLM_F_ACK)
+                        kind, body = reply(sock, seq)
                 if kind == NLMSG_ERROR:
                     print(f"PROBE done_ack={struct.unpack_from('=i', body)[0]}", flush=True)
                 os.close(fd)

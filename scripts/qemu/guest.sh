@@ -8,6 +8,7 @@
 #   nvme_psk            NVMe/TCP host + target over TLS (PSK), 8 MiB O_DIRECT I/O, disconnect
 #   nvme_no_agent       the same connect with no agent: ESRCH at once
 #   nvme_done_status    a raw agent (accept-probe.py) answers DONE(13): the host sees EACCES
+#   nvme_done_noadmin   the same, its DONE sent without CAP_NET_ADMIN (does DONE need it?)
 #   nfs_tls             NFSv4.2 mount with xprtsec=tls of an xprtsec=tls export, file I/O
 #   nfs_mtls            the same with xprtsec=mtls on both sides
 #   nfs_plain_refused   a mount without xprtsec of a TLS-only export: refused (EPERM)
@@ -350,6 +351,21 @@ s_nvme_done_status() {
     result done_ack "$(sed -n 's/^PROBE done_ack=//p' "$OUT/$SCEN/probe.txt" | head -1)"
 }
 
+s_nvme_done_noadmin() {  # DONE sent without CAP_NET_ADMIN in the effective set
+    setup_nvmet
+    agent_stop
+    rm -f "$WORK/probe.ready"
+    "$PY" "$HERE/accept-probe.py" "$WORK/probe.ready" 13 15 drop-admin > "$OUT/$SCEN/probe.txt" 2>&1 &
+    local probe=$! rc
+    for _ in $(seq 300); do [ -f "$WORK/probe.ready" ] && break; sleep 0.1; done
+    nvme_connect > /dev/null; rc=$?
+    result consumer_errno "$([ $rc = 0 ] && echo 0 || connect_errno)"
+    kill "$probe" 2> /dev/null; wait "$probe" 2> /dev/null
+    result done_ack "$(sed -n 's/^PROBE done_ack=//p' "$OUT/$SCEN/probe.txt" | head -1)"
+    result done_ack_without_admin "$(sed -n 's/^PROBE done_ack_without_admin=//p' "$OUT/$SCEN/probe.txt" | head -1)"
+    result cap_net_admin_at_done "$(sed -n 's/^PROBE cap_net_admin_effective=//p' "$OUT/$SCEN/probe.txt" | sort -u | paste -sd, -)"
+}
+
 s_nvme_loop() {  # $1 cycles: connect, wait live, disconnect
     setup_nvmet
     local i reply ctrl ok=0 t0
@@ -467,7 +483,7 @@ while [ $# -gt 0 ]; do
     case "$name" in *_loop) args=("$1"); shift ;; esac
     if ! declare -F "s_$name" > /dev/null; then say "unknown scenario $name"; continue; fi
     scenario_begin "$name"
-    [ -n "$AGENT_PID" ] || case "$name" in *no_agent|*done_status) ;; *) agent_start ;; esac
+    [ -n "$AGENT_PID" ] || case "$name" in *no_agent|*done_*) ;; *) agent_start ;; esac
     "s_$name" "${args[@]}"
     scenario_end
 done

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 RUN_GUEST = REPO / "scripts" / "qemu" / "run-guest.sh"
 # the no-agent and raw-agent scenarios stop the agent: they go last
 ORDER = ["nvme_psk", "nfs_tls", "nfs_mtls", "nfs_plain_refused", "nfs_tls_on_mtls",
-         "nfs_untrusted_ca", "nvme_done_status", "nvme_no_agent"]
+         "nfs_untrusted_ca", "nvme_done_status", "nvme_done_noadmin", "nvme_no_agent"]
 
 
 @dataclass
@@ -181,3 +181,14 @@ def test_raw_accept_reply_and_done_status(guest: Guest) -> None:
     assert guest.r("nvme_done_status", "consumer_errno") == "EACCES"
     statuses = guest.evidence("nvme_done_status").statuses
     assert statuses and set(statuses) == {-13}
+
+
+def test_done_needs_no_cap_net_admin_on_6_12(guest: Guest) -> None:
+    """Settled on 6.12.95: DONE is not GENL_ADMIN_PERM (ACCEPT is). The probe ACCEPTs, drops
+    CAP_NET_ADMIN from its effective set, and its DONE(13) is still acked and delivered."""
+    if not guest.r("global", "kernel").startswith("6.12."):
+        pytest.skip("a fact of the 6.12 tree")
+    assert guest.r("nvme_done_noadmin", "cap_net_admin_at_done") == "0"
+    assert guest.r("nvme_done_noadmin", "done_ack") == "0"
+    assert guest.r("nvme_done_noadmin", "done_ack_without_admin") == ""  # never refused
+    assert guest.r("nvme_done_noadmin", "consumer_errno") == "EACCES"
