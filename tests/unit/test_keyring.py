@@ -366,3 +366,21 @@ def test_error_messages_never_contain_the_payload(ring: int) -> None:
         assert SECRET.decode() not in text
         assert SECRET.hex() not in text
     assert len(errors) == 6
+
+
+def test_a_process_keyring_made_before_fork_is_not_the_childs() -> None:
+    """Why keyrings are the business of the worker that ACCEPTs: the kernel links a request's
+    keyring into the accepting process's process keyring, and a forked child does not inherit
+    its parent's (reference section 5.5 left this open; settled on this host's kernel)."""
+    import ctypes
+    import os
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    serial = libc.syscall(250, ctypes.c_long(0), ctypes.c_long(-2), ctypes.c_long(1))
+    assert serial > 0
+    pid = os.fork()
+    if pid == 0:
+        child = libc.syscall(250, ctypes.c_long(0), ctypes.c_long(-2), ctypes.c_long(0))
+        os._exit(0 if child < 0 and ctypes.get_errno() == errno.ENOKEY else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
