@@ -109,24 +109,24 @@ def ceiling(config_text: str, processes: int, seconds: float) -> float:
 # --- the agent ------------------------------------------------------------------------------
 
 
-def rss_kb(pids: list[int]) -> int:
+def _proc_kb(pids: list[int], file: str, field: str) -> int:
+    """The sum over ``pids`` of a ``<field>: <n> kB`` line of /proc/<pid>/<file>."""
     total = 0
     for pid in pids:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+        for line in Path(f"/proc/{pid}/{file}").read_text().splitlines():
+            if line.startswith(field + ":"):
                 total += int(line.split()[1])
     return total
+
+
+def rss_kb(pids: list[int]) -> int:
+    return _proc_kb(pids, "status", "VmRSS")
 
 
 def pss_kb(pids: list[int]) -> int:
     """Proportional set size: shared pages (the fork-shared Python and OpenSSL code and data)
     split between the processes that map them, so the sum is what the agent costs the machine."""
-    total = 0
-    for pid in pids:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                total += int(line.split()[1])
-    return total
+    return _proc_kb(pids, "smaps_rollup", "Pss")
 
 
 def children(pid: int) -> list[int]:
