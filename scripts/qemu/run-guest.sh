@@ -16,6 +16,9 @@
 # guest's artefacts. Exit status: 0 when the guest script ran to its end, else non-zero. A boot
 # that prints nothing of the guest script is retried ($TLSHD_QEMU_TRIES, default 2).
 # TLSHD_GUEST_AGENT=reference runs ktls-utils' tlshd instead of this checkout's.
+# TLSHD_QEMU_ACCEL=auto (default) boots with KVM when a short probe boot under KVM works, else
+# with TCG (on this project's machines /dev/kvm exists but nested KVM fails at once:
+# "kvm_buf_set_msrs: Assertion ... failed", "failed to set MSR 0x10a"); kvm or tcg force one.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -84,18 +87,31 @@ if [ ! -x "$VENV/bin/vng" ]; then
 fi
 export PATH=$VENV/bin:$PATH
 
+# ---- accelerator -------------------------------------------------------------------------------
+ACCEL=${TLSHD_QEMU_ACCEL:-auto}
+if [ "$ACCEL" = auto ]; then
+    ACCEL=tcg
+    if [ -w /dev/kvm ] && timeout --kill-after=5 120 vng --run "$VMLINUZ" --root "$GROOT" --force-9p \
+            --cpus 1 --memory 512M --exec "echo tlshd-kvm-probe-ok" < /dev/null 2>&1 \
+            | grep -q tlshd-kvm-probe-ok; then
+        ACCEL=kvm
+    fi
+fi
+ACCEL_OPTS=()
+[ "$ACCEL" = tcg ] && ACCEL_OPTS=(--disable-kvm)
+echo "RESULT accel=$ACCEL" > "$OUT/host-results"
+
 # ---- boot --------------------------------------------------------------------------------------
 GUEST="TLSHD_GUEST_AGENT=${TLSHD_GUEST_AGENT:-tlshd} TLSHD_GUEST_WORKERS=${TLSHD_GUEST_WORKERS:-} bash /work/tlshd/scripts/qemu/guest.sh /out ${SCENARIOS[*]}"
-log "kernel $REL, virtme-ng $(vng --version 2>&1 | awk '{print $2}'), output $OUT"
+log "kernel $REL, virtme-ng $(vng --version 2>&1 | awk '{print $2}'), $ACCEL, output $OUT"
 rc=1
-rm -f "$OUT/host-results"
 for try in $(seq "$TRIES"); do
     rm -f "$OUT/results"
     start=$(date +%s.%N)
     set +e
     # --force-9p: this host's virtiofsd does not start; the kernel has 9p as a module, so
-    # virtme-ng builds an initramfs (busybox). TCG: nested KVM fails on these machines.
-    timeout --kill-after=10 "$TIMEOUT" vng --run "$VMLINUZ" --root "$GROOT" --disable-kvm \
+    # virtme-ng builds an initramfs (busybox).
+    timeout --kill-after=10 "$TIMEOUT" vng --run "$VMLINUZ" --root "$GROOT" "${ACCEL_OPTS[@]}" \
         --force-9p --cpus "$CPUS" --memory "$MEMORY" --verbose \
         --rodir=/work/tlshd="$REPO" --rwdir=/out="$OUT" \
         --exec "$GUEST" < /dev/null > "$OUT/console.log" 2>&1

@@ -50,6 +50,17 @@ class Guest:
         return "".join(p.read_text() for p in sorted(self.out.glob("agent-*.log")))
 
 
+def read_results_flat(path: Path) -> dict[str, str]:
+    """run-guest.sh's own RESULT lines (no scenario prefix)."""
+    found: dict[str, str] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            m = re.match(r"RESULT ([^=]+)=(.*)$", line)
+            if m:
+                found[m.group(1)] = m.group(2)
+    return found
+
+
 def read_results(path: Path) -> dict[str, dict[str, str]]:
     results: dict[str, dict[str, str]] = {}
     if path.exists():
@@ -85,7 +96,9 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Guest:
 
 def timing_report(guest: Guest) -> str:
     """Per-handshake times from the kernel's tracepoints, a line a scenario."""
-    lines = ["scenario            handshakes  submit->accept ms (median)  accept->done ms "
+    host = read_results_flat(guest.out / "host-results")
+    lines = [f"accelerator: {host.get('accel', '?')}",
+             "scenario            handshakes  submit->accept ms (median)  accept->done ms "
              "(median, max)"]
     for name in ORDER:
         if not (guest.out / name / "trace.txt").exists():
@@ -102,6 +115,7 @@ def timing_report(guest: Guest) -> str:
 
 
 def test_kernel_modules_and_family(guest: Guest) -> None:
+    assert read_results_flat(guest.out / "host-results")["accel"] in ("kvm", "tcg")
     assert guest.r("global", "kernel").startswith("6.12.")
     for m in ("tls", "nvme-keyring", "nvme-tcp", "nvmet", "nvmet-tcp", "nfsd", "nfs", "brd"):
         assert guest.r("global", f"modprobe_{m}") == "0", m
