@@ -36,6 +36,18 @@ def test_submit_without_a_listening_agent_fails_with_esrch_and_keeps_nothing():
     assert table.lookup(1) is None and not net.requests
 
 
+def test_no_listener_traces_notify_err_then_submit_err_as_linux_6_12_does():
+    """Seen on 6.12.95 (tests/kernel, nvme_no_agent): handshake_notify_err err=-3, then
+    handshake_submit_err err=-3, and no handshake_submit."""
+    trace = []
+    table = RequestTable(lambda net, cls: -errno.ESRCH,
+                         lambda event, req, info: trace.append((event, dict(info))))
+    with pytest.raises(SubmitError):
+        submit(table, HandshakeNet("test", pending_max=3), Proto(), 1)
+    assert [e for e in trace if e[0] != "destruct"] == [
+        ("notify_err", {"errno": -errno.ESRCH}), ("submit_err", {"errno": -errno.ESRCH})]
+
+
 def test_submit_over_the_pending_cap_is_eagain():
     table, net, proto = make(pending_max=3)
     for key in range(3):
