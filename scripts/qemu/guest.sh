@@ -6,6 +6,7 @@
 #
 # Scenarios (the same names as tests/kernel/scenarios.py, which holds what each must show):
 #   nvme_psk            NVMe/TCP host + target over TLS (PSK), 8 MiB O_DIRECT I/O, disconnect
+#   nvme_psk_sha384     the same with a SHA-384 PSK (NVMe0R02) beside the SHA-256 one
 #   nvme_no_agent       the same connect with no agent: ESRCH at once
 #   nvme_done_status    a raw agent (accept-probe.py) answers DONE(13): the host sees EACCES
 #   nvme_done_noadmin   the same, its DONE sent without CAP_NET_ADMIN (does DONE need it?)
@@ -318,6 +319,19 @@ s_nvme_psk() {
     t0=$(now)
     echo 1 > "/sys/class/nvme/$ctrl/delete_controller"; result disconnect_rc $?
     result disconnect_seconds "$(elapsed "$t0" "$(now)")"
+}
+
+s_nvme_psk_sha384() {  # a retained SHA-384 PSK (NVMe0R02): the 6.12 host prefers it to NVMe0R01
+    setup_nvmet
+    local k
+    k=$(head -c 48 /dev/urandom | keyctl padd psk "NVMe0R02 $HOSTNQN $SUBNQN" "$NVME_KR")
+    result psk_sha384_serial "${k:-none}"
+    s_nvme_psk
+    # out of .nvme again: later scenarios find the SHA-256 PSK
+    if [ -n "$k" ]; then
+        keyctl unlink "$k" "$NVME_KR" > /dev/null 2> "$WORK/unlink.err"
+        result psk_sha384_unlinked "$? $(tr '\n' ' ' < "$WORK/unlink.err")"
+    fi
 }
 
 s_nvme_no_agent() {

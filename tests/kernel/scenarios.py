@@ -55,6 +55,8 @@ EACCES, ESRCH = errno.EACCES, errno.ESRCH
 SCENARIOS: dict[str, Expect] = {
     # NVMe/TCP, PSK: every queue a host (client) and a target (server) handshake
     "nvme_psk": Expect("0", (0,) * 2 * NVME_QUEUES, ktls_installed=2 * NVME_QUEUES),
+    # a SHA-384 PSK (NVMe0R02) beside it: the host prefers it, the handshakes use it
+    "nvme_psk_sha384": Expect("0", (0,) * 2 * NVME_QUEUES, ktls_installed=2 * NVME_QUEUES),
     # no agent: the host's and the target's READY finds no listener, both submits fail with
     # ESRCH and nothing stays queued
     "nvme_no_agent": Expect("ESRCH", submit_errors=(-ESRCH, -ESRCH),

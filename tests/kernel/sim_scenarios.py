@@ -11,6 +11,7 @@ import socket
 import threading
 from collections.abc import Callable
 
+from kernel_sim import keys
 from kernel_sim.consumer import HandshakeOutcome, NFSClient, NFSServer
 from kernel_sim.kernel import Kernel
 from kernel_sim.nvme import NVMeHost, NVMeKeyring, NVMeTarget, psk_identity
@@ -126,6 +127,7 @@ class SimScenarios:
                  start_agent: Callable[[str], object], stop_agent: Callable[[], None]) -> None:
         self.kernel, self.pki, self.ring, self.ring_name = kernel, pki, ring, ring_name
         self._start, self._stop = start_agent, stop_agent
+        self.sha384_serial = 0
         ring.add_psk(psk_identity(HOSTNQN, SUBNQN, 1), os.urandom(32))
 
     def config(self, server: str = "server") -> str:
@@ -142,6 +144,14 @@ class SimScenarios:
 
     def s_nvme_psk(self) -> str:
         return nvme_connect(self.kernel, self.ring)
+
+    def s_nvme_psk_sha384(self) -> str:
+        serial = self.ring.add_psk(psk_identity(HOSTNQN, SUBNQN, 2), os.urandom(48))
+        self.sha384_serial = serial
+        try:
+            return nvme_connect(self.kernel, self.ring)
+        finally:
+            keys.invalidate(serial)
 
     def s_nvme_no_agent(self) -> str:
         self._stop()

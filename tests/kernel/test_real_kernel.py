@@ -28,8 +28,9 @@ pytestmark = pytest.mark.qemu
 REPO = Path(__file__).resolve().parents[2]
 RUN_GUEST = REPO / "scripts" / "qemu" / "run-guest.sh"
 # the no-agent and raw-agent scenarios stop the agent: they go last
-ORDER = ["nvme_psk", "nfs_tls", "nfs_mtls", "nfs_plain_refused", "nfs_tls_on_mtls",
-         "nfs_untrusted_ca", "nvme_done_status", "nvme_done_noadmin", "nvme_no_agent"]
+ORDER = ["nvme_psk", "nvme_psk_sha384", "nfs_tls", "nfs_mtls", "nfs_plain_refused",
+         "nfs_tls_on_mtls", "nfs_untrusted_ca", "nvme_done_status", "nvme_done_noadmin",
+         "nvme_no_agent"]
 
 
 @dataclass
@@ -138,17 +139,18 @@ def test_every_handshake_is_timed_from_the_tracepoints(guest: Guest) -> None:
         assert all(t.submit_to_accept_ms >= 0 and t.accept_to_done_ms > 0 for t in timings)
 
 
-def test_nvme_controller_io_and_disconnect(guest: Guest) -> None:
-    assert guest.r("nvme_psk", "nvmet_tsas") == "tls1.3"
+@pytest.mark.parametrize("name", ["nvme_psk", "nvme_psk_sha384"])
+def test_nvme_controller_io_and_disconnect(guest: Guest, name: str) -> None:
+    assert guest.r("nvme_psk", "nvmet_tsas") == "tls1.3"  # the port, set up once
     assert guest.r("nvme_psk", "nvmet_treq") == "required"
-    assert guest.r("nvme_psk", "ctrl_state") == "live"
-    assert guest.r("nvme_psk", "ctrl_queue_count") == str(NVME_QUEUES)
-    assert guest.r("nvme_psk", "dd_write_rc") == "0"
-    assert guest.r("nvme_psk", "dd_read_rc") == "0"
-    assert guest.r("nvme_psk", "data_identical") == "yes"  # 8 MiB, O_DIRECT, through kTLS
-    assert guest.r("nvme_psk", "disconnect_rc") == "0"
+    assert guest.r(name, "ctrl_state") == "live"
+    assert guest.r(name, "ctrl_queue_count") == str(NVME_QUEUES)
+    assert guest.r(name, "dd_write_rc") == "0"
+    assert guest.r(name, "dd_read_rc") == "0"
+    assert guest.r(name, "data_identical") == "yes"  # 8 MiB, O_DIRECT, through kTLS
+    assert guest.r(name, "disconnect_rc") == "0"
     connected = parse_tls_stat("\n".join(
-        item.replace(":", " ") for item in guest.r("nvme_psk", "tls_stat_connected").split(",")))
+        item.replace(":", " ") for item in guest.r(name, "tls_stat_connected").split(",")))
     assert connected["TlsCurrTxSw"] >= 2 * NVME_QUEUES  # all queues on kTLS while connected
 
 
@@ -165,8 +167,13 @@ def test_agent_log_matches_the_kernel(guest: Guest) -> None:
     assert "Traceback" not in log
     ok = [line for line in log.splitlines() if " status=0 " in line and " ok " in line]
     psk = [line for line in ok if "auth=PSK" in line]
-    assert len(psk) == 2 * NVME_QUEUES, log
-    assert sum("role=server auth=PSK" in line for line in psk) == NVME_QUEUES
+    assert len(psk) == 2 * 2 * NVME_QUEUES, log  # nvme_psk and nvme_psk_sha384
+    assert sum("role=server auth=PSK" in line for line in psk) == 2 * NVME_QUEUES
+    sha384 = guest.r("nvme_psk_sha384", "psk_sha384_serial")
+    with384 = [line for line in psk if f"psk={sha384}:'NVMe0R02 " in line]
+    assert len(with384) == 2 * NVME_QUEUES, log  # the host chose the SHA-384 PSK, both sides
+    assert all("cipher=TLS_AES_256_GCM_SHA384" in line for line in with384)
+    assert guest.r("nvme_psk_sha384", "psk_sha384_unlinked").strip() == "0"
     # nfs_tls, nfs_mtls, nfs_tls_on_mtls: a client and a server handshake each
     assert sum("role=client auth=UNAUTH peer=127.0.0.1" in line for line in ok) == 2
     assert sum("role=client auth=X509 peer=127.0.0.1" in line for line in ok) == 1
