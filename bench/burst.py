@@ -1,6 +1,6 @@
 """A reconnect storm: 10,000 handshake requests across 16 network namespaces at once.
 
-    .venv/bin/python bench/burst.py [--namespaces 16] [--requests 10000] [--concurrency 100]
+    .venv/bin/python bench/burst.py [--namespaces 16] [--requests 10000] [--concurrency 200]
                                     [--workers 1]
 
 Every namespace gets its own agent (``ip netns exec NS python -m tlshd``, as the per-namespace
@@ -175,6 +175,27 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
 
 
+def report(args: argparse.Namespace, figures: dict[str, float], failures: list[Outcome]) -> None:
+    statuses: dict[int, int] = {}
+    for r in failures:
+        statuses[r.status] = statuses.get(r.status, 0) + 1
+    print(f"{args.requests} requests (half client, half server) across {args.namespaces} "
+          f"namespaces, one agent each ({args.workers} worker(s)), pending cap "
+          f"{figures['burst_pending_cap']}, {args.concurrency} requests in flight per namespace")
+    print(f"completed {figures['burst_completed']}, failed {len(failures)} {statuses or ''}, "
+          f"EAGAIN retries {figures['burst_eagain_retries']}, in {figures['burst_seconds']:.1f} s")
+    print(f"wait (first submit to done): p50 {figures['burst_p50_wait_s']:.2f} s, "
+          f"p99 {figures['burst_p99_wait_s']:.2f} s, "
+          f"slowest {figures['burst_slowest_wait_s']:.2f} s")
+    print(f"in the kernel (submitted to DONE, the consumer's timer): slowest "
+          f"{figures['burst_submit_to_done_max_s']:.2f} s (queue "
+          f"{figures['burst_queue_wait_max_s']:.2f} s, agent "
+          f"{figures['burst_agent_hold_max_s']:.2f} s); worker deaths "
+          f"{figures['burst_worker_deaths']}")
+    for key, value in figures.items():
+        print(f"{key}={value:.3f}" if isinstance(value, float) else f"{key}={value}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--namespaces", type=int, default=16)
@@ -188,6 +209,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="tlshd-burst-"))
     pki = write_pki(tmp / "pki")
     agents: list[Agent] = []
+    stops: list[int] = []
     share = [args.requests // args.namespaces + (1 if i < args.requests % args.namespaces else 0)
              for i in range(args.namespaces)]
     peer = PeerProcess(pki)
@@ -218,11 +240,15 @@ def main() -> int:
                 space.listener.close()
             submits = len(kernel.events("submit")) + len(kernel.events("submit_err"))
             in_kernel = kernel_times(kernel)
+            stops = [agent.stop() for agent in agents]  # while their kernel still runs
     finally:
-        stops = [agent.stop() for agent in agents]
+        if not stops:  # an error above: stop them anyway
+            stops = [agent.stop() for agent in agents]
         peer.close()
         failed_lines = [line for agent in agents for line in agent.log if " status=0 " not in line
                         and "handshake" in line]
+        # the supervisor restarts a dead worker and still exits 0: its log is the evidence
+        worker_deaths = sum("died" in line for agent in agents for line in agent.log)
         for line in failed_lines[:5]:
             print(f"burst: agent: {line}", file=sys.stderr)
         for name in names:
@@ -230,7 +256,7 @@ def main() -> int:
     completed = [r for r in results if r.status == 0]
     failures = [r for r in results if r.status != 0]
     waits = [r.wait_s for r in results]
-    figures = {
+    figures: dict[str, float] = {
         "burst_namespaces": args.namespaces,
         "burst_pending_cap": cap,
         "burst_requests": len(results),
@@ -244,26 +270,11 @@ def main() -> int:
         "burst_seconds": seconds,
         "burst_hs_per_s": len(completed) / seconds,
         "burst_agents_exit_nonzero": sum(1 for rc in stops if rc != 0),
+        "burst_worker_deaths": worker_deaths,
         **in_kernel,
     }
-    statuses: dict[int, int] = {}
-    for r in failures:
-        statuses[r.status] = statuses.get(r.status, 0) + 1
-    print(f"{args.requests} requests (half client, half server) across {args.namespaces} "
-          f"namespaces, one agent each ({args.workers} worker(s)), pending cap {cap}, "
-          f"{args.concurrency} requests in flight per namespace")
-    print(f"completed {len(completed)}, failed {len(failures)} {statuses or ''}, "
-          f"EAGAIN retries {figures['burst_eagain_retries']}, in {seconds:.1f} s")
-    print(f"wait (first submit to done): p50 {figures['burst_p50_wait_s']:.2f} s, "
-          f"p99 {figures['burst_p99_wait_s']:.2f} s, "
-          f"slowest {figures['burst_slowest_wait_s']:.2f} s")
-    print(f"in the kernel (submitted to DONE, the consumer's timer): slowest "
-          f"{figures['burst_submit_to_done_max_s']:.2f} s (queue "
-          f"{figures['burst_queue_wait_max_s']:.2f} s, agent "
-          f"{figures['burst_agent_hold_max_s']:.2f} s)")
-    for key, value in figures.items():
-        print(f"{key}={value:.3f}" if isinstance(value, float) else f"{key}={value}")
-    return 0 if not failures else 1
+    report(args, figures, failures)
+    return 0 if not failures and not worker_deaths else 1
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
     .venv/bin/python bench/real_kernel.py [--cycles N] [--out DIR]
 
 Boots the real-kernel tier's guest twice, the same way (scripts/qemu/run-guest.sh, same kernel,
-same root, 2 vCPUs, TCG): once with this checkout's agent, once with the reference. Each boot
+same root, 2 vCPUs, the same accelerator: the first boot's choice is imposed on the second):
+once with this checkout's agent, once with the reference. Each boot
 plays ``nvme_loop N`` (N NVMe/TCP connect + disconnect cycles: PSK handshakes, 6 per cycle) and
 ``nfs_loop N`` (N NFSv4.2 ``xprtsec=tls`` mount + umount cycles: an anonymous client and an
 x509 server handshake per cycle). Every time comes from the kernel's tracepoints
@@ -34,15 +35,18 @@ AGENTS = ("tlshd", "reference")
 KINDS = {"psk": "nvme_loop", "x509": "nfs_loop"}
 
 
-def boot(agent: str, out: Path, cycles: int) -> None:
+def boot(agent: str, out: Path, cycles: int, accel: str) -> str:
+    """One boot with ``agent``; returns the accelerator it ran under."""
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, TLSHD_GUEST_AGENT=agent)
+    env = dict(os.environ, TLSHD_GUEST_AGENT=agent, TLSHD_QEMU_ACCEL=accel)
     scenarios = ["nvme_loop", str(cycles), "nfs_loop", str(cycles)]
     proc = subprocess.run(["bash", str(RUN_GUEST), str(out), *scenarios], env=env,
                           stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"{agent}: guest failed (rc={proc.returncode}), see {out}/console.log\n"
                          + proc.stderr[-2000:])
+    host = (out / "host-results").read_text()
+    return host.split("RESULT accel=", 1)[1].split()[0] if "RESULT accel=" in host else "?"
 
 
 def timings(out: Path, scenario: str) -> list[Timing]:
@@ -70,9 +74,13 @@ def main() -> int:
     base = args.out or Path(tempfile.mkdtemp(prefix="tlshd-real-bench-"))
     figures: dict[str, float] = {}
     rows = []
+    accel = os.environ.get("TLSHD_QEMU_ACCEL", "auto")
     for agent in AGENTS:
         out = base / agent
-        boot(agent, out, args.cycles)
+        used = boot(agent, out, args.cycles, accel)
+        if accel not in ("auto", used):
+            raise SystemExit(f"{agent} ran under {used}, the other agent under {accel}")
+        accel = used  # the second agent boots under the first one's accelerator
         res = results(out)
         for kind, scenario in KINDS.items():
             t = timings(out, scenario)
@@ -88,8 +96,8 @@ def main() -> int:
     for kind in KINDS:
         figures[f"accept_to_done_ratio_{kind}"] = (figures[f"tlshd_{kind}_accept_to_done_ms"]
                                                    / figures[f"reference_{kind}_accept_to_done_ms"])
-    print(f"Linux 6.12 under QEMU/TCG, {args.cycles} cycles each; times from the handshake "
-          f"tracepoints; output in {base}")
+    print(f"Linux 6.12 under QEMU ({accel}), {args.cycles} cycles each; times from the "
+          f"handshake tracepoints; output in {base}")
     print(f"{'agent':<10} {'kind':<5} {'handshakes':>10} {'cycles ok':>9} "
           f"{'submit->accept':>15} {'accept->done':>13} {'max':>8}")
     for agent, kind, n, ok, accept, done, worst in rows:

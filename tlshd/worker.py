@@ -172,6 +172,13 @@ def peer_identity_key(session: SessionResult) -> int:
     return serial
 
 
+# ACCEPT errors that no retry will cure (no CAP_NET_ADMIN, no such family or op): the worker
+# exits with the error and the supervisor's restart says so loudly, instead of a worker that
+# looks ready while every request times out
+FATAL_ACCEPT_ERRNOS = frozenset({errno.EPERM, errno.EACCES, errno.EOPNOTSUPP, errno.EINVAL})
+MAX_REFUSED_PER_ROUND = 8
+
+
 class Worker:
     def __init__(
         self,
@@ -236,6 +243,7 @@ class Worker:
 
     def _accept_all(self) -> None:
         self._full = False
+        refused = 0
         while True:
             if len(self.inflight) >= self._max_inflight:
                 self._full = True  # requests may be waiting: refill as handshakes end
@@ -248,9 +256,15 @@ class Worker:
             except TransportTimeoutError as exc:  # a slow kernel side: try again next sweep
                 log.warning("upcall: %s", exc)
                 return
-            except NetlinkError as exc:  # the kernel refused this ACCEPT; the channel is fine
-                log.error("upcall: %s; trying again at the next READY or sweep", exc)
-                return
+            except NetlinkError as exc:
+                if exc.errno in FATAL_ACCEPT_ERRNOS:  # the agent cannot ACCEPT at all: say so
+                    raise
+                # that request's trouble (EIO, ENOMEM, ...): the next one may be fine
+                log.error("upcall: %s; going on with the next request", exc)
+                refused += 1
+                if refused >= MAX_REFUSED_PER_ROUND:
+                    return  # the next READY or sweep tries again
+                continue
             if reply is None:
                 return
             self._start(reply)

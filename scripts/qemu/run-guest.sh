@@ -91,10 +91,10 @@ export PATH=$VENV/bin:$PATH
 ACCEL=${TLSHD_QEMU_ACCEL:-auto}
 if [ "$ACCEL" = auto ]; then
     ACCEL=tcg
-    if [ -w /dev/kvm ] && timeout --kill-after=5 120 vng --run "$VMLINUZ" --root "$GROOT" --force-9p \
-            --cpus 1 --memory 512M --exec "echo tlshd-kvm-probe-ok" < /dev/null 2>&1 \
-            | grep -q tlshd-kvm-probe-ok; then
-        ACCEL=kvm
+    if [ -w /dev/kvm ]; then
+        probe=$(timeout --kill-after=5 120 vng --run "$VMLINUZ" --root "$GROOT" --force-9p \
+                --cpus 1 --memory 512M --exec "echo tlshd-kvm-probe-ok" < /dev/null 2>&1 || true)
+        case "$probe" in *tlshd-kvm-probe-ok*) ACCEL=kvm ;; esac
     fi
 fi
 ACCEL_OPTS=()

@@ -110,8 +110,12 @@ def _timings(events: list[Event]) -> Iterable[Timing]:
     counts as accepted at once (0 ms in the queue)."""
     marks: dict[str, dict[str, float]] = {}
     for e in events:
-        if e.event in ("submit", "cmd_accept", "cmd_done"):
+        if e.event == "submit" and "submit" in marks.get(e.req, {}):
+            marks[e.req] = {"submit": e.ts}  # a new request at a reused address
+        elif e.event in ("submit", "cmd_accept", "cmd_done"):
             marks.setdefault(e.req, {}).setdefault(e.event, e.ts)
+        elif e.event == "destruct":
+            marks.pop(e.req, None)  # gone without completing (cancelled before ACCEPT)
         elif e.event == "complete":
             m = marks.pop(e.req, {})
             if {"submit", "cmd_accept", "cmd_done"} <= m.keys():

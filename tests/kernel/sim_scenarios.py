@@ -66,7 +66,7 @@ def _both(kernel: Kernel, client_side: Callable[[socket.socket], HandshakeOutcom
     return out, box.get("server")
 
 
-def nvme_connect(kernel: Kernel, ring: NVMeKeyring) -> str:
+def nvme_connect(kernel: Kernel, ring: NVMeKeyring, pskids: list[int] | None = None) -> str:
     """``nvme connect --tls``: one queue after the other (admin, then I/O), each ICReq/ICResp
     over kTLS; the first failure fails the connect with that errno."""
     for _ in range(NVME_QUEUES):
@@ -88,6 +88,8 @@ def nvme_connect(kernel: Kernel, ring: NVMeKeyring) -> str:
         out, _ = _both(kernel, host_side, target_side)
         if out.status:
             return errno_name(out.status)
+        if pskids is not None:
+            pskids += [host.tls_pskid, target.tls_pskid]  # the PSK each side's DONE named
     return "0"
 
 
@@ -128,6 +130,7 @@ class SimScenarios:
         self.kernel, self.pki, self.ring, self.ring_name = kernel, pki, ring, ring_name
         self._start, self._stop = start_agent, stop_agent
         self.sha384_serial = 0
+        self.pskids: list[int] = []  # by nvme_psk_sha384: the PSK serials both sides reported
         ring.add_psk(psk_identity(HOSTNQN, SUBNQN, 1), os.urandom(32))
 
     def config(self, server: str = "server") -> str:
@@ -149,7 +152,7 @@ class SimScenarios:
         serial = self.ring.add_psk(psk_identity(HOSTNQN, SUBNQN, 2), os.urandom(48))
         self.sha384_serial = serial
         try:
-            return nvme_connect(self.kernel, self.ring)
+            return nvme_connect(self.kernel, self.ring, self.pskids)
         finally:
             keys.invalidate(serial)
 

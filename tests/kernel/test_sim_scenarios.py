@@ -13,7 +13,7 @@ import pytest
 from kernel_sim.kernel import Kernel
 from kernel_sim.nvme import NVMeKeyring
 from kernel_sim.profile import LINUX_6_12
-from tests.kernel.scenarios import SCENARIOS
+from tests.kernel.scenarios import NVME_QUEUES, SCENARIOS
 from tests.kernel.sim_scenarios import SimScenarios
 from tests.pki import PKI
 from tests.sim.harness import Agent, start_agent, unique_endpoint
@@ -57,3 +57,5 @@ def sim(pki: PKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimScena
 def test_scenario_on_kernel_sim(sim: SimScenarios, name: str) -> None:
     consumer_errno, evidence = sim.run(name)
     assert SCENARIOS[name].check(consumer_errno, evidence) == []
+    if name == "nvme_psk_sha384":  # the host chose the SHA-384 PSK, and both sides used it
+        assert sim.pskids == [sim.sha384_serial] * 2 * NVME_QUEUES

@@ -932,12 +932,23 @@ def test_max_inflight_is_a_configuration_key() -> None:
 def test_an_accept_the_kernel_refuses_is_logged_and_the_worker_serves_on(
     rig: Rig, requests: Callable[..., Request], caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """An NLMSG_ERROR answer to ACCEPT is the kernel's business with that request; the worker
-    logs it and takes the next request (here at once: the READY follows the start-up sweep)."""
+    """An NLMSG_ERROR answer to ACCEPT such as EIO is that request's trouble: the worker logs it
+    and takes the next request in the same round."""
     req = requests(auth_mode=AuthMode.PSK)
-    rig.upcall.ready(NetlinkError(errno.EIO, "ACCEPT"), req.reply)
+    rig.upcall.queue.extend([NetlinkError(errno.EIO, "ACCEPT"), req.reply])  # no READY
 
-    rig.run_until_done()
+    rig.worker.run_once(max_wait=0.01)  # the start-up sweep: both in one round
 
     assert [d.status for d in rig.upcall.dones] == [errno.EINVAL]
-    assert "ACCEPT: EIO (5); trying again" in caplog.text
+    assert "ACCEPT: EIO (5); going on with the next request" in caplog.text
+
+
+@pytest.mark.parametrize("err", [errno.EPERM, errno.EACCES, errno.EOPNOTSUPP, errno.EINVAL])
+def test_an_accept_no_retry_can_cure_stops_the_worker(
+    rig: Rig, requests: Callable[..., Request], err: int
+) -> None:
+    """No CAP_NET_ADMIN (EPERM) and the like: the worker raises (the supervisor logs the death
+    and restarts it) instead of looking ready while every request times out."""
+    rig.upcall.queue.append(NetlinkError(err, "ACCEPT"))
+    with pytest.raises(NetlinkError):
+        rig.worker.run_once(max_wait=0.01)
