@@ -98,7 +98,9 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Guest:
 def timing_report(guest: Guest) -> str:
     """Per-handshake times from the kernel's tracepoints, a line a scenario."""
     host = read_results_flat(guest.out / "host-results")
-    lines = [f"accelerator: {host.get('accel', '?')}",
+    tries = [k for k in host if k.startswith("boot_try_")]
+    lines = [f"accelerator: {host.get('accel', '?')}, boots: {len(tries)}"
+             + (" (the first did not finish: see console.try1.log)" if len(tries) > 1 else ""),
              "scenario            handshakes  submit->accept ms (median)  accept->done ms "
              "(median, max)"]
     for name in ORDER:
