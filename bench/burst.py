@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernel_sim.consumer import HandshakeOutcome, TLSConsumer
 from kernel_sim.kernel import Kernel
 from kernel_sim.netns import run_in_netns, socket_in_netns
+from tests.kernel.evidence import from_sim, summarize
 from tests.pki import PKI, write_pki
 from tests.sim.harness import Agent, start_agent, write_config
 
@@ -154,20 +155,13 @@ def kernel_times(kernel: Kernel) -> dict[str, float]:
     """From kernel-sim's trace: the longest a request waited in the queue (submit to ACCEPT)
     and the longest the agent held one (ACCEPT to DONE). The consumer's timer runs from the
     successful submit: their sum must stay under 10 s (20 s for a server request)."""
-    submitted: dict[int | None, float] = {}
-    accepted: dict[int | None, float] = {}
-    queue_max = held_max = total_max = 0.0
-    for e in sorted(kernel.trace, key=lambda e: e.ts):
-        if e.event == "submit":
-            submitted[e.sock] = e.ts
-        elif e.event == "cmd_accept" and e.sock in submitted:
-            accepted[e.sock] = e.ts
-            queue_max = max(queue_max, e.ts - submitted[e.sock])
-        elif e.event == "cmd_done" and e.sock in accepted:
-            held_max = max(held_max, e.ts - accepted.pop(e.sock))
-            total_max = max(total_max, e.ts - submitted.pop(e.sock))
-    return {"burst_queue_wait_max_s": queue_max, "burst_agent_hold_max_s": held_max,
-            "burst_submit_to_done_max_s": total_max}
+    timings = summarize(from_sim(kernel.trace), {}, {}).timings
+    return {
+        "burst_queue_wait_max_s": max((t.submit_to_accept_ms for t in timings), default=0) / 1000,
+        "burst_agent_hold_max_s": max((t.accept_to_done_ms for t in timings), default=0) / 1000,
+        "burst_submit_to_done_max_s": max(
+            (t.submit_to_accept_ms + t.accept_to_done_ms for t in timings), default=0) / 1000,
+    }
 
 
 def percentile(values: list[float], p: float) -> float:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.kernel.evidence import Timing, parse_tls_stat, parse_tracefs, summarize
+from tests.kernel.evidence import Timing, read_results, scenario_evidence
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_GUEST = REPO / "scripts" / "qemu" / "run-guest.sh"
@@ -45,25 +45,11 @@ def boot(agent: str, out: Path, cycles: int, accel: str) -> str:
     if proc.returncode != 0:
         raise SystemExit(f"{agent}: guest failed (rc={proc.returncode}), see {out}/console.log\n"
                          + proc.stderr[-2000:])
-    host = (out / "host-results").read_text()
-    return host.split("RESULT accel=", 1)[1].split()[0] if "RESULT accel=" in host else "?"
+    return read_results(out / "host-results").get("accel", "?")
 
 
 def timings(out: Path, scenario: str) -> list[Timing]:
-    d = out / scenario
-    ev = summarize(parse_tracefs((d / "trace.txt").read_text()),
-                   parse_tls_stat((d / "tls_stat.before").read_text()),
-                   parse_tls_stat((d / "tls_stat.after").read_text()))
-    return [t for t in ev.timings if t.status == 0]
-
-
-def results(out: Path) -> dict[str, str]:
-    found = {}
-    for line in (out / "results").read_text().splitlines():
-        if line.startswith("RESULT ") and "=" in line:
-            key, value = line[len("RESULT "):].split("=", 1)
-            found[key] = value
-    return found
+    return [t for t in scenario_evidence(out, scenario).timings if t.status == 0]
 
 
 def main() -> int:
@@ -81,7 +67,7 @@ def main() -> int:
         if accel not in ("auto", used):
             raise SystemExit(f"{agent} ran under {used}, the other agent under {accel}")
         accel = used  # the second agent boots under the first one's accelerator
-        res = results(out)
+        res = read_results(out / "results")
         for kind, scenario in KINDS.items():
             t = timings(out, scenario)
             if not t:

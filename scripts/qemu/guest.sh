@@ -349,11 +349,12 @@ s_nvme_no_agent() {
     result dmesg_host "$(diff "$WORK/dmesg.before" "$WORK/dmesg.after" | grep -o 'queue [0-9]*: failed to start TLS: -\?[0-9]*' | head -1)"
 }
 
-s_nvme_done_status() {
+# a connect answered by accept-probe.py (DONE with status 13; extra probe arguments after it)
+probe_connect() {
     setup_nvmet
     agent_stop
     rm -f "$WORK/probe.ready"
-    "$PY" "$HERE/accept-probe.py" "$WORK/probe.ready" 13 15 > "$OUT/$SCEN/probe.txt" 2>&1 &
+    "$PY" "$HERE/accept-probe.py" "$WORK/probe.ready" 13 15 "$@" > "$OUT/$SCEN/probe.txt" 2>&1 &
     local probe=$! t0 rc
     for _ in $(seq 300); do [ -f "$WORK/probe.ready" ] && break; sleep 0.1; done
     t0=$(now)
@@ -361,23 +362,20 @@ s_nvme_done_status() {
     result connect_seconds "$(elapsed "$t0" "$(now)")"
     result consumer_errno "$([ $rc = 0 ] && echo 0 || connect_errno)"
     kill "$probe" 2> /dev/null; wait "$probe" 2> /dev/null
+    result done_ack "$(probe_says done_ack | head -1)"
+}
+
+probe_says() { sed -n "s/^PROBE $1=//p" "$OUT/$SCEN/probe.txt"; }
+
+s_nvme_done_status() {
+    probe_connect
     result accept_attrs "$(sed -n -e 's/^PROBE attr=\([A-Z_0-9]*\):.*/\1/p' -e 's/^PROBE end_of_reply/;/p' "$OUT/$SCEN/probe.txt" | head -12 | paste -sd, -)"
-    result done_ack "$(sed -n 's/^PROBE done_ack=//p' "$OUT/$SCEN/probe.txt" | head -1)"
 }
 
 s_nvme_done_noadmin() {  # DONE sent without CAP_NET_ADMIN in the effective set
-    setup_nvmet
-    agent_stop
-    rm -f "$WORK/probe.ready"
-    "$PY" "$HERE/accept-probe.py" "$WORK/probe.ready" 13 15 drop-admin > "$OUT/$SCEN/probe.txt" 2>&1 &
-    local probe=$! rc
-    for _ in $(seq 300); do [ -f "$WORK/probe.ready" ] && break; sleep 0.1; done
-    nvme_connect > /dev/null; rc=$?
-    result consumer_errno "$([ $rc = 0 ] && echo 0 || connect_errno)"
-    kill "$probe" 2> /dev/null; wait "$probe" 2> /dev/null
-    result done_ack "$(sed -n 's/^PROBE done_ack=//p' "$OUT/$SCEN/probe.txt" | head -1)"
-    result done_ack_without_admin "$(sed -n 's/^PROBE done_ack_without_admin=//p' "$OUT/$SCEN/probe.txt" | head -1)"
-    result cap_net_admin_at_done "$(sed -n 's/^PROBE cap_net_admin_effective=//p' "$OUT/$SCEN/probe.txt" | sort -u | paste -sd, -)"
+    probe_connect drop-admin
+    result done_ack_without_admin "$(probe_says done_ack_without_admin | head -1)"
+    result cap_net_admin_at_done "$(probe_says cap_net_admin_effective | sort -u | paste -sd, -)"
 }
 
 s_nvme_loop() {  # $1 cycles: connect, wait live, disconnect

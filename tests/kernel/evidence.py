@@ -11,6 +11,7 @@ import re
 import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from kernel_sim.kernel import TraceEvent
 
@@ -121,3 +122,25 @@ def _timings(events: list[Event]) -> Iterable[Timing]:
             if {"submit", "cmd_accept", "cmd_done"} <= m.keys():
                 yield Timing(max(0.0, m["cmd_accept"] - m["submit"]) * 1000,
                              (m["cmd_done"] - m["cmd_accept"]) * 1000, e.value or 0)
+
+
+# --- what scripts/qemu/guest.sh and run-guest.sh leave in OUTDIR ----------------------------
+
+
+def read_results(path: Path) -> dict[str, str]:
+    """``RESULT key=value`` lines (``results``: ``scenario.key``; ``host-results``: ``key``)."""
+    found: dict[str, str] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            m = re.match(r"RESULT ([^=]+)=(.*)$", line)
+            if m:
+                found[m.group(1)] = m.group(2)
+    return found
+
+
+def scenario_evidence(out: Path, scenario: str) -> Evidence:
+    """The kernel's evidence of one scenario: ``OUTDIR/<scenario>/`` trace and tls_stat."""
+    d = out / scenario
+    return summarize(parse_tracefs((d / "trace.txt").read_text()),
+                     parse_tls_stat((d / "tls_stat.before").read_text()),
+                     parse_tls_stat((d / "tls_stat.after").read_text()))

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import os
 import platform
-import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.kernel.evidence import Evidence, parse_tls_stat, parse_tracefs, summarize
+from tests.kernel.evidence import Evidence, parse_tls_stat, read_results, scenario_evidence
 from tests.kernel.scenarios import NVME_QUEUES, SCENARIOS
 
 pytestmark = pytest.mark.qemu
@@ -36,40 +35,16 @@ ORDER = ["nvme_psk", "nvme_psk_sha384", "nfs_tls", "nfs_mtls", "nfs_plain_refuse
 @dataclass
 class Guest:
     out: Path
-    results: dict[str, dict[str, str]]
+    results: dict[str, str]  # "scenario.key": value
 
     def r(self, scenario: str, key: str) -> str:
-        return self.results.get(scenario, {}).get(key, "<missing>")
+        return self.results.get(f"{scenario}.{key}", "<missing>")
 
     def evidence(self, scenario: str) -> Evidence:
-        d = self.out / scenario
-        return summarize(parse_tracefs((d / "trace.txt").read_text()),
-                         parse_tls_stat((d / "tls_stat.before").read_text()),
-                         parse_tls_stat((d / "tls_stat.after").read_text()))
+        return scenario_evidence(self.out, scenario)
 
     def agent_log(self) -> str:
         return "".join(p.read_text() for p in sorted(self.out.glob("agent-*.log")))
-
-
-def read_results_flat(path: Path) -> dict[str, str]:
-    """run-guest.sh's own RESULT lines (no scenario prefix)."""
-    found: dict[str, str] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            m = re.match(r"RESULT ([^=]+)=(.*)$", line)
-            if m:
-                found[m.group(1)] = m.group(2)
-    return found
-
-
-def read_results(path: Path) -> dict[str, dict[str, str]]:
-    results: dict[str, dict[str, str]] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            m = re.match(r"RESULT ([^.=]+)\.([^=]+)=(.*)$", line)
-            if m:
-                results.setdefault(m.group(1), {})[m.group(2)] = m.group(3)
-    return results
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +72,7 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Guest:
 
 def timing_report(guest: Guest) -> str:
     """Per-handshake times from the kernel's tracepoints, a line a scenario."""
-    host = read_results_flat(guest.out / "host-results")
+    host = read_results(guest.out / "host-results")
     tries = [k for k in host if k.startswith("boot_try_")]
     lines = [f"accelerator: {host.get('accel', '?')}, boots: {len(tries)}"
              + (" (the first did not finish: see console.try1.log)" if len(tries) > 1 else ""),
@@ -118,7 +93,7 @@ def timing_report(guest: Guest) -> str:
 
 
 def test_kernel_modules_and_family(guest: Guest) -> None:
-    assert read_results_flat(guest.out / "host-results")["accel"] in ("kvm", "tcg")
+    assert read_results(guest.out / "host-results")["accel"] in ("kvm", "tcg")
     assert guest.r("global", "kernel").startswith("6.12.")
     for m in ("tls", "nvme-keyring", "nvme-tcp", "nvmet", "nvmet-tcp", "nfsd", "nfs", "brd"):
         assert guest.r("global", f"modprobe_{m}") == "0", m

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 else:  # without running pyroute2/__init__.py, which imports all of pyroute2 (see _pyroute2)
     from tlshd.netlink._pyroute2 import netlink_module
 
-    genlmsg, nla = netlink_module().genlmsg, netlink_module().nla
+    _netlink = netlink_module()
+    genlmsg, nla = _netlink.genlmsg, _netlink.nla
 
 # --- netlink (linux/netlink.h) ----------------------------------------------
 
