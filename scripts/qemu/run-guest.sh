@@ -9,7 +9,7 @@
 # the kernel .deb and its extracted tree, the trixie root (kernel modules, nfs-utils, nvme-cli,
 # ktls-utils, a venv with tlshd's dependencies), a venv with virtme-ng. Nothing from trixie or
 # from backports is installed on the host. Host packages from the host's own suite:
-# qemu-system-x86, busybox-static (virtme-ng's initramfs), debootstrap.
+# qemu-system-x86, busybox-static (virtme-ng's initramfs), debootstrap, kmod (virtme-ng's depmod).
 #
 # The checkout is shared read-only at /work/tlshd, OUTDIR read-write at /out. OUTDIR receives
 # console.log (the kernel console and the guest's output), results (RESULT lines) and the
@@ -45,6 +45,7 @@ need=()
 command -v qemu-system-x86_64 > /dev/null || need+=(qemu-system-x86)
 command -v busybox > /dev/null || need+=(busybox-static)
 command -v debootstrap > /dev/null || need+=(debootstrap)
+command -v depmod > /dev/null || need+=(kmod)  # virtme-ng runs the host's depmod
 if [ ${#need[@]} -gt 0 ]; then
     log "installing ${need[*]}"
     apt-get update -qq
