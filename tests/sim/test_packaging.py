@@ -80,3 +80,12 @@ def test_man_finds_the_installed_pages_through_path(venv: Path) -> None:
     for name, page in (("tlshd", "man8/tlshd.8"), ("tlshd.conf", "man5/tlshd.conf.5")):
         assert run("man", "-w", name, timeout=60, env=env).strip() == str(
             venv / "share" / "man" / page)
+
+
+def test_the_wheel_carries_the_license(venv: Path) -> None:
+    python = venv / "bin" / "python"
+    text = run(python, "-c", "import importlib.metadata as m; d = m.distribution('tlshd'); "
+               "print(d.metadata['License-Expression']); "
+               "print(next(f for f in d.files if f.name == 'LICENSE').read_text())", timeout=60)
+    assert text.startswith("GPL-2.0-only\n")
+    assert "GNU GENERAL PUBLIC LICENSE" in text and "Version 2, June 1991" in text
