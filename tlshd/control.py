@@ -89,12 +89,31 @@ def query_status(address: bytes = CONTROL_ADDRESS, timeout: float = 5.0) -> dict
 
 
 class Metrics:
-    """The Prometheus registry; updated from worker events, rendered on request."""
+    """The Prometheus registry; updated from worker events, rendered on request.
+
+    Beside tlshd's own series it carries prometheus-client's standard collectors, as any
+    Python exporter does: ``process_*`` (the supervisor's CPU, memory, fds, start time),
+    ``python_info`` and ``python_gc_*``, and ``tlshd_build_info`` naming this release, the
+    Python and the OpenSSL the agent runs with."""
 
     def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import (
+            GC_COLLECTOR,
+            CollectorRegistry,
+            Counter,
+            Gauge,
+            Histogram,
+            Info,
+            PlatformCollector,
+            ProcessCollector,
+        )
 
         self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        self.registry.register(GC_COLLECTOR)
+        Info("tlshd_build", "This tlshd release and the libraries it runs with",
+             registry=self.registry).info(build_info())
         self.handshakes = Counter("tlshd_handshakes", "Handshake requests finished",
                                   ["role", "auth", "result"], registry=self.registry)
         self.statuses = Counter("tlshd_done_status", "DONE statuses sent to the kernel",
@@ -120,6 +139,25 @@ class Metrics:
         from prometheus_client import generate_latest
 
         return bytes(generate_latest(self.registry))
+
+
+def build_info() -> dict[str, str]:
+    """The labels of ``tlshd_build_info``: versions only, nothing about the host's keys."""
+    import platform
+
+    import cryptography
+    import OpenSSL
+    from OpenSSL import SSL
+
+    from tlshd import __version__
+
+    return {
+        "version": __version__,
+        "python": platform.python_version(),
+        "pyopenssl": OpenSSL.__version__,
+        "cryptography": cryptography.__version__,
+        "openssl": SSL.SSLeay_version(SSL.SSLEAY_VERSION).decode(errors="replace"),
+    }
 
 
 def metrics_listener(value: str) -> socket.socket:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from OpenSSL import SSL
 
+import tlshd
 from kernel_sim.consumer import TLSConsumer
 from kernel_sim.kernel import Kernel
 from kernel_sim.nvme import NVMeKeyring, psk_identity
@@ -195,6 +196,11 @@ def test_status_and_metrics_after_real_handshakes(pki, tmp_path):
     assert 'tlshd_done_status_total{status="ETIMEDOUT"} 1.0' in metrics
     assert "tlshd_handshake_duration_seconds_bucket" in metrics
     assert "tlshd_in_flight 0.0" in metrics
+    # prometheus-client's standard collectors and the build info
+    assert "process_resident_memory_bytes " in metrics
+    assert "process_cpu_seconds_total " in metrics
+    assert "python_info{" in metrics
+    assert f'version="{tlshd.__version__}"' in metrics.split("tlshd_build_info{", 1)[1]
     line = next(x for x in agent.log if "role=client" in x and "status=0" in x)
     assert re.search(r"netns=\S+ role=client auth=X509 peer=localhost status=0 [\d.]+ms ok "
                      r"cipher=TLS_\w+", line), line
