@@ -100,7 +100,8 @@ def make_ca(common_name: str = "tlshd test CA", kind: str = "ec") -> Issued:
         .issuer_name(_name(common_name))
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _DAY)
+        # older than every leaf it issues, the expired one included, as a real CA is
+        .not_valid_before(now - 60 * _DAY)
         .not_valid_after(now + 365 * _DAY)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(

@@ -457,7 +457,11 @@ def verify_chain(chain: Sequence[x509.Certificate], anchors: list[x509.Certifica
     leaf, store = chain[0], crypto.X509Store()
     for anchor in anchors:
         store.add_cert(crypto.X509.from_cryptography(anchor))
-    store.set_time(min(max(now, leaf.not_valid_before_utc), leaf.not_valid_after_utc))
+    # strictly inside the validity period: OpenSSL before 3.5 counts its last second as
+    # expired (seen with the cryptography 43 wheel's OpenSSL 3.3)
+    second = datetime.timedelta(seconds=1)
+    store.set_time(min(max(now, leaf.not_valid_before_utc + second),
+                       leaf.not_valid_after_utc - second))
     context = crypto.X509StoreContext(store, crypto.X509.from_cryptography(leaf),
                                       [crypto.X509.from_cryptography(c) for c in chain[1:]])
     try:

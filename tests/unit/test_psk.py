@@ -130,7 +130,14 @@ def _pair(client_key: bytes, server_key: bytes | None, suites: str, suite: bytes
     (SHA256_SUITES, _psk.SUITE_SHA256, 32, "TLS_AES_128_GCM_SHA256"),
     (SHA384_SUITES, _psk.SUITE_SHA384, 48, "TLS_AES_256_GCM_SHA384"),
 ])
-def test_psk_handshake_between_engines_agrees_on_keys(suites, suite, key_len, cipher):
+@pytest.mark.parametrize("d2i", [True, False], ids=["d2i-template", "clienthello-session"])
+def test_psk_handshake_between_engines_agrees_on_keys(suites, suite, key_len, cipher, d2i,
+                                                      monkeypatch):
+    """Both ways to a blank SSL_SESSION: the DER template where the binding has
+    d2i_SSL_SESSION, the ClientHello's session where it does not (cryptography 43)."""
+    if d2i and not _psk.HAS_D2I_SESSION:
+        pytest.skip("this binding has no d2i_SSL_SESSION (cryptography < 44)")
+    monkeypatch.setattr(_psk, "HAS_D2I_SESSION", d2i)
     key = os.urandom(key_len)
     (client, server), _ = _pair(key, key, suites, suite)
     assert isinstance(client, HandshakeComplete) and isinstance(server, HandshakeComplete)

@@ -36,6 +36,7 @@ from tests.pki import PKI, write_pki
 from tlshd.config import load_config
 from tlshd.contexts import Contexts
 from tlshd.errors import DecodeError, NetlinkError
+from tlshd.handshake import _openssl
 from tlshd.handshake.events import SessionResult
 from tlshd.ktls import SOL_TCP, SOL_TLS, TCP_ULP, TLS_RX, TLS_TX
 from tlshd.netlink.messages import AcceptReply, Header
@@ -193,7 +194,7 @@ def server_peer_context(pki: PKI, suite: str | None = None) -> SSL.Context:
     ctx.use_certificate_file(str(pki.server.cert))
     ctx.use_privatekey_file(str(pki.server.key))
     if suite:
-        ctx.set_tls13_ciphersuites(suite.encode())
+        _openssl.set_tls13_ciphersuites(ctx, suite.encode())
     return ctx
 
 
@@ -206,7 +207,7 @@ def client_peer_context(pki: PKI, suite: str | None = None, cert: bool = True) -
         ctx.use_certificate_file(str(pki.client.cert))
         ctx.use_privatekey_file(str(pki.client.key))
     if suite:
-        ctx.set_tls13_ciphersuites(suite.encode())
+        _openssl.set_tls13_ciphersuites(ctx, suite.encode())
     return ctx
 
 

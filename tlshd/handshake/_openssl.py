@@ -22,6 +22,13 @@ Why each call is needed:
   "certificate verify failed" into the reason ("certificate has expired").
 * ``SSL_CTX_get_keylog_callback``: an engine refuses a context without the
   key-log callback, since that is where the traffic secrets come from.
+* ``SSL_CTX_set_ciphersuites`` and ``SSL_get0_group_name``: what pyOpenSSL's
+  ``Context.set_tls13_ciphersuites`` and ``Connection.get_group_name`` do, for
+  pyOpenSSL releases older than those methods (Debian trixie's python3-openssl 25.0.0
+  has neither). The method is used where it exists, the binding otherwise.
+
+The declared minimums (pyproject.toml) are tested: CI runs the unit and kernel-sim
+suites once with pip constraints at the lower bounds (scripts/test-min-versions).
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ REQUIRED_SYMBOLS: tuple[str, ...] = (
     "SSL_get_verify_result",
     "X509_verify_cert_error_string",
     "SSL_CTX_get_keylog_callback",
+    "SSL_CTX_set_ciphersuites",
 )
 
 # (pyOpenSSL class, private attribute holding the OpenSSL pointer)
@@ -102,3 +110,27 @@ def verify_error(conn: SSL.Connection) -> str | None:
 def has_keylog_callback(context: SSL.Context) -> bool:
     ctx_ptr = context._context  # type: ignore[attr-defined, unused-ignore]
     return bool(_lib.SSL_CTX_get_keylog_callback(ctx_ptr) != _ffi.NULL)
+
+
+def set_tls13_ciphersuites(context: SSL.Context, suites: bytes) -> None:
+    """The TLS 1.3 cipher suites (OpenSSL names, ``:``-separated); SSL.Error if none is known."""
+    method = getattr(context, "set_tls13_ciphersuites", None)
+    if method is not None:
+        method(suites)
+        return
+    if _lib.SSL_CTX_set_ciphersuites(context._context, suites) != 1:  # type: ignore[attr-defined, unused-ignore]
+        raise SSL.Error([("", "SSL_CTX_set_ciphersuites", "no cipher match")])
+
+
+def group_name(conn: SSL.Connection) -> str | None:
+    """The negotiated key exchange group ("X25519MLKEM768"), None where no API tells.
+
+    Only after the handshake: OpenSSL 4.0's SSL_get0_group_name crashes before one."""
+    method = getattr(conn, "get_group_name", None)
+    if method is not None:
+        name = method()
+        return str(name) if name else None
+    if not hasattr(_lib, "SSL_get0_group_name"):
+        return None
+    text = _lib.SSL_get0_group_name(_ssl_ptr(conn))
+    return None if text == _ffi.NULL else str(_ffi.string(text).decode())

@@ -11,6 +11,14 @@ OpenSSL ``SSL_SESSION_ASN1``: version 1, TLS 1.3, a cipher id, empty session
 id, a placeholder master key), then its key, cipher and version are set with
 the public setters. OpenSSL takes ownership of the session it is handed.
 
+Bindings older than cryptography 44 (Debian trixie's python3-cryptography 43.0.0)
+have no ``d2i_SSL_SESSION`` either. There the new, empty session is the one OpenSSL
+creates for a client connection when it writes its ClientHello: a throwaway
+connection on a private context writes one into a memory BIO and
+``SSL_get1_session`` takes a reference to its session before the connection is
+freed. That costs one ClientHello (a key share) per PSK handshake, on those old
+bindings only.
+
 The callbacks are installed once per context; the PSK of each handshake is
 attached to its ``SSL*`` in a registry and detached when the engine finishes.
 Callbacks run inside OpenSSL and never raise: a failure returns 0 (fatal).
@@ -60,11 +68,46 @@ def _address(ssl: Any) -> int:
     return int(ffi.cast("uintptr_t", ssl))
 
 
-def _session(ssl: Any, att: _Attached) -> Any:
-    """A new SSL_SESSION for ``att`` (owned by the caller), or NULL."""
+def _blank_session_from_template() -> Any:
     buf = ffi.new("unsigned char[]", _TEMPLATE)
     ptr = ffi.new("unsigned char **", buf)
-    sess = lib.d2i_SSL_SESSION(ffi.NULL, ffi.cast("const unsigned char **", ptr), len(_TEMPLATE))
+    return lib.d2i_SSL_SESSION(ffi.NULL, ffi.cast("const unsigned char **", ptr), len(_TEMPLATE))
+
+
+_throwaway_context: SSL.Context | None = None
+
+
+def _blank_session_from_client_hello() -> Any:
+    """The session OpenSSL makes for a client's ClientHello (see the module docstring)."""
+    global _throwaway_context  # noqa: PLW0603 - built once, on old bindings only
+    if _throwaway_context is None:
+        _throwaway_context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        _throwaway_context.set_min_proto_version(SSL.TLS1_3_VERSION)
+        _throwaway_context.set_max_proto_version(SSL.TLS1_3_VERSION)
+    conn = SSL.Connection(_throwaway_context, None)
+    conn.set_connect_state()
+    try:
+        conn.do_handshake()
+    except SSL.WantReadError:
+        pass  # the ClientHello is written and waits for an answer that never comes
+    except SSL.Error:
+        return ffi.NULL
+    return lib.SSL_get1_session(conn._ssl)
+
+
+def blank_session() -> Any:
+    """A new TLS 1.3 SSL_SESSION owned by the caller, or NULL."""
+    if HAS_D2I_SESSION:
+        return _blank_session_from_template()
+    return _blank_session_from_client_hello()
+
+
+HAS_D2I_SESSION = hasattr(lib, "d2i_SSL_SESSION")
+
+
+def _session(ssl: Any, att: _Attached) -> Any:
+    """A new SSL_SESSION for ``att`` (owned by the caller), or NULL."""
+    sess = blank_session()
     if sess == ffi.NULL:
         return ffi.NULL
     cipher = lib.SSL_CIPHER_find(ssl, att.suite)

@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from OpenSSL import SSL, crypto
 
 from tlshd.errors import ConfigError, CredentialError
+from tlshd.handshake import _openssl
 from tlshd.handshake.engine import route_keylog_line
 
 __all__ = [
@@ -212,7 +213,7 @@ def _base_context(method: int, verify_mode: int, ciphersuites: str | None) -> SS
         if not ciphersuites.strip():
             raise ConfigError("the TLS 1.3 cipher suite list is empty")
         try:
-            ctx.set_tls13_ciphersuites(ciphersuites.encode("ascii"))  # type: ignore[attr-defined, unused-ignore]
+            _openssl.set_tls13_ciphersuites(ctx, ciphersuites.encode("ascii"))
         except (SSL.Error, UnicodeEncodeError):
             raise ConfigError(f"no usable TLS 1.3 cipher suite in {ciphersuites!r}") from None
     ctx.set_verify(verify_mode)

@@ -387,7 +387,7 @@ class HandshakeEngine:
             peer_certificate_der=leaf,
             peer_chain_der=chain,
             dropped_post_handshake_records=dropped,
-            group_name=self._conn.get_group_name(),  # type: ignore[attr-defined, unused-ignore]
+            group_name=_openssl.group_name(self._conn),
         )
 
     def _classify(self, exc: SSL.Error) -> TlshdError:

@@ -186,6 +186,10 @@ class X509Nla(nla):  # type: ignore[misc]
     """Attribute set ``x509`` (nested in ``HANDSHAKE_A_ACCEPT_CERTIFICATE``)."""
 
     __slots__ = ()
+    # The kernel sends this nest with NLA_F_NESTED; declared on the class, which every
+    # pyroute2 from 0.7 on honours (the "x509|nested" spelling needs pyroute2 >= 0.9.6,
+    # newer than Debian trixie's python3-pyroute2 0.8.1)
+    nla_flags = NLA_F_NESTED
     nla_map = (
         (X509Attr.CERT, "HANDSHAKE_A_X509_CERT", "uint32"),
         (X509Attr.PRIVKEY, "HANDSHAKE_A_X509_PRIVKEY", "uint32"),
@@ -203,7 +207,7 @@ class AcceptMsg(genlmsg):  # type: ignore[misc]
         (AcceptAttr.TIMEOUT, "HANDSHAKE_A_ACCEPT_TIMEOUT", "uint32"),
         (AcceptAttr.AUTH_MODE, "HANDSHAKE_A_ACCEPT_AUTH_MODE", "uint32"),
         (AcceptAttr.PEER_IDENTITY, "HANDSHAKE_A_ACCEPT_PEER_IDENTITY", "uint32"),
-        (AcceptAttr.CERTIFICATE, "HANDSHAKE_A_ACCEPT_CERTIFICATE", "x509|nested"),
+        (AcceptAttr.CERTIFICATE, "HANDSHAKE_A_ACCEPT_CERTIFICATE", "x509"),
         (AcceptAttr.PEERNAME, "HANDSHAKE_A_ACCEPT_PEERNAME", "asciiz"),
         (AcceptAttr.KEYRING, "HANDSHAKE_A_ACCEPT_KEYRING", "uint32"),
     )

@@ -30,7 +30,7 @@ from tlshd.errors import (
     TlshdError,
     UnsupportedRequestError,
 )
-from tlshd.handshake import credentials
+from tlshd.handshake import _openssl, credentials
 from tlshd.handshake.engine import HandshakeEngine, Role, count_records
 from tlshd.handshake.events import HandshakeComplete, HandshakeFailed, NeedData, SessionResult
 
@@ -273,7 +273,7 @@ def plain_server_ctx(
         ctx.load_verify_locations(str(pki.ca))
         ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
     if ciphersuites:
-        ctx.set_tls13_ciphersuites(ciphersuites.encode())
+        _openssl.set_tls13_ciphersuites(ctx, ciphersuites.encode())
     ctx.set_keylog_callback(_plain_keylog)
     return ctx
 

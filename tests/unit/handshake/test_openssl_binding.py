@@ -8,6 +8,8 @@ cryptography release renames or drops something.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import cryptography
 import OpenSSL
 import pytest
@@ -15,7 +17,12 @@ from cryptography.hazmat.bindings.openssl.binding import Binding
 from OpenSSL import SSL
 from OpenSSL._util import lib
 
+from tests.pki import write_pki
+from tests.unit.handshake.pairing import drive
 from tlshd.handshake import _openssl
+from tlshd.handshake import credentials as creds
+from tlshd.handshake.engine import HandshakeEngine, Role
+from tlshd.handshake.events import HandshakeComplete
 
 VERSIONS = f"pyOpenSSL {OpenSSL.__version__}, cryptography {cryptography.__version__}"
 
@@ -63,14 +70,40 @@ def test_check_binding_passes_and_names_missing_symbols(monkeypatch: pytest.Monk
 @pytest.mark.parametrize(
     ("cls", "method"),
     [
-        (SSL.Connection, "get_group_name"),
         (SSL.Connection, "get_verified_chain"),
-        (SSL.Context, "set_tls13_ciphersuites"),
         (SSL.Context, "set_keylog_callback"),
     ],
 )
 def test_public_pyopenssl_api_newer_than_its_typeshed_stubs(cls: type, method: str) -> None:
     assert hasattr(cls, method), f"pyOpenSSL ({VERSIONS}) lost {cls.__name__}.{method}"
+
+
+@pytest.mark.parametrize("use_method", [True, False], ids=["pyopenssl-method", "binding"])
+def test_tls13_suites_and_group_name_with_and_without_pyopenssl_s_methods(
+        use_method: bool, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """pyOpenSSL < 25.1 (Debian trixie's 25.0.0) has neither method: the binding does it."""
+    if use_method and not hasattr(SSL.Context, "set_tls13_ciphersuites"):
+        pytest.skip(f"{VERSIONS} has no Context.set_tls13_ciphersuites")
+    if not use_method:
+        for cls, name in ((SSL.Context, "set_tls13_ciphersuites"),
+                          (SSL.Connection, "get_group_name")):
+            monkeypatch.delattr(cls, name, raising=False)
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    with pytest.raises(SSL.Error):
+        _openssl.set_tls13_ciphersuites(ctx, b"TLS_NO_SUCH_SUITE")
+    pki = write_pki(tmp_path)
+    client = creds.client_context(pki.ca, ciphersuites="TLS_AES_128_CCM_SHA256")
+    server = creds.server_context(pki.server.cert, pki.server.key, None, False,
+                                  request_client_cert=False,
+                                  ciphersuites="TLS_AES_128_CCM_SHA256")
+    result, _ = drive(HandshakeEngine(client, Role.CLIENT, peername="server.test"),
+                      HandshakeEngine(server, Role.SERVER))
+    assert isinstance(result, HandshakeComplete), result
+    assert result.session.cipher_name == "TLS_AES_128_CCM_SHA256"
+    if use_method or hasattr(lib, "SSL_get0_group_name"):
+        assert result.session.group_name  # e.g. X25519MLKEM768 or X25519
+    else:
+        assert result.session.group_name is None  # cryptography 43: no API tells
 
 
 def test_verify_parameters_accept_names_and_addresses() -> None:

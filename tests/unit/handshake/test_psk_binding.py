@@ -6,7 +6,7 @@ from OpenSSL._util import ffi, lib
 SYMBOLS = (
     "SSL_CTX_set_psk_use_session_callback",
     "SSL_CTX_set_psk_find_session_callback",
-    "d2i_SSL_SESSION",
+    "SSL_get1_session",
     "SSL_SESSION_free",
     "SSL_SESSION_set1_master_key",
     "SSL_SESSION_set_cipher",
@@ -26,3 +26,18 @@ def test_callback_types_are_function_pointers():
     for setter in SYMBOLS[:2]:
         arg = ffi.typeof(getattr(lib, setter)).args[1]
         assert arg.kind == "function", f"{setter} no longer takes a callback: {arg}"
+
+
+def test_both_ways_to_a_blank_session_give_one_openssl_accepts():
+    """d2i of the template (cryptography >= 44) and the ClientHello's session (older)."""
+    from tlshd.handshake import _psk
+
+    makers = [_psk._blank_session_from_client_hello]
+    if _psk.HAS_D2I_SESSION:
+        makers.append(_psk._blank_session_from_template)
+    for make in makers:
+        sess = make()
+        assert sess != ffi.NULL, make.__name__
+        assert lib.SSL_SESSION_set1_master_key(sess, b"k" * 48, 48) == 1
+        assert lib.SSL_SESSION_set_protocol_version(sess, 0x0304) == 1
+        lib.SSL_SESSION_free(sess)

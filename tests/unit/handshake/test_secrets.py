@@ -32,6 +32,7 @@ from OpenSSL import SSL
 
 from tests.vectors import rfc8448 as v
 from tlshd.errors import DecodeError
+from tlshd.handshake import _openssl
 from tlshd.handshake.secrets import (
     CLIENT_TRAFFIC_SECRET_0,
     SERVER_TRAFFIC_SECRET_0,
@@ -546,7 +547,7 @@ def make_peer(suite: CipherSuite, creds: Credentials | None) -> Peer:
     peer = Peer()
     ctx = SSL.Context(SSL.TLS_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
-    ctx.set_tls13_ciphersuites(suite.openssl_name.encode())  # CCM must be asked for
+    _openssl.set_tls13_ciphersuites(ctx, suite.openssl_name.encode())  # CCM must be asked for
     ctx.set_keylog_callback(peer.on_keylog)
     if creds is not None:
         ctx.use_certificate(creds[0])
