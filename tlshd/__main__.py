@@ -1,5 +1,5 @@
 import sys
 
-from tlshd.cli import main
+from tlshd.early import main
 
 sys.exit(main())

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tlshd import __version__
 from tlshd.config import Config, load_config
+from tlshd.early import Held
 from tlshd.errors import TlshdError
 
 log = logging.getLogger("tlshd")
@@ -41,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, held: Held | None = None) -> int:
+    """``held``: the group membership tlshd.early took before this module was imported; the
+    supervisor keeps it until its workers listen, and it goes with the process on failure."""
     args = build_parser().parse_args(argv)
     if args.command == "demo" or (args.command == "run" and not _kernel_has_family()):
         from tlshd.demo import run_demo
@@ -58,9 +61,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tlshd.daemon import configure_logging, serve
 
         configure_logging(args.stderr, config)
+        for notice in config.notices:
+            log.info("%s", notice)
         for warning in config.warnings:
             log.warning("%s", warning)
-        return serve(config, load=lambda: _load(args))
+        return serve(config, load=lambda: _load(args), held=held)
     except TlshdError as exc:
         print(f"tlshd: {exc}", file=sys.stderr)
         return 1

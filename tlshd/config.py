@@ -1,12 +1,18 @@
-"""Configuration in the reference agent's key-file format (``/etc/tlshd/config``).
+r"""Configuration in the reference agent's key-file format (``/etc/tlshd/config``).
 
 The format is GLib's key file, as ktls-utils reads it: ``[group]`` headers,
-``key=value`` lines, ``#`` comments, ``;``-separated lists. Parsing is pure:
-``parse_config(text, path)`` returns a frozen ``Config`` or raises ConfigError
-naming ``file:line [group] key``. Unknown keys are collected as warnings, not
-errors, so a file written for a newer reference agent still loads.
+``key=value`` lines, ``#`` comments, ``;``-separated lists, the escapes ``\s \n \t \r
+\\`` (and ``\;`` in lists). Parsing is pure: ``parse_config(text, path)`` returns a frozen
+``Config``. It is as lenient as the reference, which reads values with GLib and uses zero or
+nothing for what does not parse (src/tlshd/config.c: "These calls return zero if the key isn't
+present or the specified key value is invalid"): a bad value of a reference key is a warning
+(``Config.warnings``, which the agent logs and ``tlshd doctor`` fails on), never a refusal to
+start. Only what GLib itself refuses (a line that is neither group, key nor comment, a key
+before any group) and bad values of this agent's own ``[agent]`` keys raise ConfigError
+naming ``file:line [group] key``. Unknown keys are warnings, so a file written for a newer
+reference agent still loads.
 
-Keys understood (reference agent): ``[debug] loglevel, tls, nl``;
+Keys understood (reference agent): ``[debug] loglevel, tls, nl, delay_done``;
 ``[authenticate] keyrings``; ``[authenticate.client]`` and
 ``[authenticate.server]``: ``x509.truststore``, ``x509.crl``,
 ``x509.certificate``, ``x509.private_key`` (``x509.pq.*`` accepted).
@@ -19,12 +25,16 @@ worker runs at once), ``handshake_timeout_ms`` (used when ACCEPT carries no time
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tlshd.errors import ConfigError
 
-DEFAULT_PATHS = (Path("/etc/tlshd/config"), Path("/etc/tlshd.conf"))
+# ktls-utils 1.4.0 src/tlshd/main.c: /etc/tlshd.conf first ("Please relocate /etc/tlshd.conf to
+# /etc/tlshd/config"), then /etc/tlshd/config.
+LEGACY_PATH = Path("/etc/tlshd.conf")
+DEFAULT_PATHS = (LEGACY_PATH, Path("/etc/tlshd/config"))
+RELOCATE_NOTICE = "Please relocate /etc/tlshd.conf to /etc/tlshd/config"
 
 _X509_KEYS = ("x509.truststore", "x509.crl", "x509.certificate", "x509.private_key")
 _PQ_KEYS = ("x509.pq.certificate", "x509.pq.private_key")
@@ -33,7 +43,7 @@ _PQ_KEYS = ("x509.pq.certificate", "x509.pq.private_key")
 MAX_INFLIGHT_DEFAULT = 16
 
 _KNOWN: dict[str, tuple[str, ...]] = {
-    "debug": ("loglevel", "tls", "nl"),
+    "debug": ("loglevel", "tls", "nl", "delay_done"),
     "authenticate": ("keyrings",),
     "authenticate.client": _X509_KEYS + _PQ_KEYS,
     "authenticate.server": _X509_KEYS + _PQ_KEYS,
@@ -64,9 +74,10 @@ class Config:
     client: X509Side = field(default_factory=X509Side)
     server: X509Side = field(default_factory=X509Side)
     keyrings: tuple[str, ...] = ()
-    loglevel: int = 0
+    loglevel: int = 0  # any integer, as GLib reads it; non-zero turns debug lines on
     tls_debug: int = 0
     nl_debug: int = 0
+    delay_done: int = 0  # seconds to hold each DONE (ktls-utils' undocumented test knob)
     workers: int = 0  # 0: one per CPU
     max_inflight: int = MAX_INFLIGHT_DEFAULT  # handshakes one worker runs at once
     handshake_timeout_ms: int = 10_000
@@ -76,6 +87,7 @@ class Config:
     control_socket: str = "tlshd/control"  # abstract Unix name, per network namespace
     path: Path | None = None
     warnings: tuple[str, ...] = ()
+    notices: tuple[str, ...] = ()  # informational, logged at start (the relocation notice)
 
 
 def parse_keyfile(text: str, where: str) -> dict[str, dict[str, Entry]]:
@@ -105,14 +117,24 @@ def parse_keyfile(text: str, where: str) -> dict[str, dict[str, Entry]]:
 def parse_config(text: str, path: Path | None = None) -> Config:
     where = str(path) if path else "<config>"
     groups = parse_keyfile(text, where)
-    warnings = _unknown_keys(groups, where)
+    warnings = list(_unknown_keys(groups, where))
+    debug = groups.get("debug", {})
+
+    def glib_int(key: str) -> int:
+        return _glib_int(debug.get(key), where, f"[debug] {key}", warnings)
+
+    delay_done = glib_int("delay_done")
     return Config(
-        client=_x509_side(groups.get("authenticate.client", {}), where, "authenticate.client"),
-        server=_x509_side(groups.get("authenticate.server", {}), where, "authenticate.server"),
-        keyrings=_list(groups.get("authenticate", {}).get("keyrings")),
-        loglevel=_int(groups, "debug", "loglevel", where, 0, (0, 7)),
-        tls_debug=_int(groups, "debug", "tls", where, 0, (0, 99)),
-        nl_debug=_int(groups, "debug", "nl", where, 0, (0, 99)),
+        client=_x509_side(groups.get("authenticate.client", {}), where, "authenticate.client",
+                          warnings),
+        server=_x509_side(groups.get("authenticate.server", {}), where, "authenticate.server",
+                          warnings),
+        keyrings=_list(groups.get("authenticate", {}).get("keyrings"), where,
+                       "[authenticate] keyrings", warnings),
+        loglevel=glib_int("loglevel"),
+        tls_debug=glib_int("tls"),
+        nl_debug=glib_int("nl"),
+        delay_done=delay_done if delay_done > 0 else 0,  # as config.c: tmp > 0 ? tmp : 0
         workers=_int(groups, "agent", "workers", where, 0, (0, 256)),
         max_inflight=_int(groups, "agent", "max_inflight", where, MAX_INFLIGHT_DEFAULT,
                           (1, 4096)),
@@ -123,21 +145,99 @@ def parse_config(text: str, path: Path | None = None) -> Config:
         metrics=_metrics(groups, where),
         control_socket=_name(groups, "agent", "control_socket", where, "tlshd/control"),
         path=path,
-        warnings=warnings,
+        warnings=tuple(warnings),
     )
 
 
 def load_config(path: Path | None = None) -> Config:
-    """Read the named file, else the first default path that exists, else defaults."""
-    candidates = (path,) if path is not None else DEFAULT_PATHS
-    for candidate in candidates:
-        if candidate.exists() or path is not None:
-            try:
-                text = candidate.read_text()
-            except OSError as exc:
-                raise ConfigError(f"cannot read: {exc.strerror}", where=str(candidate)) from None
-            return parse_config(text, candidate)
-    return Config()
+    """Read the named file; else, as ktls-utils, /etc/tlshd.conf (with the relocation notice)
+    if it loads, then /etc/tlshd/config; else the defaults."""
+    if path is not None:
+        return parse_config(_read_config(path), path)
+    legacy, current = DEFAULT_PATHS
+    skipped: list[str] = []
+    if legacy.exists():
+        try:
+            loaded = parse_config(_read_config(legacy), legacy)
+        except ConfigError as exc:  # the reference quietly goes on to the next file
+            skipped.append(f"{exc}; reading {current} instead")
+        else:
+            return replace(loaded, notices=(RELOCATE_NOTICE.replace(str(LEGACY_PATH),
+                                                                    str(legacy), 1),))
+    if current.exists():
+        loaded = parse_config(_read_config(current), current)
+        return replace(loaded, warnings=(*skipped, *loaded.warnings))
+    return Config(warnings=tuple(skipped),
+                  notices=(f"no configuration file ({legacy} or {current}): using the "
+                           "defaults",))
+
+
+def _read_config(path: Path) -> str:
+    try:
+        return path.read_text(errors="surrogateescape")
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", where=str(path)) from None
+
+
+def glib_unescape(value: str, *, in_list: bool = False) -> tuple[str, str | None]:
+    """A key-file value as GLib 2.74's g_key_file_get_string() (``in_list``: one item of
+    g_key_file_get_string_list()) returns it, and what GLib complains about, if anything.
+
+    A string keeps an invalid escape literally and drops a backslash at the end; a list is
+    refused whole (ktls-utils then sees no list). tests/oracles/glib_keyfile.c checks this
+    against the real parser."""
+    out, i, problem = [], 0, None
+    while i < len(value):
+        char = value[i]
+        if char != "\\":
+            out.append(char)
+            i += 1
+            continue
+        if i + 1 == len(value):
+            problem = "escape character at end of line"
+            break
+        nxt = value[i + 1]
+        if nxt in _ESCAPES:
+            out.append(_ESCAPES[nxt])
+        elif in_list and nxt == ";":
+            out.append(";")
+        else:
+            problem = problem or f"invalid escape sequence \\{nxt}"
+            out.append(char + nxt)
+        i += 2
+    return "".join(out), problem
+
+
+_ESCAPES = {"s": " ", "n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+_GLIB_INT_RE = re.compile(r"^[ \t\n\v\f\r]*([+-]?[0-9]+)(?:[ \t\n\v\f\r].*)?$", re.DOTALL)
+_INT32 = (-(2**31), 2**31 - 1)
+
+
+def glib_int(value: str) -> int | None:
+    """g_key_file_get_integer(): strtol base 10, then only whitespace may follow the digits,
+    and the value must fit a C int; None where GLib gives an error."""
+    match = _GLIB_INT_RE.match(value)
+    if match is None:
+        return None
+    number = int(match.group(1), 10)
+    return number if _INT32[0] <= number <= _INT32[1] else None
+
+
+def _glib_int(entry: Entry | None, where: str, name: str, warnings: list[str]) -> int:
+    if entry is None:
+        return 0
+    number = glib_int(entry.value)
+    if number is None:
+        warnings.append(f"{where}:{entry.line}: {name}: {_quoted(entry.value)} is not an "
+                        "integer; 0 is used, as ktls-utils does")
+        return 0
+    return number
+
+
+def _quoted(value: str, limit: int = 60) -> str:
+    """An untrusted value, escaped and bounded, for a log line."""
+    text = repr(value[:limit])
+    return text + ("..." if len(value) > limit else "")
 
 
 def _unknown_keys(groups: dict[str, dict[str, Entry]], where: str) -> tuple[str, ...]:
@@ -150,24 +250,55 @@ def _unknown_keys(groups: dict[str, dict[str, Entry]], where: str) -> tuple[str,
     return tuple(out)
 
 
-def _x509_side(entries: dict[str, Entry], where: str, group: str) -> X509Side:
+def _x509_side(entries: dict[str, Entry], where: str, group: str,
+               warnings: list[str]) -> X509Side:
     paths: dict[str, Path | None] = {}
     for key in _X509_KEYS + _PQ_KEYS:
-        entry = entries.get(key)
-        if entry is not None and not entry.value:
-            raise ConfigError("empty path", where=f"{where}:{entry.line} [{group}] {key}")
         field_name = key.removeprefix("x509.").replace("pq.", "pq_")
-        paths[field_name] = Path(entry.value) if entry else None
+        paths[field_name] = _path(entries.get(key), where, f"[{group}] {key}", warnings)
     if (paths["pq_certificate"] is None) != (paths["pq_private_key"] is None):
-        raise ConfigError("x509.pq.certificate and x509.pq.private_key go together",
-                          where=f"{where} [{group}]")
+        warnings.append(f"{where} [{group}]: x509.pq.certificate and x509.pq.private_key go "
+                        "together; the one given is ignored")
+        paths["pq_certificate"] = paths["pq_private_key"] = None
     return X509Side(**paths)
 
 
-def _list(entry: Entry | None) -> tuple[str, ...]:
+def _path(entry: Entry | None, where: str, name: str, warnings: list[str]) -> Path | None:
+    if entry is None:
+        return None
+    value, problem = glib_unescape(entry.value)
+    if problem:
+        warnings.append(f"{where}:{entry.line}: {name}: {problem}, read as {_quoted(value)} "
+                        "(as GLib does)")
+    if not value:
+        warnings.append(f"{where}:{entry.line}: {name}: empty path; the key is ignored")
+        return None
+    return Path(value)
+
+
+def _list(entry: Entry | None, where: str, name: str, warnings: list[str]) -> tuple[str, ...]:
+    """g_key_file_get_string_list(): split at unescaped ``;``, then unescape each item."""
     if entry is None:
         return ()
-    return tuple(item.strip() for item in entry.value.split(";") if item.strip())
+    items, current, i, value = [], [], 0, entry.value
+    while i < len(value):
+        if value[i] == "\\" and i + 1 < len(value):
+            current.append(value[i:i + 2])
+            i += 2
+        elif value[i] == ";":
+            items.append("".join(current))
+            current, i = [], i + 1
+        else:
+            current.append(value[i])
+            i += 1
+    items.append("".join(current))
+    unescaped = [glib_unescape(item, in_list=True) for item in items]
+    problems = [problem for _, problem in unescaped if problem]
+    if problems:
+        warnings.append(f"{where}:{entry.line}: {name}: {problems[0]}; GLib refuses the whole "
+                        "list, so ktls-utils links none of it, and neither does tlshd")
+        return ()
+    return tuple(item.strip() for item, _ in unescaped if item.strip())
 
 
 def _int(groups: dict[str, dict[str, Entry]], group: str, key: str, where: str, default: int,

@@ -1,26 +1,41 @@
-"""SSL contexts per request kind, built once from the configuration and reused.
+"""SSL contexts per request kind, built from the configuration and kept fresh from disk.
 
-Building a context reads files and parses keys; doing it per handshake would
-put file I/O on the hot path. ``Contexts`` builds the configured ones up front
-(so a bad certificate fails at start, not at the first mount) and picks one
-per ACCEPT. Only a request that names its own certificate and key serials
+Building a context reads files and parses keys; doing it per handshake would put file I/O
+and parsing on the hot path. Each configured context is a ``CredentialSlot``: built once, and
+rebuilt only when one of its files (certificate, key, trust store, CRL) changes on disk, which
+a ``stat`` per file per handshake finds (device, inode, size, mtime and ctime: an edit in
+place and a rename over the file both show). ktls-utils re-reads every file for each
+handshake; this agent follows a renewed certificate or a refreshed CRL in the same way,
+without the re-parse. A changed file that cannot be used (unreadable, half written, a key
+that does not match) keeps the credentials that were loaded, and the reason is logged once
+per change; ``tlshd doctor`` reports it.
+
+Nothing here stops the agent: a file that is missing or bad at start is logged, and only the
+requests that need it fail (a server one with a fatal alert), as with the reference, which
+reads the files per handshake. Only a request that names its own certificate and key serials
 (keyring-provisioned credentials) gets a context built for it.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from OpenSSL import SSL
 
 from tlshd import keyring
-from tlshd.config import Config
-from tlshd.errors import CredentialError
+from tlshd.config import Config, X509Side
+from tlshd.errors import CredentialError, TlshdError
 from tlshd.handshake import credentials as creds
 from tlshd.handshake.secrets import HashAlg
 from tlshd.ktls import CipherSuite
 from tlshd.netlink.messages import AcceptReply
 from tlshd.netlink.spec import AuthMode, MsgType
+
+log = logging.getLogger("tlshd")
 
 # Exactly the TLS 1.3 suites kTLS can carry (never CCM_8), strongest first. OpenSSL's default
 # list lacks TLS_AES_128_CCM_SHA256; a peer restricted to it must still get a session.
@@ -43,36 +58,142 @@ def _psk_contexts(method: int) -> dict[HashAlg, SSL.Context]:
     return {alg: creds.psk_context(method, suites) for alg, suites in PSK_SUITES.items()}
 
 
+FileState = tuple[int, ...]
+
+
+def file_state(path: Path) -> FileState:
+    """What a change to ``path`` changes: (dev, inode, size, mtime, ctime), or (errno,)."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return (exc.errno or -1,)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class CredentialSlot:
+    """One configured context and the files it was built from."""
+
+    def __init__(self, what: str, paths: tuple[Path, ...],
+                 build: Callable[[], SSL.Context]) -> None:
+        self.what = what
+        self.paths = paths
+        self._build = build
+        self._states: tuple[FileState, ...] | None = None
+        self.context: SSL.Context | None = None
+        self.problem: str | None = None  # why the files on disk are not what is in use
+        self.builds = 0
+        self.refresh()
+
+    def __repr__(self) -> str:
+        return f"CredentialSlot({self.what!r}, loaded={self.context is not None})"
+
+    def refresh(self) -> None:
+        """Rebuild when a file changed since the last look; keep the old context on failure."""
+        states = tuple(file_state(path) for path in self.paths)
+        if states == self._states:
+            return
+        self._states = states
+        self.builds += 1
+        try:
+            context = self._build()
+        except (TlshdError, SSL.Error, ValueError) as exc:
+            self.problem = str(exc) or type(exc).__name__
+            if self.context is None:
+                log.error("%s cannot be used: %s", self.what, self.problem)
+            else:
+                log.warning("%s changed on disk but cannot be used, keeping the loaded "
+                            "credentials: %s", self.what, self.problem)
+            return
+        if self.context is not None:
+            log.info("%s reloaded from disk", self.what)
+        self.context, self.problem = context, None
+
+    def get(self) -> SSL.Context:
+        self.refresh()
+        if self.context is None:
+            raise CredentialError(f"{self.what}: {self.problem}")
+        return self.context
+
+
+def _paths(side: X509Side, *keys: str) -> tuple[Path, ...]:
+    return tuple(p for p in (getattr(side, k) for k in keys) if p is not None)
+
+
+def _client_slot(config: Config, anonymous: bool) -> CredentialSlot:
+    side = config.client
+
+    def build() -> SSL.Context:
+        if anonymous:
+            ctx = creds.client_context(side.truststore, ciphersuites=KTLS_SUITES)
+        else:
+            ctx = creds.client_context(side.truststore, side.certificate, side.private_key,
+                                       ciphersuites=KTLS_SUITES)
+            _add_pq(ctx, side)
+        if side.crl is not None:
+            creds.load_crl(ctx, side.crl)
+        return ctx
+
+    if anonymous:
+        return CredentialSlot("[authenticate.client] trust store",
+                              _paths(side, "truststore", "crl"), build)
+    return CredentialSlot("[authenticate.client] x509 credentials", _paths(
+        side, "truststore", "crl", "certificate", "private_key", "pq_certificate",
+        "pq_private_key"), build)
+
+
+def _server_slot(config: Config) -> CredentialSlot:
+    side = config.server
+
+    def build() -> SSL.Context:
+        if side.certificate is None or side.private_key is None:
+            missing = "x509.private_key" if side.private_key is None else "x509.certificate"
+            raise CredentialError(f"{missing} is not set: no usable server credentials")
+        ctx = creds.server_context(side.certificate, side.private_key, side.truststore,
+                                   config.require_client_cert, ciphersuites=KTLS_SUITES)
+        if side.crl is not None:
+            creds.load_crl(ctx, side.crl)
+        _add_pq(ctx, side)
+        return ctx
+
+    return CredentialSlot("[authenticate.server] x509 credentials", _paths(
+        side, "truststore", "crl", "certificate", "private_key", "pq_certificate",
+        "pq_private_key"), build)
+
+
+def _add_pq(ctx: SSL.Context, side: X509Side) -> None:
+    if side.pq_certificate and side.pq_private_key:
+        creds.add_pq_credentials(ctx, side.pq_certificate, side.pq_private_key)
+
+
 @dataclass(frozen=True)
 class Contexts:
     config: Config
-    client_anon: SSL.Context
-    client_x509: SSL.Context | None
-    server: SSL.Context | None
+    client_anon: CredentialSlot
+    client_x509: CredentialSlot | None
+    server: CredentialSlot | None
     psk_client: dict[HashAlg, SSL.Context]
     psk_server: dict[HashAlg, SSL.Context]
 
     @classmethod
     def from_config(cls, config: Config) -> Contexts:
+        """Build every configured context; a bad file is logged and kept as a problem."""
         client, server = config.client, config.server
         client_x509 = None
-        if client.certificate is not None and client.private_key is not None:
-            client_x509 = creds.client_context(client.truststore, client.certificate,
-                                               client.private_key, ciphersuites=KTLS_SUITES)
-        server_ctx = None
-        if server.certificate is not None and server.private_key is not None:
-            server_ctx = creds.server_context(server.certificate, server.private_key,
-                                              server.truststore, config.require_client_cert,
-                                              ciphersuites=KTLS_SUITES)
-        anon = creds.client_context(client.truststore, ciphersuites=KTLS_SUITES)
-        for ctx, side in ((anon, client), (client_x509, client), (server_ctx, server)):
-            if ctx is not None and side.crl is not None:
-                creds.load_crl(ctx, side.crl)
-        for ctx, side in ((client_x509, client), (server_ctx, server)):
-            if ctx is not None and side.pq_certificate and side.pq_private_key:
-                creds.add_pq_credentials(ctx, side.pq_certificate, side.pq_private_key)
-        return cls(config, anon, client_x509, server_ctx,
+        if client.certificate is not None or client.private_key is not None:
+            client_x509 = _client_slot(config, anonymous=False)
+        server_slot = None
+        if server.certificate is not None or server.private_key is not None:
+            server_slot = _server_slot(config)
+        return cls(config, _client_slot(config, anonymous=True), client_x509, server_slot,
                    _psk_contexts(SSL.TLS_CLIENT_METHOD), _psk_contexts(SSL.TLS_SERVER_METHOD))
+
+    @property
+    def slots(self) -> tuple[CredentialSlot, ...]:
+        return tuple(s for s in (self.client_anon, self.client_x509, self.server) if s)
+
+    def problems(self) -> list[str]:
+        """Why configured credentials on disk are not (or not all) in use."""
+        return [f"{slot.what}: {slot.problem}" for slot in self.slots if slot.problem]
 
     def __call__(self, reply: AcceptReply) -> SSL.Context:
         cert = reply.certificate
@@ -82,10 +203,10 @@ class Contexts:
             if self.server is None:
                 raise CredentialError("no server certificate configured "
                                       "([authenticate.server] x509.certificate)")
-            return self.server
+            return self.server.get()
         if reply.auth_mode == AuthMode.X509 and self.client_x509 is not None:
-            return self.client_x509
-        return self.client_anon
+            return self.client_x509.get()
+        return self.client_anon.get()
 
     def _from_keyring(self, reply: AcceptReply) -> SSL.Context:
         assert reply.certificate is not None

@@ -29,13 +29,16 @@ from tlshd import keyring, sdnotify
 from tlshd.config import Config
 from tlshd.contexts import Contexts
 from tlshd.control import Metrics, answer_control, answer_http, control_listener, metrics_listener
-from tlshd.errors import ConfigError, DecodeError, KeyNotFoundError, TlshdError
+from tlshd.early import Held
+from tlshd.errors import CredentialError, DecodeError, KeyNotFoundError, TlshdError
 from tlshd.stats import MAX_EVENT, Stats, decode_event, encode_event
 from tlshd.upcall import open_upcall
 from tlshd.worker import EventSink, Worker
 
 log = logging.getLogger("tlshd")
 DRAIN_GRACE_S = 30.0
+# tlshd(8) of ktls-utils 1.4: "SIGHUP or SIGUSR1 reloads" (src/tlshd/netlink.c, signalfd)
+RELOAD_SIGNALS = (signal.SIGHUP, signal.SIGUSR1)
 RESTART_BACKOFF_S = 0.5
 
 
@@ -52,7 +55,7 @@ def run_worker(config: Config, contexts: Contexts, stop: _Stop,
     upcall = open_upcall(config.upcall)
     worker = Worker(upcall, contexts, default_timeout_ms=config.handshake_timeout_ms,
                     max_inflight=config.max_inflight, events=events,
-                    debug_io=config.tls_debug > 0)
+                    debug_io=config.tls_debug > 0, delay_done_s=float(config.delay_done))
     if events is not None:
         events("ready", {})
     try:
@@ -70,15 +73,17 @@ KERNEL_KEYRINGS = (".nvme", ".nfs", ".nfsd")
 def link_keyrings(names: tuple[str, ...], where: str = "") -> list[tuple[str, int]]:
     """Link the kernel's keyrings that exist and the configured ones into our session keyring,
     so PSK searches find their keys (under systemd the service has a session keyring of its
-    own). A configured keyring that does not exist is an error; a kernel one is optional."""
+    own). One that does not exist is skipped with a warning for a configured one, as
+    ktls-utils does (src/tlshd/keyring.c, tlshd_keyring_link_session): ``.nvme`` appears
+    only when the nvme module loads, perhaps after the agent; ``tlshd doctor`` reports it."""
     linked = []
-    for name in (*KERNEL_KEYRINGS, *names):
+    for name in dict.fromkeys((*KERNEL_KEYRINGS, *names)):
         try:
             serial = keyring.find_keyring(name)
         except KeyNotFoundError:
             if name in names:
-                raise ConfigError(f"keyring {name!r} not found",
-                                  where=f"{where} [authenticate] keyrings".strip()) from None
+                log.warning("%s: keyring %r not found, not linked",
+                            f"{where} [authenticate] keyrings".strip(), name)
             continue
         keyring.link_key(serial, keyring.KEY_SPEC_SESSION_KEYRING)
         linked.append((name, serial))
@@ -105,15 +110,16 @@ class Supervisor:
     """The supervisor: worker processes, signals, reload, status and metrics.
 
     Signals only set flags and write to a wakeup socket, so everything happens in one
-    selector loop: SIGTERM/SIGINT drain and stop, SIGHUP reloads, SIGCHLD reaps. A reload
+    selector loop: SIGTERM/SIGINT drain and stop, SIGHUP or SIGUSR1 reloads, SIGCHLD reaps. A reload
     loads and checks the new configuration and credentials completely first; if that
     fails the old generation goes on and the error is logged. If it succeeds, new workers
     start with it and the old ones drain: handshakes in flight finish with what they
     started with.
     """
 
-    def __init__(self, load: LoadConfig, first: Config) -> None:
+    def __init__(self, load: LoadConfig, first: Config, held: Held | None = None) -> None:
         self._load = load
+        self._held = held
         self.generation = _build_generation(0, first)
         self.stats = Stats(time.monotonic(), config_path=str(first.path or ""))
         self.metrics = Metrics() if first.metrics else None
@@ -162,7 +168,7 @@ class Supervisor:
     def _install_signals(self) -> None:
         self._wake_w.setblocking(False)
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD):
             signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -175,7 +181,7 @@ class Supervisor:
             signum = self._signals.pop(0)
             if signum in (signal.SIGTERM, signal.SIGINT):
                 self._stop()
-            elif signum == signal.SIGHUP and not self._stopping:
+            elif signum in RELOAD_SIGNALS and not self._stopping:
                 self._reload()
 
     def _stop(self) -> None:
@@ -204,13 +210,15 @@ class Supervisor:
         code = 1
         try:
             signal.set_wakeup_fd(-1)
-            for sig in (signal.SIGHUP, signal.SIGINT):
+            for sig in (*RELOAD_SIGNALS, signal.SIGINT):
                 signal.signal(sig, signal.SIG_IGN)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             stop = _Stop()
             signal.signal(signal.SIGTERM, stop)
             for sock in (self._events_r, self._wake_r, self._wake_w, *self._listeners):
                 sock.close()
+            if self._held is not None:  # the supervisor's to close: no copy may outlive it
+                self._held.close()
             code = run_worker(self.generation.config, self.generation.contexts, stop,
                               _event_sender(self._events_w))
         except BaseException:  # the child must never return into the supervisor's code
@@ -246,7 +254,7 @@ class Supervisor:
     def _reload(self) -> None:
         sdnotify.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
-            new = _build_generation(self.generation.number + 1, self._load())
+            new = _build_generation(self.generation.number + 1, self._load(), self.generation)
         except TlshdError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
             self.stats.reload_failures += 1
@@ -296,6 +304,9 @@ class Supervisor:
         self._ready.add(pid)
         if len(self._ready) >= self.generation.size and not self._notified_ready:
             self._notified_ready = True
+            if self._held is not None:  # the workers are the listeners now
+                self._held.close()
+                self._held = None
             sdnotify.notify("READY=1", f"STATUS=serving with {len(self._ready)} worker(s)")
 
     def _serve_control(self, listener: socket.socket) -> None:
@@ -312,9 +323,17 @@ class Supervisor:
                 answer_http(conn, self.metrics)
 
 
-def _build_generation(number: int, config: Config) -> Generation:
-    """Everything a configuration needs, checked before it is used: contexts, keyrings."""
-    contexts = Contexts.from_config(config)  # bad credentials fail here, before any fork
+def _build_generation(number: int, config: Config,
+                      previous: Generation | None = None) -> Generation:
+    """Everything a configuration needs: contexts, keyrings. At start nothing here is fatal
+    (ktls-utils reads credentials per handshake and starts without them; the requests that
+    need a bad file fail, and the log and ``tlshd doctor`` say why). A reload that would make
+    credentials unusable that work now is refused, and the running generation goes on."""
+    contexts = Contexts.from_config(config)
+    if previous is not None:
+        new = set(contexts.problems()) - set(previous.contexts.problems())
+        if new:
+            raise CredentialError("; ".join(sorted(new)))
     for name, serial in link_keyrings(config.keyrings, str(config.path or "")):
         log.info("keyring %s (%d) linked into the session keyring", name, serial)
     return Generation(number, config, contexts)
@@ -331,11 +350,16 @@ def _event_sender(sock: socket.socket) -> EventSink:
     return send
 
 
-def serve(config: Config, load: LoadConfig | None = None) -> int:
-    """Run the agent until SIGTERM/SIGINT; SIGHUP reloads through ``load``."""
-    supervisor = Supervisor(load or (lambda: config), config)  # credentials, keyrings first
-    open_upcall(config.upcall, join=False).close()  # then a missing family fails the start
-    return supervisor.run()
+def serve(config: Config, load: LoadConfig | None = None, held: Held | None = None) -> int:
+    """Run the agent until SIGTERM/SIGINT; SIGHUP or SIGUSR1 reloads through ``load``.
+    ``held``: the early membership (tlshd/early.py), closed once the workers listen."""
+    try:
+        supervisor = Supervisor(load or (lambda: config), config, held)  # contexts, keyrings
+        open_upcall(config.upcall, join=False).close()  # then a missing family fails the start
+        return supervisor.run()
+    finally:
+        if held is not None:
+            held.close()
 
 
 SYSLOG_ADDRESS = "/dev/log"
@@ -343,9 +367,10 @@ SYSLOG_ADDRESS = "/dev/log"
 
 def configure_logging(to_stderr: bool, config: Config, *,
                       syslog_address: str = SYSLOG_ADDRESS) -> None:
-    """syslog (ident tlshd, facility auth) or stderr. ``[debug] loglevel`` 7 turns on debug
-    lines; ``tls`` > 0 adds per-read sizes, ``nl`` > 0 a line per netlink exchange. No level
-    ever logs key material: only sizes, names, serials, statuses."""
+    """syslog (ident tlshd, facility auth) or stderr. ``[debug] loglevel`` other than 0 turns
+    on debug lines (ktls-utils src/tlshd/log.c: ``if (!tlshd_debug) return;``); ``tls`` > 0
+    adds per-read sizes, ``nl`` > 0 a line per netlink exchange. No level ever logs key
+    material: only sizes, names, serials, statuses."""
     handler: logging.Handler = logging.StreamHandler(sys.stderr)
     fallback = ""
     if not to_stderr:
@@ -359,9 +384,10 @@ def configure_logging(to_stderr: bool, config: Config, *,
     handler.setFormatter(logging.Formatter("tlshd[%(process)d]: %(message)s"))
     root = logging.getLogger("tlshd")
     root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if config.loglevel >= 7 else logging.INFO)
-    logging.getLogger("tlshd.io").setLevel(logging.DEBUG if config.tls_debug else logging.INFO)
-    logging.getLogger("tlshd.netlink").setLevel(logging.DEBUG if config.nl_debug
+    root.setLevel(logging.DEBUG if config.loglevel != 0 else logging.INFO)
+    logging.getLogger("tlshd.io").setLevel(logging.DEBUG if config.tls_debug > 0
+                                           else logging.INFO)
+    logging.getLogger("tlshd.netlink").setLevel(logging.DEBUG if config.nl_debug > 0
                                                 else logging.INFO)
     if fallback:
         root.warning("%s", fallback)

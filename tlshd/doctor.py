@@ -144,7 +144,12 @@ def check_config(path: Path | None) -> tuple[list[Verdict], Config | None]:
     searched = " or ".join(str(p) for p in DEFAULT_PATHS)
     verdicts = [_ok("config", f"{config.path} loaded" if config.path
                     else f"no {searched}: built-in defaults")]
+    verdicts += [_ok("config", notice) for notice in config.notices]
+    # The agent starts over these, as ktls-utils does; here a value it cannot use is a FAIL
+    # (the reference would quietly use 0 or nothing), an unknown key only a WARN.
     verdicts += [_warn("config", warning, "remove the key or correct its spelling")
+                 if "unknown key" in warning else
+                 _fail("config", warning, "correct the value (tlshd.conf(5))")
                  for warning in config.warnings]
     return verdicts, config
 
@@ -317,9 +322,10 @@ def configured_keyring_verdict(name: str, serial: int | None, search_errno: int 
     """``search_errno``: the error of searching it for a key that is not there (ENOKEY: None)."""
     check = f"keyring {name}"
     if serial is None:
-        return _fail(check, "named in [authenticate] keyrings but not found: the agent will "
-                            "not start", f"create it (keyctl newring {name} @u) or remove it "
-                                         "from [authenticate] keyrings")
+        return _fail(check, "named in [authenticate] keyrings but not found: the agent "
+                            "starts without it and PSKs in it are not found",
+                     f"create it (keyctl newring {name} @u) or remove it from "
+                     "[authenticate] keyrings")
     if search_errno is not None:
         err = errno.errorcode.get(search_errno, str(search_errno))
         return _fail(check, f"serial {serial}, but this process cannot search it ({err})",
@@ -592,9 +598,11 @@ def _read_crls(path: Path) -> list[x509.CertificateRevocationList]:
 def check_contexts(config: Config) -> Verdict:
     """What the agent does at start: anything the checks above missed shows up here."""
     try:
-        Contexts.from_config(config)
+        problems = Contexts.from_config(config).problems()
     except (TlshdError, SSL.Error, ValueError) as exc:
         return _fail("TLS contexts", f"the agent cannot build its contexts: {exc}")
+    if problems:  # the agent starts, but the requests that need these credentials fail
+        return _fail("TLS contexts", "the agent starts, but cannot use: " + "; ".join(problems))
     return _ok("TLS contexts", "the agent builds its contexts from this configuration")
 
 

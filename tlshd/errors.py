@@ -59,9 +59,13 @@ class PeerProtocolError(RemoteError):
 
 
 class PeerClosedError(RemoteError):
-    """The peer closed the connection before the handshake finished."""
+    """The peer closed the connection before the handshake finished.
 
-    status = errno.EACCES
+    ETIMEDOUT, as ktls-utils since b010190 ("Pass ETIMEDOUT from gnutls to kernel",
+    GNUTLS_E_PREMATURE_TERMINATION in src/tlshd/handshake.c): the consumer retries a
+    dropped connection (NFS hard mounts, writeback) instead of failing it."""
+
+    status = errno.ETIMEDOUT
 
 
 class UnknownPSKIdentityError(RemoteError):

@@ -41,6 +41,7 @@ from OpenSSL import SSL
 
 from tlshd import keyring
 from tlshd.errors import (
+    CredentialError,
     HandshakeTimeoutError,
     NetlinkError,
     PeerClosedError,
@@ -175,6 +176,8 @@ def peer_identity_key(session: SessionResult) -> int:
 # ACCEPT errors that no retry will cure (no CAP_NET_ADMIN, no such family or op): the worker
 # exits with the error and the supervisor's restart says so loudly, instead of a worker that
 # looks ready while every request times out
+# A TLS record: alert (21), TLS 1.2 record version, length 2, fatal (2) access_denied (49)
+ACCESS_DENIED_ALERT = bytes([21, 3, 3, 0, 2, 2, 49])
 FATAL_ACCEPT_ERRNOS = frozenset({errno.EPERM, errno.EACCES, errno.EOPNOTSUPP, errno.EINVAL})
 MAX_REFUSED_PER_ROUND = 8
 
@@ -191,6 +194,7 @@ class Worker:
         clock: Callable[[], float] = time.monotonic,
         events: EventSink | None = None,
         debug_io: bool = False,
+        delay_done_s: float = 0.0,
     ) -> None:
         self.upcall = upcall
         self._contexts = contexts
@@ -200,6 +204,11 @@ class Worker:
         self._clock = clock
         self._events = events or (lambda kind, fields: None)
         self._debug_io = debug_io
+        # [debug] delay_done: each DONE is held this long (ktls-utils src/tlshd/netlink.c sleeps
+        # in its per-request process; here the loop goes on serving the others meanwhile)
+        self._delay_done_s = delay_done_s
+        self._held: list[tuple[float, socket.socket, int, tuple[int, ...],
+                               AcceptReply | None]] = []
         self.netns = netns_label()
         self._sel = selectors.DefaultSelector()
         self._sel.register(upcall.notify_fileno(), selectors.EVENT_READ, None)
@@ -224,12 +233,15 @@ class Worker:
             else:
                 self._service(key.data, events)
         self._expire()
+        self._send_held(self._clock())
         if self._full and len(self.inflight) < self._max_inflight and not self.draining:
             self._accept_all()  # room again: the next queued request, without a READY
 
     def _wait_time(self, max_wait: float) -> float:
         now = self._clock()
         soonest = min((h.deadline for h in self.inflight.values()), default=now + max_wait)
+        if self._held:
+            soonest = min(soonest, self._held[0][0])
         return max(0.0, min(max_wait, soonest - now, self._next_sweep - now))
 
     def _on_ready(self) -> None:
@@ -349,9 +361,13 @@ class Worker:
         return HandshakeEngine(fallback, Role.SERVER, select_context=select)
 
     def _finish_early(self, reply: AcceptReply, sock: socket.socket, exc: TlshdError) -> None:
+        if reply.message_type == MsgType.SERVERHELLO and isinstance(exc, CredentialError):
+            # ktls-utils a58a360: a misconfigured server sends a fatal alert, so the client
+            # fails at once instead of retrying what cannot succeed until its mount times out.
+            with contextlib.suppress(OSError):
+                sock.send(ACCESS_DENIED_ALERT, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
         self._report(reply, exc.status, 0.0, f"refused: {exc}")
-        self._done(reply.sockfd, exc.status, ())
-        sock.close()
+        self._release(sock, exc.status, (), None)
         self.failed += 1
 
     def _service(self, hs: Handshake, events: int) -> None:
@@ -453,9 +469,26 @@ class Worker:
         self._sel.unregister(hs.sock)
         with contextlib.suppress(OSError):
             fcntl.fcntl(hs.sock.fileno(), fcntl.F_SETFL, hs.file_flags)
-        self._done(hs.sock.fileno(), status, remote)
-        hs.sock.close()
-        _unlink_request_keyring(hs.reply)
+        self._release(hs.sock, status, remote, hs.reply)
+
+    def _release(self, sock: socket.socket, status: int, remote: tuple[int, ...],
+                 reply: AcceptReply | None) -> None:
+        """DONE, then close our copy of the fd: now, or after ``delay_done``."""
+        if self._delay_done_s > 0:
+            self._held.append((self._clock() + self._delay_done_s, sock, status, remote, reply))
+            return
+        self._done(sock.fileno(), status, remote)
+        sock.close()
+        if reply is not None:
+            _unlink_request_keyring(reply)
+
+    def _send_held(self, now: float) -> None:
+        while self._held and self._held[0][0] <= now:
+            _, sock, status, remote, reply = self._held.pop(0)
+            self._done(sock.fileno(), status, remote)
+            sock.close()
+            if reply is not None:
+                _unlink_request_keyring(reply)
 
     def _report(self, reply: AcceptReply, status: int, elapsed_ms: float, what: str,
                 tls_ms: float = 0.0, cipher: str = "-") -> None:
@@ -488,7 +521,9 @@ class Worker:
             self.run_once(max_wait=min(0.1, until - self._clock()))
         for hs in list(self.inflight.values()):
             self._end(hs, HandshakeTimeoutError("agent shutting down"))
+        self._send_held(float("inf"))
 
     def close(self) -> None:
+        self._send_held(float("inf"))
         self._sel.close()
         self.upcall.close()

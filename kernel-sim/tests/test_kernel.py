@@ -30,7 +30,7 @@ from kernel_sim.consumer import wait_handshake
 from kernel_sim.handshake.tlshd import TLSHandshakeArgs
 from kernel_sim.kernel import Kernel, sock_cookie
 from kernel_sim.netns import socket_in_netns
-from kernel_sim.profile import LINUX_6_12, MAINLINE, KernelProfile
+from kernel_sim.profile import LINUX_6_12, LINUX_6_12_117, LINUX_7_3, MAINLINE, KernelProfile
 
 # include/uapi/linux/handshake.h
 A_SOCKFD, A_MESSAGE_TYPE, A_TIMEOUT, A_AUTH_MODE = 1, 3, 4, 5
@@ -247,7 +247,7 @@ def test_accept_reply_certificate_is_a_flagged_nest_only_for_x509_with_serials(
     assert without.types() == anon.types() == [A_SOCKFD, A_MESSAGE_TYPE, A_AUTH_MODE]
 
 
-# --- capabilities (GENL_ADMIN_PERM on ACCEPT only) ------------------------------------
+# --- capabilities (GENL_ADMIN_PERM on ACCEPT, and on DONE but in 6.12.95) ----------------
 
 
 def _unprivileged(*argv: str, pass_fds: tuple[int, ...] = ()) -> dict[str, Any]:
@@ -276,13 +276,24 @@ def test_accept_from_an_agent_without_cap_net_admin_is_eperm(
     assert fds(agent.accept())  # the request is still there for a privileged agent
 
 
-def test_done_needs_no_capability_under_mainline(
-        kernel: Kernel, accepted: Callable[..., Any], endpoint: str) -> None:
-    _sock, _peer, fd, done = accepted()
+@pytest.mark.parametrize(("profile", "expected"), [
+    (MAINLINE, -errno.EPERM), (LINUX_7_3, -errno.EPERM), (LINUX_6_12_117, -errno.EPERM),
+    (LINUX_6_12, 0),
+], ids=["mainline", "7.3", "6.12.117", "6.12.95"])
+def test_done_needs_cap_net_admin_except_on_6_12_95(
+        boot: Callable[..., Kernel], connect: Callable[..., RawAgent], pair: Any, fds: Any,
+        endpoint: str, profile: KernelProfile, expected: int) -> None:
+    kernel = boot(profile)
+    agent = connect()
+    _rc, done = ra.submit(kernel, pair()[0])
+    fd = fds(agent.accept())
 
     result = _unprivileged("done", endpoint, str(fd), "0", pass_fds=(fd,))
 
-    assert result["errno"] == 0
+    assert result["errno"] == expected
+    if expected:
+        assert not done.calls
+        assert agent.done(fd, 0) == 0  # the request is still there for a privileged agent
     assert done.wait()[1] == 0
 
 
@@ -546,21 +557,23 @@ def test_setsockopt_on_a_socket_under_no_handshake_is_ebadf(
 def test_setsockopt_on_a_non_socket_fd_is_enotsock_and_the_kernel_survives(
         kernel: Kernel, connect: Callable[..., RawAgent]) -> None:
     agent = connect(timeout=1.0)
+    before = set(os.listdir("/proc/self/fd"))  # stdout may be a pipe: leave it alone
     read_end, write_end = os.pipe()
     try:
         rc = agent.setsockopt(read_end, ra.SOL_TCP, ra.TCP_ULP, b"tls\0")
     finally:
         os.close(read_end)
         os.close(write_end)
-        _close_leaked_dups()
+        _close_leaked_dups(before)
 
     assert rc == -errno.ENOTSOCK
     assert agent.accept().error == -errno.EAGAIN
 
 
-def _close_leaked_dups() -> None:
-    """The failing path above leaks a pipe dup in this process; keep the leak check honest."""
-    for fd in os.listdir("/proc/self/fd"):
+def _close_leaked_dups(before: set[str]) -> None:
+    """The failing path above leaks a pipe dup in this process; keep the leak check honest
+    (only pipes that were not open before: pytest's own output may go to one)."""
+    for fd in set(os.listdir("/proc/self/fd")) - before:
         if ra.fd_target(fd).startswith("pipe:"):
             ra.close_quiet(int(fd))
 

@@ -285,3 +285,21 @@ def _psk_pair_keys(kernel: Kernel, ring: NVMeKeyring) -> list[bytes]:
     kernel.sock_release(client)
     kernel.sock_release(server)
     return keys
+
+
+def test_sigusr1_reloads_like_sighup(pki, tmp_path):
+    # ktls-utils 1.4.0 src/tlshd/netlink.c: "SIGHUP and SIGUSR1 trigger configuration reload";
+    # before this, SIGUSR1's default action killed the agent (exit by signal 10).
+    with Kernel(endpoint=unique_endpoint()) as kernel:
+        kernel.add_netns(None)
+        config = write_config(tmp_path, pki, kernel.endpoint)
+        agent = start_agent(kernel, config)
+        try:
+            agent.proc.send_signal(signal.SIGUSR1)
+            assert kernel.wait_for(lambda: any("reloaded" in x for x in agent.log), 10)
+            assert agent.proc.poll() is None
+            assert _pair(kernel) == (0, 0)
+            doc = _status(config)
+        finally:
+            code = agent.stop()
+    assert doc["reloads"] == 1 and code == 0

@@ -400,7 +400,7 @@ def test_a_failed_start_sends_no_ready(kernel: Kernel, pki: PKI, tmp_path: Path,
                                        notify: NotifySocket) -> None:
     """With Type=notify, systemd sees the start fail from the exit status alone."""
     config = write_config(tmp_path, pki, kernel.endpoint)
-    config.write_text(config.read_text().replace(str(pki.server.key), "/nonexistent/key.pem"))
+    config.write_text(config.read_text() + "[agent]\nworkers=lots\n")  # a value it refuses
     agent = Agent(config)
     assert agent.proc.wait(60) == 1
     assert notify.next(0.5) is None

@@ -223,15 +223,50 @@ def test_client_and_server_sides_are_independent(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("key", "value"),
+    [("loglevel", "verbose"), ("loglevel", "1.5"), ("loglevel", ""), ("tls", "0x10"),
+     ("nl", "abc"), ("delay_done", "2s"), ("loglevel", "99999999999")],
+)
+def test_bad_debug_integer_is_zero_and_a_warning_like_ktls_utils(
+    tmp_path: Path, key: str, value: str
+) -> None:
+    # ktls-utils src/tlshd/config.c: g_key_file_get_integer(..., NULL) "return zero if the key
+    # isn't present or the specified key value is invalid"; the agent starts.
+    path = write(tmp_path, f"# header\n[debug]\n{key}={value}\n")
+
+    cfg = load_config(path)
+
+    assert (cfg.loglevel, cfg.tls_debug, cfg.nl_debug, cfg.delay_done) == (0, 0, 0, 0)
+    assert len(cfg.warnings) == 1
+    assert cfg.warnings[0].startswith(f"{path}:3: [debug] {key}: ")
+    assert "is not an integer" in cfg.warnings[0]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("10", 10), ("8", 8), ("-1", -1), ("+3", 3), ("7 trailing words", 7), ("100", 100),
+     ("2147483647", 2**31 - 1)],
+)
+def test_debug_levels_take_any_integer_like_glib(tmp_path: Path, value: str,
+                                                 expected: int) -> None:
+    # The reference's shipped advice is loglevel=10; GLib reads a C int, digits then optional
+    # whitespace and anything after it.
+    cfg = load_config(write(tmp_path, f"[debug]\nloglevel={value}\ntls={value}\nnl={value}\n"))
+    assert (cfg.loglevel, cfg.tls_debug, cfg.nl_debug) == (expected,) * 3
+    assert cfg.warnings == ()
+
+
+@pytest.mark.parametrize(("value", "expected"), [("3", 3), ("0", 0), ("-5", 0)])
+def test_delay_done_is_seconds_and_negative_means_off(tmp_path: Path, value: str,
+                                                      expected: int) -> None:
+    # ktls-utils config.c: tlshd_delay_done = tmp > 0 ? (unsigned int)tmp : 0
+    cfg = load_config(write(tmp_path, f"[debug]\ndelay_done={value}\n"))
+    assert cfg.delay_done == expected and cfg.warnings == ()
+
+
+@pytest.mark.parametrize(
     ("group", "key", "value"),
     [
-        ("debug", "loglevel", "verbose"),
-        ("debug", "loglevel", "1.5"),
-        ("debug", "loglevel", ""),
-        ("debug", "loglevel", "8"),
-        ("debug", "loglevel", "-1"),
-        ("debug", "tls", "100"),
-        ("debug", "nl", "abc"),
         ("agent", "workers", "257"),
         ("agent", "workers", "-1"),
         ("agent", "workers", "four"),
@@ -292,15 +327,16 @@ def test_upcall_that_only_starts_with_kernel_sim_is_rejected(tmp_path: Path, val
 @pytest.mark.parametrize(
     "key", ["x509.truststore", "x509.crl", "x509.certificate", "x509.private_key"]
 )
-def test_empty_path_names_file_line_group_and_key(tmp_path: Path, side: str, key: str) -> None:
+def test_empty_path_is_ignored_with_a_warning_naming_file_line_group_and_key(
+    tmp_path: Path, side: str, key: str
+) -> None:
     text = f"[{side}]\n\n{key}=   \n"
     path = write(tmp_path, text)
 
-    with pytest.raises(ConfigError) as caught:
-        load_config(path)
+    cfg = load_config(path)
 
-    assert caught.value.where == f"{path}:3 [{side}] {key}"
-    assert "empty path" in str(caught.value)
+    assert cfg.client == cfg.server == X509Side()
+    assert cfg.warnings == (f"{path}:3: [{side}] {key}: empty path; the key is ignored",)
 
 
 def test_error_line_number_counts_comments_and_blank_lines(tmp_path: Path) -> None:
@@ -427,42 +463,62 @@ def test_explicit_path_that_is_a_directory_names_it(tmp_path: Path) -> None:
 
 
 def test_no_file_at_all_gives_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(config, "DEFAULT_PATHS", (tmp_path / "config", tmp_path / "tlshd.conf"))
+    monkeypatch.setattr(config, "DEFAULT_PATHS", (tmp_path / "tlshd.conf", tmp_path / "config"))
 
     cfg = load_config()
 
-    assert cfg == Config()
-    assert cfg.path is None
+    assert cfg.path is None and cfg.warnings == ()
+    assert cfg == Config(notices=cfg.notices)
+    assert "using the defaults" in cfg.notices[0]
 
 
-def test_first_default_path_wins_over_the_legacy_one(
+def test_legacy_path_wins_with_the_relocation_notice(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # ktls-utils 1.4.0 src/tlshd/main.c: tlshd_config_init("/etc/tlshd.conf", true) first,
+    # then tlshd_log_notice("Please relocate /etc/tlshd.conf to /etc/tlshd/config").
     (tmp_path / "tlshd").mkdir()
-    new = write(tmp_path, "[agent]\nworkers=1\n", "tlshd/config")
+    current = write(tmp_path, "[agent]\nworkers=1\n", "tlshd/config")
     legacy = write(tmp_path, "[agent]\nworkers=2\n", "tlshd.conf")
-    monkeypatch.setattr(config, "DEFAULT_PATHS", (new, legacy))
-
-    cfg = load_config()
-
-    assert (cfg.workers, cfg.path) == (1, new)
-
-
-def test_legacy_path_is_read_when_the_first_is_absent(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    legacy = write(tmp_path, "[agent]\nworkers=2\n", "tlshd.conf")
-    monkeypatch.setattr(config, "DEFAULT_PATHS", (tmp_path / "tlshd" / "config", legacy))
+    monkeypatch.setattr(config, "DEFAULT_PATHS", (legacy, current))
 
     cfg = load_config()
 
     assert (cfg.workers, cfg.path) == (2, legacy)
+    assert cfg.notices == (f"Please relocate {legacy} to /etc/tlshd/config",)
+
+
+def test_current_path_is_read_when_there_is_no_legacy_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "tlshd").mkdir()
+    current = write(tmp_path, "[agent]\nworkers=1\n", "tlshd/config")
+    monkeypatch.setattr(config, "DEFAULT_PATHS", (tmp_path / "tlshd.conf", current))
+
+    cfg = load_config()
+
+    assert (cfg.workers, cfg.path, cfg.notices) == (1, current, ())
+
+
+def test_legacy_file_that_glib_refuses_falls_through_to_the_current_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # tlshd_config_init(..., legacy=true) fails quietly and main() goes on to /etc/tlshd/config
+    (tmp_path / "tlshd").mkdir()
+    current = write(tmp_path, "[agent]\nworkers=1\n", "tlshd/config")
+    legacy = write(tmp_path, "this is not a key file\n", "tlshd.conf")
+    monkeypatch.setattr(config, "DEFAULT_PATHS", (legacy, current))
+
+    cfg = load_config()
+
+    assert (cfg.workers, cfg.path) == (1, current)
+    assert f"{legacy}:1" in cfg.warnings[0] and "reading" in cfg.warnings[0]
 
 
 def test_errors_in_a_default_file_name_that_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    legacy = write(tmp_path, "[agent]\nworkers=lots\n", "tlshd.conf")
+    legacy = write(tmp_path, "[agent]\nworkers=lots\n", "config")
     monkeypatch.setattr(config, "DEFAULT_PATHS", (tmp_path / "absent", legacy))
 
     with pytest.raises(ConfigError) as caught:
@@ -472,6 +528,6 @@ def test_errors_in_a_default_file_name_that_file(
 
 
 def test_real_default_paths_are_the_reference_agents() -> None:
-    expected = (Path("/etc/tlshd/config"), Path("/etc/tlshd.conf"))
+    expected = (Path("/etc/tlshd.conf"), Path("/etc/tlshd/config"))
 
     assert expected == config.DEFAULT_PATHS

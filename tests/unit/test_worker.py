@@ -554,16 +554,18 @@ def test_peer_speaking_garbage_ends_with_eacces(
     assert_closed(req.reply.sockfd)
 
 
-def test_peer_closing_mid_handshake_ends_with_eacces(
+def test_peer_closing_mid_handshake_ends_with_etimedout(
     rig: Rig, requests: Callable[..., Request]
 ) -> None:
+    # ktls-utils src/tlshd/handshake.c: GNUTLS_E_PREMATURE_TERMINATION -> ETIMEDOUT
+    # ("Ask the kernel to retry", commit b010190)
     req = requests()
     req.peer.close()
     rig.upcall.ready(req.reply)
 
     rig.run_until_done()
 
-    assert rig.upcall.dones[0].status == errno.EACCES
+    assert rig.upcall.dones[0].status == errno.ETIMEDOUT
     assert_closed(req.reply.sockfd)
 
 
@@ -844,7 +846,9 @@ def test_exception_in_the_contexts_callable_ends_only_that_request_with_eio(
 def test_credential_error_from_the_contexts_callable_is_that_requests_status(
     rig_factory: Callable[..., Rig], requests: Callable[..., Request], contexts: Contexts
 ) -> None:
-    # A server request with no server certificate configured: Contexts raises CredentialError.
+    # A server request with no server certificate configured: Contexts raises CredentialError,
+    # and the client gets a fatal access_denied alert at once (ktls-utils a58a360,
+    # src/tlshd/server.c: gnutls_alert_send(session, GNUTLS_AL_FATAL, GNUTLS_A_ACCESS_DENIED)).
     no_server = dataclasses.replace(contexts, server=None)
     rig = rig_factory(ctx=no_server)
     req = requests(MsgType.SERVERHELLO, AuthMode.X509)
@@ -854,6 +858,45 @@ def test_credential_error_from_the_contexts_callable_is_that_requests_status(
 
     assert rig.upcall.dones[0].status == errno.ENOKEY
     assert_closed(req.reply.sockfd)
+    req.peer.settimeout(5)
+    assert req.peer.recv(100) == bytes([21, 3, 3, 0, 2, 2, 49])
+
+
+def test_server_certificate_without_its_key_sends_a_fatal_alert(
+    rig_factory: Callable[..., Rig], requests: Callable[..., Request], pki: PKI
+) -> None:
+    from tlshd.config import Config, X509Side
+
+    contexts = Contexts.from_config(Config(server=X509Side(certificate=pki.server.cert)))
+    assert contexts.problems() == ["[authenticate.server] x509 credentials: x509.private_key "
+                                   "is not set: no usable server credentials"]
+    rig = rig_factory(ctx=contexts)
+    req = requests(MsgType.SERVERHELLO, AuthMode.X509)
+    rig.upcall.ready(req.reply)
+
+    rig.run_until_done()
+
+    assert rig.upcall.dones[0].status == errno.ENOKEY
+    req.peer.settimeout(5)
+    assert req.peer.recv(100) == bytes([21, 3, 3, 0, 2, 2, 49])
+
+
+def test_client_request_with_bad_credentials_gets_no_alert(
+    rig_factory: Callable[..., Rig], requests: Callable[..., Request], pki: PKI, tmp_path: Path
+) -> None:
+    from tlshd.config import Config, X509Side
+
+    side = X509Side(certificate=pki.client.cert, private_key=tmp_path / "missing.key")
+    rig = rig_factory(ctx=Contexts.from_config(Config(client=side)))
+    req = requests(MsgType.CLIENTHELLO, AuthMode.X509)
+    rig.upcall.ready(req.reply)
+
+    rig.run_until_done()
+
+    assert rig.upcall.dones[0].status == errno.ENOKEY
+    req.peer.setblocking(False)
+    with contextlib.suppress(BlockingIOError):  # nothing sent: a client does not speak first
+        assert req.peer.recv(100) == b""
 
 
 # --- when the worker accepts ---------------------------------------------------------------------
@@ -918,7 +961,7 @@ def test_a_full_worker_takes_the_next_queued_request_as_soon_as_one_ends(
     first.peer.shutdown(socket.SHUT_RDWR)  # the first handshake fails (its peer went away)
     rig.run_until(lambda: second.reply.sockfd in rig.worker.inflight)
 
-    assert [d.status for d in rig.upcall.dones] == [errno.EACCES]
+    assert [d.status for d in rig.upcall.dones] == [errno.ETIMEDOUT]  # peer closed: ETIMEDOUT
     assert list(rig.upcall.queue) == []
     assert rig.upcall.drained == 1  # the one READY, no other
 
@@ -953,3 +996,30 @@ def test_an_accept_no_retry_can_cure_stops_the_worker(
     rig.upcall.queue.append(NetlinkError(err, "ACCEPT"))
     with pytest.raises(NetlinkError):
         rig.worker.run_once(max_wait=0.01)
+
+
+def test_delay_done_holds_each_done_while_the_worker_serves_others(
+    rig_factory: Callable[..., Rig], requests: Callable[..., Request], pki: PKI
+) -> None:
+    # [debug] delay_done (ktls-utils src/tlshd/netlink.c: sleep(tlshd_delay_done) before the
+    # DONE downcall); here the held request does not stop the next one from being served.
+    rig = rig_factory(delay_done_s=0.5)
+    first = requests()
+    first.peer.close()  # fails at once: ETIMEDOUT, held for 0.5 s
+    rig.upcall.ready(first.reply)
+    begun = time.monotonic()
+    rig.run_until(lambda: not rig.worker.inflight and rig.worker.failed == 1)
+    assert rig.upcall.dones == []
+    os.fstat(first.reply.sockfd)  # still open: DONE names it
+
+    second = requests()
+    peer = second.start_peer(server_peer_context(pki), server=True)
+    rig.upcall.ready(second.reply)
+    rig.run_until_done(1)
+    held = time.monotonic() - begun
+    assert [d.fd for d in rig.upcall.dones] == [first.reply.sockfd]
+    assert held >= 0.5
+    rig.run_until_done(2)
+    peer.finish()
+    assert [d.status for d in rig.upcall.dones] == [errno.ETIMEDOUT, 0]
+    assert_closed(first.reply.sockfd)

@@ -82,10 +82,13 @@ def test_crl_that_does_not_list_the_peer_lets_it_in(pki, tmp_path):
     assert all(isinstance(e, HandshakeComplete) for e in events)
 
 
-def test_unreadable_or_malformed_crl_fails_at_start(pki, tmp_path):
+def test_unreadable_or_malformed_crl_is_a_problem_and_refuses_the_side_that_needs_it(pki, tmp_path):
     bad = tmp_path / "bad.crl"
     bad.write_bytes(b"not a crl")
+    built = contexts(pki, bad)  # the start goes on, as with ktls-utils
+    assert any("bad.crl" in problem for problem in built.problems())
     with pytest.raises(CredentialError, match=r"bad\.crl"):
-        contexts(pki, bad)
+        built(reply(MsgType.SERVERHELLO))
+    assert built(reply(MsgType.CLIENTHELLO)) is not None  # the client side is unaffected
     with pytest.raises(CredentialError, match=r"missing\.crl"):
         creds.load_crl(creds.client_context(pki.ca), tmp_path / "missing.crl")

@@ -15,7 +15,7 @@ from tests.pki import write_pki
 from tests.unit.handshake.pairing import drive
 from tlshd.config import Config, X509Side, parse_config
 from tlshd.contexts import Contexts
-from tlshd.errors import ConfigError, CredentialError
+from tlshd.errors import CredentialError
 from tlshd.handshake import credentials as creds
 from tlshd.handshake.engine import HandshakeEngine, Role
 from tlshd.handshake.events import HandshakeComplete, HandshakeFailed
@@ -102,14 +102,16 @@ def test_a_classic_peer_still_gets_a_session(setup):
     assert isinstance(client, HandshakeComplete) and isinstance(server, HandshakeComplete)
 
 
-def test_pq_certificate_without_its_key_is_a_config_error():
-    with pytest.raises(ConfigError, match="go together"):
-        parse_config("[authenticate.server]\nx509.pq.certificate=/etc/pq.crt\n")
+def test_pq_certificate_without_its_key_is_ignored_with_a_warning():
+    cfg = parse_config("[authenticate.server]\nx509.pq.certificate=/etc/pq.crt\n")
+    assert cfg.server.pq_certificate is None and "go together" in cfg.warnings[0]
 
 
-def test_unreadable_pq_key_fails_at_start(setup, tmp_path):
+def test_unreadable_pq_key_refuses_server_requests(setup, tmp_path):
     pki, pq_cert, _pq_key, _ = setup
     side = X509Side(certificate=pki.server.cert, private_key=pki.server.key,
                     pq_certificate=pq_cert, pq_private_key=tmp_path / "missing.key")
+    built = Contexts.from_config(Config(server=side))
+    assert any("missing.key" in problem for problem in built.problems())
     with pytest.raises(CredentialError, match="missing"):
-        Contexts.from_config(Config(server=side))
+        built(_reply(MsgType.SERVERHELLO))
