@@ -1,8 +1,9 @@
 """Command line: ``tlshd [-c FILE] [-s]`` runs the agent; ``doctor``, ``status``, ``run``, ``demo``.
 
-Flags of the reference agent: ``-c/--config``, ``-s/--stderr``, ``-h/--help``,
-``-v/--version``. Exit status: 0 after a clean stop, 1 on a configuration or
-start-up error (the message says what to fix), 2 on a usage error.
+Flags of the reference agent: ``-c/--config``, ``-s/--stderr`` (stderr as well as syslog),
+``-h/--help``, ``-v/--version`` (on stderr, as ktls-utils prints it). Exit status, as the
+reference's: 0 after a clean stop, 1 for every failure (a configuration or start-up error,
+whose message says what to fix, or a usage error).
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import NoReturn
 
 from tlshd import __version__
 from tlshd.config import Config, load_config
@@ -23,22 +26,62 @@ from tlshd.errors import TlshdError
 log = logging.getLogger("tlshd")
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """A usage error exits 1, as ktls-utils' getopt loop does (EXIT_FAILURE)."""
+        self.print_usage(sys.stderr)
+        self.exit(1, f"{self.prog}: error: {message}\n")
+
+
+class _Version(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        print(version_string(), file=sys.stderr)
+        parser.exit(0)
+
+
+def version_string() -> str:
+    """As ktls-utils' ``-v`` ("tlshd, built from ktls-utils X ..."), naming the TLS library."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "(not installed)"
+
+    try:
+        from OpenSSL import SSL
+
+        openssl = SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()
+    except ImportError:
+        openssl = "OpenSSL (not loadable)"
+    return (f"tlshd, built from tlshd {__version__} (Python {sys.version.split()[0]}; TLS "
+            f"library: {openssl} through pyOpenSSL {installed('pyOpenSSL')} and cryptography "
+            f"{installed('cryptography')})")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tlshd", description="TLS handshake agent for the Linux kernel's kTLS consumers")
     parser.add_argument("command", nargs="?", default="agent",
-                        choices=("agent", "run", "demo", "doctor", "status"),
+                        choices=("agent", "run", "demo", "doctor", "status", "install"),
                         help="agent (default): serve the kernel; doctor: check this host and "
                              "say what to fix; status: what the running agent of this network "
                              "namespace is doing; demo: kernel-sim demonstration; run: agent if "
-                             "this kernel has the handshake family, else demo")
+                             "this kernel has the handshake family, else demo; install: "
+                             "the systemd units and a commented /etc/tlshd/config")
     parser.add_argument("-c", "--config", type=Path, help="configuration file "
                         "(default /etc/tlshd/config, then /etc/tlshd.conf)")
-    parser.add_argument("-s", "--stderr", action="store_true", help="log to stderr, not syslog")
-    parser.add_argument("-v", "--version", action="version", version=f"tlshd {__version__}")
+    parser.add_argument("-s", "--stderr", action="store_true",
+                        help="log to stderr as well as syslog")
+    parser.add_argument("-v", "--version", action=_Version, nargs=0,
+                        help="print the version and TLS library, then exit")
     parser.add_argument("--upcall", help="auto, netlink or kernel-sim[:ENDPOINT]")
     parser.add_argument("--workers", type=int, help="worker processes (default: one per CPU)")
     parser.add_argument("--json", action="store_true", help="status: print the JSON document")
+    parser.add_argument("--root", type=Path, default=Path("/"),
+                        help="install: the file system root to install into (default /)")
     return parser
 
 
@@ -50,6 +93,10 @@ def main(argv: Sequence[str] | None = None, *, held: Held | None = None) -> int:
         from tlshd.demo import run_demo
 
         return run_demo()
+    if args.command == "install":
+        from tlshd.install import install, this_executable
+
+        return install(args.root, this_executable(), sys.stdout)
     if args.command == "doctor":
         from tlshd.doctor import run_doctor
 
@@ -61,8 +108,12 @@ def main(argv: Sequence[str] | None = None, *, held: Held | None = None) -> int:
         from tlshd.daemon import configure_logging, serve
 
         configure_logging(args.stderr, config)
+        log.info("%s", version_string().replace("tlshd, built", "Built", 1))
         for notice in config.notices:
             log.info("%s", notice)
+        if os.environ.get("SSLKEYLOGFILE"):
+            log.warning("SSLKEYLOGFILE is set: the secrets of every handshake are written to "
+                        "%r (for debugging only)", os.environ["SSLKEYLOGFILE"][:200])
         for warning in config.warnings:
             log.warning("%s", warning)
         return serve(config, load=lambda: _load(args), held=held)

@@ -48,6 +48,7 @@ _KNOWN: dict[str, tuple[str, ...]] = {
     "authenticate.client": _X509_KEYS + _PQ_KEYS,
     "authenticate.server": _X509_KEYS + _PQ_KEYS,
     "agent": ("workers", "max_inflight", "handshake_timeout_ms", "require_client_cert", "upcall",
+              "log_success",
               "metrics", "control_socket"),
 }
 _GROUP_RE = re.compile(r"^\[([^\[\]]+)\]$")
@@ -82,6 +83,7 @@ class Config:
     max_inflight: int = MAX_INFLIGHT_DEFAULT  # handshakes one worker runs at once
     handshake_timeout_ms: int = 10_000
     require_client_cert: bool = False
+    log_success: bool = True  # a line per successful handshake (failures are always logged)
     upcall: str = "auto"
     metrics: str = ""  # HOST:PORT of the Prometheus endpoint; off when empty
     control_socket: str = "tlshd/control"  # abstract Unix name, per network namespace
@@ -141,6 +143,7 @@ def parse_config(text: str, path: Path | None = None) -> Config:
         handshake_timeout_ms=_int(groups, "agent", "handshake_timeout_ms", where, 10_000,
                                   (1, 3_600_000)),
         require_client_cert=_bool(groups, "agent", "require_client_cert", where),
+        log_success=_bool(groups, "agent", "log_success", where, default=True),
         upcall=_upcall(groups, where),
         metrics=_metrics(groups, where),
         control_socket=_name(groups, "agent", "control_socket", where, "tlshd/control"),
@@ -316,10 +319,11 @@ def _int(groups: dict[str, dict[str, Entry]], group: str, key: str, where: str, 
     return value
 
 
-def _bool(groups: dict[str, dict[str, Entry]], group: str, key: str, where: str) -> bool:
+def _bool(groups: dict[str, dict[str, Entry]], group: str, key: str, where: str,
+          default: bool = False) -> bool:
     entry = groups.get(group, {}).get(key)
     if entry is None:
-        return False
+        return default
     if entry.value.lower() in ("true", "1", "yes"):
         return True
     if entry.value.lower() in ("false", "0", "no"):

@@ -129,6 +129,7 @@ def _client_slot(config: Config, anonymous: bool) -> CredentialSlot:
             ctx = creds.client_context(side.truststore, side.certificate, side.private_key,
                                        ciphersuites=KTLS_SUITES)
             _add_pq(ctx, side)
+            _notify_modes(side)
         if side.crl is not None:
             creds.load_crl(ctx, side.crl)
         return ctx
@@ -153,11 +154,39 @@ def _server_slot(config: Config) -> CredentialSlot:
         if side.crl is not None:
             creds.load_crl(ctx, side.crl)
         _add_pq(ctx, side)
+        _notify_modes(side)
         return ctx
 
     return CredentialSlot("[authenticate.server] x509 credentials", _paths(
         side, "truststore", "crl", "certificate", "private_key", "pq_certificate",
         "pq_private_key"), build)
+
+
+CERT_MODE, KEY_MODE = 0o644, 0o600  # ktls-utils src/tlshd/config.c: TLSHD_CERT/PRIVKEY_MODE
+
+
+def file_notices(side: X509Side) -> list[str]:
+    """ktls-utils' notices for credential files (src/tlshd/config.c, tlshd_config_read_datum):
+    owner root, certificates mode 0644, private keys 0600. Notices only: nothing is refused."""
+    out = []
+    for path, mode in ((side.certificate, CERT_MODE), (side.pq_certificate, CERT_MODE),
+                       (side.private_key, KEY_MODE), (side.pq_private_key, KEY_MODE)):
+        if path is None:
+            continue
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if st.st_uid != 0:
+            out.append(f"File {path}: expected owner 0")
+        if st.st_mode & 0o777 != mode:
+            out.append(f"File {path}: expected mode {mode:o}")
+    return out
+
+
+def _notify_modes(side: X509Side) -> None:
+    for notice in file_notices(side):
+        log.info("%s", notice)
 
 
 def _add_pq(ctx: SSL.Context, side: X509Side) -> None:

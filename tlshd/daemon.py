@@ -55,7 +55,8 @@ def run_worker(config: Config, contexts: Contexts, stop: _Stop,
     upcall = open_upcall(config.upcall)
     worker = Worker(upcall, contexts, default_timeout_ms=config.handshake_timeout_ms,
                     max_inflight=config.max_inflight, events=events,
-                    debug_io=config.tls_debug > 0, delay_done_s=float(config.delay_done))
+                    debug_io=config.tls_debug > 0, delay_done_s=float(config.delay_done),
+                    log_success=config.log_success)
     if events is not None:
         events("ready", {})
     try:
@@ -367,23 +368,27 @@ SYSLOG_ADDRESS = "/dev/log"
 
 def configure_logging(to_stderr: bool, config: Config, *,
                       syslog_address: str = SYSLOG_ADDRESS) -> None:
-    """syslog (ident tlshd, facility auth) or stderr. ``[debug] loglevel`` other than 0 turns
-    on debug lines (ktls-utils src/tlshd/log.c: ``if (!tlshd_debug) return;``); ``tls`` > 0
-    adds per-read sizes, ``nl`` > 0 a line per netlink exchange. No level ever logs key
-    material: only sizes, names, serials, statuses."""
-    handler: logging.Handler = logging.StreamHandler(sys.stderr)
-    fallback = ""
-    if not to_stderr:
-        from logging.handlers import SysLogHandler
+    """syslog (ident tlshd, facility auth), and stderr as well with ``-s`` (ktls-utils opens
+    syslog with LOG_PERROR for ``-s``: both). Without a syslog daemon, stderr alone.
+    ``[debug] loglevel`` other than 0 turns on debug lines (ktls-utils src/tlshd/log.c:
+    ``if (!tlshd_debug) return;``); ``tls`` > 0 adds per-read sizes, ``nl`` > 0 a line per
+    netlink exchange. No level ever logs key material: only sizes, names, serials, statuses."""
+    from logging.handlers import SysLogHandler
 
-        try:  # SysLogHandler would only fail later, line by line
-            _probe_syslog(syslog_address)
-            handler = SysLogHandler(address=syslog_address, facility=SysLogHandler.LOG_AUTH)
-        except OSError as exc:  # no syslog daemon: say so, and keep logging somewhere
+    handlers: list[logging.Handler] = []
+    fallback = ""
+    try:  # SysLogHandler would only fail later, line by line
+        _probe_syslog(syslog_address)
+        handlers.append(SysLogHandler(address=syslog_address, facility=SysLogHandler.LOG_AUTH))
+    except OSError as exc:  # no syslog daemon: say so, and keep logging somewhere
+        if not to_stderr:
             fallback = f"syslog at {syslog_address} unavailable ({exc.strerror}); using stderr"
-    handler.setFormatter(logging.Formatter("tlshd[%(process)d]: %(message)s"))
+    if to_stderr or not handlers:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter("tlshd[%(process)d]: %(message)s"))
     root = logging.getLogger("tlshd")
-    root.handlers[:] = [handler]
+    root.handlers[:] = handlers
     root.setLevel(logging.DEBUG if config.loglevel != 0 else logging.INFO)
     logging.getLogger("tlshd.io").setLevel(logging.DEBUG if config.tls_debug > 0
                                            else logging.INFO)

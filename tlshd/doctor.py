@@ -35,7 +35,7 @@ from OpenSSL import SSL, crypto
 
 from tlshd import keyring
 from tlshd.config import DEFAULT_PATHS, Config, X509Side, load_config
-from tlshd.contexts import Contexts
+from tlshd.contexts import Contexts, file_notices
 from tlshd.daemon import KERNEL_KEYRINGS
 from tlshd.errors import ConfigError, CredentialError, KeyNotFoundError, NetlinkError, TlshdError
 from tlshd.handshake.credentials import SYSTEM_CA_BUNDLES, X509Credentials
@@ -358,6 +358,9 @@ def check_credentials(config: Config, now: datetime.datetime) -> list[Verdict]:
     for role, side in sides.items():
         verdicts += check_crl(role, side.crl, now) if side.crl is not None else []
         verdicts += check_side(role, side, anchors, configured, now)
+        verdicts += [_warn(f"{role} file modes", notice,
+                           "chown root; chmod 644 for certificates, 600 for private keys")
+                     for notice in file_notices(side)]
     if exit_status(verdicts) == 0:
         verdicts.append(check_contexts(config))
     return verdicts

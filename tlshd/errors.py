@@ -93,6 +93,12 @@ class UnsupportedRequestError(LocalError):
     status = errno.EINVAL
 
 
+class UnsupportedProtocolError(LocalError):
+    """The request's socket is not TCP (QUIC, ...): EOPNOTSUPP, as ktls-utils answers."""
+
+    status = errno.EOPNOTSUPP
+
+
 class ConfigError(LocalError):
     """A configuration file or value is unusable. ``where`` names file:line [key]."""
 

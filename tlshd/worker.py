@@ -37,6 +37,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from cryptography import x509
 from OpenSSL import SSL
 
 from tlshd import keyring
@@ -49,6 +50,7 @@ from tlshd.errors import (
     TransportError,
     TransportTimeoutError,
     UnknownPSKIdentityError,
+    UnsupportedProtocolError,
     UnsupportedRequestError,
 )
 from tlshd.handshake import _psk
@@ -92,6 +94,8 @@ class Handshake:
     psk: PSKChoice
     out: bytearray = field(default_factory=bytearray)
     busy_s: float = 0.0  # time this worker spent on this request (OpenSSL included)
+    nodelay: int = 0  # TCP_NODELAY as the consumer had it: restored before DONE
+    addr: str = "-"  # the peer's address, for the log
 
     @property
     def role(self) -> str:
@@ -104,6 +108,32 @@ def _unlink_request_keyring(reply: AcceptReply) -> None:
     if reply.keyring:
         with contextlib.suppress(TlshdError):
             keyring.unlink_key(reply.keyring, keyring.KEY_SPEC_PROCESS_KEYRING)
+
+
+def _check_request(reply: AcceptReply, sock: socket.socket) -> None:
+    """What ktls-utils refuses before any TLS: a socket that is not TCP (src/tlshd/handshake.c:
+    "Unsupported ip_proto", EOPNOTSUPP; QUIC is not served here), and a client x509 or
+    anonymous request without a peer name, which no certificate could be checked against
+    (ktls-utils main, #160: "a client handshake request that carries no peer name is
+    rejected"). A PSK client needs no name: the key is the identity."""
+    proto = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL)
+    if proto != socket.IPPROTO_TCP:
+        raise UnsupportedProtocolError(f"IP protocol {proto} (only TCP is served)")
+    if (reply.message_type == MsgType.CLIENTHELLO and reply.auth_mode != AuthMode.PSK
+            and not reply.peername):
+        raise UnsupportedRequestError("client request without a peer name: the server's "
+                                      "certificate could not be checked")
+
+
+def _push_nodelay(sock: socket.socket) -> int:
+    """TCP_NODELAY on for the handshake, as ktls-utils does (tlshd_save_nagle): each flight
+    goes out at once instead of waiting on the peer's delayed ACK. Returns the old value."""
+    try:
+        old = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        return 0
+    return 1 if old else 0
 
 
 class ContextProvider(Protocol):
@@ -131,11 +161,37 @@ def _auth_name(reply: AcceptReply) -> str:
 
 
 def _log_result(reply: AcceptReply, status: int, elapsed_ms: float, what: str,
-                netns: str = "-") -> None:
-    """One line per request: namespace, role, auth mode, peer, DONE status, duration,
-    outcome (ok + cipher, or why it failed)."""
-    log.info("handshake netns=%s role=%s auth=%s peer=%s status=%d %.1fms %s", netns,
-             _role(reply), _auth_name(reply), reply.peername or "-", status, elapsed_ms, what)
+                netns: str = "-", addr: str = "-") -> None:
+    """One line per request: namespace, role, auth mode, peer (the name the kernel gave, and
+    the address), DONE status, duration, outcome (ok + cipher and the peer certificate's
+    subject, or why it failed)."""
+    log.info("handshake netns=%s role=%s auth=%s peer=%s addr=%s status=%d %.1fms %s", netns,
+             _role(reply), _auth_name(reply), reply.peername or "-", addr, status, elapsed_ms,
+             what)
+
+
+def _peer_address(sock: socket.socket) -> str:
+    """The peer's address in presentation form (ktls-utils c0f034b), or "-"."""
+    try:
+        name = sock.getpeername()
+    except OSError:
+        return "-"
+    if sock.family == socket.AF_INET6:
+        return f"[{name[0]}]:{name[1]}"
+    if sock.family == socket.AF_INET:
+        return f"{name[0]}:{name[1]}"
+    return "-"
+
+
+def _subject(der: bytes | None) -> str:
+    """The peer certificate's subject for the log: RFC 4514, escaped and bounded."""
+    if not der:
+        return ""
+    try:
+        text = x509.load_der_x509_certificate(der).subject.rfc4514_string()
+    except ValueError:
+        return " subject=(unparsable)"
+    return " subject=" + repr(text[:200])
 
 
 def netns_label() -> str:
@@ -195,6 +251,7 @@ class Worker:
         events: EventSink | None = None,
         debug_io: bool = False,
         delay_done_s: float = 0.0,
+        log_success: bool = True,
     ) -> None:
         self.upcall = upcall
         self._contexts = contexts
@@ -207,6 +264,7 @@ class Worker:
         # [debug] delay_done: each DONE is held this long (ktls-utils src/tlshd/netlink.c sleeps
         # in its per-request process; here the loop goes on serving the others meanwhile)
         self._delay_done_s = delay_done_s
+        self._log_success = log_success  # [agent] log_success: failures are always logged
         self._held: list[tuple[float, socket.socket, int, tuple[int, ...],
                                AcceptReply | None]] = []
         self.netns = netns_label()
@@ -303,6 +361,7 @@ class Worker:
             return
         choice = PSKChoice()
         try:
+            _check_request(reply, sock)
             engine = self._engine_for(reply, choice)
         except TlshdError as exc:
             self._finish_early(reply, sock, exc)
@@ -314,9 +373,11 @@ class Worker:
         # O_NONBLOCK lives in the file the kernel consumer shares: restored before DONE.
         file_flags = fcntl.fcntl(sock.fileno(), fcntl.F_GETFL)
         sock.setblocking(False)
+        nodelay = _push_nodelay(sock)
         timeout_s = reply.timeout_ms / 1000 if reply.timeout_ms else self._default_timeout_s
         hs = Handshake(reply, sock, engine, deadline=now + timeout_s, started=now,
-                       file_flags=file_flags, psk=choice)
+                       file_flags=file_flags, psk=choice, nodelay=nodelay,
+                       addr=_peer_address(sock))
         hs.busy_s = time.perf_counter() - begun  # engine set-up (a ClientHello) counts too
         self.inflight[sock.fileno()] = hs
         self._sel.register(sock, selectors.EVENT_READ, hs)
@@ -366,7 +427,7 @@ class Worker:
             # fails at once instead of retrying what cannot succeed until its mount times out.
             with contextlib.suppress(OSError):
                 sock.send(ACCESS_DENIED_ALERT, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
-        self._report(reply, exc.status, 0.0, f"refused: {exc}")
+        self._report(reply, exc.status, 0.0, f"refused: {exc}", addr=_peer_address(sock))
         self._release(sock, exc.status, (), None)
         self.failed += 1
 
@@ -436,7 +497,8 @@ class Worker:
         install_ktls(self.upcall, hs.sock.fileno(), params)
         # PSK: the key's serial (the NVMe host looks it up); x509: the peer certificate's key
         peer = hs.psk.psk.serial if hs.psk.psk else self._peer_identity(session)
-        self._finish(hs, 0, (peer,) if peer else (), f"ok cipher={suite.openssl_name}",
+        self._finish(hs, 0, (peer,) if peer else (),
+                     f"ok cipher={suite.openssl_name}{_subject(session.peer_certificate_der)}",
                      cipher=suite.openssl_name)
         self.completed += 1
 
@@ -464,11 +526,12 @@ class Worker:
         busy_ms = hs.busy_s * 1000
         self._report(hs.reply, status, (self._clock() - hs.started) * 1000,
                      f"{what}{hs.psk.describe()} busy={busy_ms:.2f}ms tls={tls_ms:.2f}ms",
-                     tls_ms, cipher)
+                     tls_ms, cipher, addr=hs.addr)
         self.inflight.pop(hs.sock.fileno(), None)
         self._sel.unregister(hs.sock)
         with contextlib.suppress(OSError):
             fcntl.fcntl(hs.sock.fileno(), fcntl.F_SETFL, hs.file_flags)
+            hs.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, hs.nodelay)
         self._release(hs.sock, status, remote, hs.reply)
 
     def _release(self, sock: socket.socket, status: int, remote: tuple[int, ...],
@@ -491,9 +554,13 @@ class Worker:
                 _unlink_request_keyring(reply)
 
     def _report(self, reply: AcceptReply, status: int, elapsed_ms: float, what: str,
-                tls_ms: float = 0.0, cipher: str = "-") -> None:
+                tls_ms: float = 0.0, cipher: str = "-", *, addr: str = "-") -> None:
         """One log line and one ``done`` event per request (no key material in either)."""
-        _log_result(reply, status, elapsed_ms, what, self.netns)
+        if status or self._log_success:
+            _log_result(reply, status, elapsed_ms, what, self.netns, addr)
+        # ktls-utils src/tlshd/log.c, tlshd_log_completion: only with [debug] loglevel set
+        log.debug("Handshake with '%s' (%s) %s", reply.peername or addr, addr,
+                  "failed" if status else "succeeded")
         self._events("done", {
             "role": _role(reply), "auth": _auth_name(reply), "peer": reply.peername or "-",
             "cipher": cipher, "status": status, "ms": round(elapsed_ms, 3), "what": what[:300],

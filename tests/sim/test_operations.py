@@ -202,8 +202,8 @@ def test_status_and_metrics_after_real_handshakes(pki, tmp_path):
     assert "python_info{" in metrics
     assert f'version="{tlshd.__version__}"' in metrics.split("tlshd_build_info{", 1)[1]
     line = next(x for x in agent.log if "role=client" in x and "status=0" in x)
-    assert re.search(r"netns=\S+ role=client auth=X509 peer=localhost status=0 [\d.]+ms ok "
-                     r"cipher=TLS_\w+", line), line
+    assert re.search(r"netns=\S+ role=client auth=X509 peer=localhost addr=127\.0\.0\.1:\d+ "
+                     r"status=0 [\d.]+ms ok cipher=TLS_\w+ subject='CN=", line), line
 
 
 def test_no_key_material_in_logs_at_the_highest_debug_level(pki, tmp_path):

@@ -29,11 +29,12 @@ NOT_SOURCE = shutil.ignore_patterns(".venv", ".git", "__pycache__", "*.egg-info"
                                     ".hypothesis")
 
 
-def run(*argv: str | Path, timeout: float, env: dict[str, str] | None = None) -> str:
+def run(*argv: str | Path, timeout: float, env: dict[str, str] | None = None,
+        stderr: bool = False) -> str:
     result = subprocess.run([str(a) for a in argv], capture_output=True, text=True, env=env,
                             timeout=timeout, check=False)
     assert result.returncode == 0, f"{argv}: {result.stdout}{result.stderr}"
-    return result.stdout
+    return result.stderr if stderr else result.stdout
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +58,8 @@ def _path_env(venv: Path) -> dict[str, str]:
 def test_pip_install_puts_tlshd_on_the_path(venv: Path) -> None:
     env = _path_env(venv)
     assert shutil.which("tlshd", path=env["PATH"]) == str(venv / "bin" / "tlshd")
-    out = run("tlshd", "--version", timeout=60, env=env)
-    assert out.strip() == f"tlshd {tlshd.__version__}"
+    out = run("tlshd", "--version", timeout=60, env=env, stderr=True)  # as ktls-utils: stderr
+    assert out.startswith(f"tlshd, built from tlshd {tlshd.__version__} (Python ")
     assert (venv / "bin" / "kernel-sim").exists()
 
 
@@ -89,3 +90,13 @@ def test_the_wheel_carries_the_license(venv: Path) -> None:
                "print(next(f for f in d.files if f.name == 'LICENSE').read_text())", timeout=60)
     assert text.startswith("GPL-2.0-only\n")
     assert "GNU GENERAL PUBLIC LICENSE" in text and "Version 2, June 1991" in text
+
+
+def test_installed_package_installs_its_units_with_its_own_execstart(venv: Path,
+                                                                     tmp_path: Path) -> None:
+    env = _path_env(venv)
+    run("tlshd", "install", "--root", tmp_path, timeout=60, env=env)
+    unit = (tmp_path / "etc/systemd/system/tlshd.service").read_text()
+    assert f"\nExecStart={venv / 'bin' / 'tlshd'}\n" in unit
+    assert (tmp_path / "etc/systemd/system/tlshd@.service").is_file()
+    assert "[authenticate.server]" in (tmp_path / "etc/tlshd/config").read_text()

@@ -38,12 +38,12 @@ from kernel_sim.netns import socket_in_netns
 from kernel_sim.nvme import NVMeKeyring, psk_identity
 from tests.pki import PKI
 from tests.sim.harness import Agent, tcp_pair, write_config
+from tlshd.install import render_unit
 
 pytestmark = pytest.mark.sim
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = {"tlshd.service": "tlshd.service", "tlshd@.service": "tlshd@test.service"}
-DISTRIBUTION_EXEC = "ExecStart=/usr/sbin/tlshd\n"
 MAX_EXPOSURE = 2.0
 # What `systemd-analyze security` counts against the units, and why each must stay.
 ACCEPTED_EXPOSURE = {
@@ -83,11 +83,8 @@ def unit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Both units with ExecStart= pointing at the installed script, and a MANPATH
     holding the generated pages that Documentation= names."""
     directory = tmp_path_factory.mktemp("units")
-    for name in UNITS:
-        text = (ROOT / "systemd" / name).read_text()
-        assert text.count(DISTRIBUTION_EXEC) == 1, f"{name}: expected {DISTRIBUTION_EXEC!r}"
-        (directory / name).write_text(text.replace(DISTRIBUTION_EXEC,
-                                                   f"ExecStart={tlshd_script()}\n"))
+    for name in UNITS:  # what `tlshd install` writes
+        (directory / name).write_text(render_unit(name, str(tlshd_script())))
     for page, section in (("tlshd.8", "man8"), ("tlshd.conf.5", "man5")):
         (directory / "man" / section).mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / "tlshd" / "man" / page, directory / "man" / section / page)
@@ -157,8 +154,8 @@ def _settings(text: str) -> list[tuple[str, str, str]]:
 
 
 def test_template_runs_the_same_service_in_a_named_namespace() -> None:
-    main = _settings((ROOT / "systemd/tlshd.service").read_text())
-    template = _settings((ROOT / "systemd/tlshd@.service").read_text())
+    main = _settings((ROOT / "tlshd/units/tlshd.service").read_text())
+    template = _settings((ROOT / "tlshd/units/tlshd@.service").read_text())
     extra = [s for s in template if s not in main]
     assert extra == [
         ("Unit", "Description",
@@ -195,7 +192,7 @@ def test_memory_deny_write_execute_would_break_the_psk_callbacks() -> None:
     assert "plain modules import" in result.stdout
     assert result.returncode != 0 and "write+execute memory" in result.stderr
     for unit in UNITS:
-        assert "\nMemoryDenyWriteExecute=no\n" in (ROOT / "systemd" / unit).read_text()
+        assert "\nMemoryDenyWriteExecute=no\n" in (ROOT / "tlshd" / "units" / unit).read_text()
 
 
 def _syscall_groups() -> dict[str, list[str]]:
@@ -298,7 +295,7 @@ def test_every_system_call_of_the_agent_is_in_the_units_filter(kernel: Kernel, p
                 proc.kill()
             proc.wait()
     called = set(re.findall(r"^\d+\s+([a-z_0-9]+)\(", trace.read_text(), re.M))
-    allowed = allowed_syscalls((ROOT / "systemd/tlshd.service").read_text())
+    allowed = allowed_syscalls((ROOT / "tlshd/units/tlshd.service").read_text())
     print(f"{len(called)} distinct system calls: {sorted(called)}")
     assert called - allowed == set()
     assert {"keyctl", "add_key"} <= called  # the trace did cover the keyring paths

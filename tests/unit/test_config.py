@@ -531,3 +531,18 @@ def test_real_default_paths_are_the_reference_agents() -> None:
     expected = (Path("/etc/tlshd.conf"), Path("/etc/tlshd/config"))
 
     assert expected == config.DEFAULT_PATHS
+
+
+def test_version_and_usage_errors_follow_ktls_utils(capsys: pytest.CaptureFixture[str]) -> None:
+    # ktls-utils src/tlshd/main.c: -v prints "tlshd, built from ktls-utils X" on stderr and
+    # exits 0; an unknown option prints the usage and returns EXIT_FAILURE (1).
+    from tlshd.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["-v"])
+    assert done.value.code == 0
+    err = capsys.readouterr().err
+    assert err.startswith("tlshd, built from tlshd ") and "OpenSSL" in err and "pyOpenSSL" in err
+    with pytest.raises(SystemExit) as done:
+        main(["--no-such-option"])
+    assert done.value.code == 1

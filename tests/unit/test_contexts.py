@@ -132,3 +132,20 @@ def test_refreshed_crl_is_read_again(pki, tmp_path):
 def test_slot_repr_holds_no_key_material(pki):
     slot = CredentialSlot("server", (pki.server.key,), lambda: SSL.Context(SSL.TLS_METHOD))
     assert repr(slot) == "CredentialSlot('server', loaded=True)"
+
+
+def test_loose_key_modes_get_ktls_utils_notices_and_still_load(pki, server_files, caplog):
+    # ktls-utils src/tlshd/config.c, tlshd_config_read_datum: "File %s: expected mode %o"
+    from tlshd.contexts import file_notices
+
+    cert, key = server_files
+    cert.chmod(0o644)
+    key.chmod(0o644)  # readable by all: a notice, as in the reference, not a refusal
+    side = X509Side(certificate=cert, private_key=key)
+    assert file_notices(side) == [f"File {key}: expected mode 600"]
+    with caplog.at_level(logging.INFO, logger="tlshd"):
+        contexts = Contexts.from_config(Config(server=side))
+    assert contexts.problems() == []
+    assert f"File {key}: expected mode 600" in caplog.messages
+    key.chmod(0o600)
+    assert file_notices(side) == []

@@ -41,8 +41,8 @@ def test_handshake_line_goes_to_syslog_with_ident_tlshd_and_facility_auth(tmp_pa
         _log_result(_reply(), 0, 12.5, "ok cipher=TLS_AES_256_GCM_SHA384", "ns1")
         datagram = syslog.recv(4096).decode()
     assert datagram.startswith(f"<{LOG_AUTH * 8 + LOG_INFO}>tlshd[")
-    assert ("handshake netns=ns1 role=client auth=X509 peer=srv.example status=0 12.5ms ok "
-            "cipher=TLS_AES_256_GCM_SHA384") in datagram
+    assert ("handshake netns=ns1 role=client auth=X509 peer=srv.example addr=- status=0 12.5ms "
+            "ok cipher=TLS_AES_256_GCM_SHA384") in datagram
 
 
 def test_without_a_syslog_socket_the_agent_logs_to_stderr_and_says_why(tmp_path, capsys):
@@ -56,6 +56,8 @@ def test_without_a_syslog_socket_the_agent_logs_to_stderr_and_says_why(tmp_path,
 @pytest.mark.parametrize("loglevel, tls, nl, root, io, netlink", [
     (0, 0, 0, logging.INFO, logging.INFO, logging.INFO),
     (7, 0, 0, logging.DEBUG, logging.INFO, logging.INFO),
+    (10, 0, 0, logging.DEBUG, logging.INFO, logging.INFO),  # the reference's advice
+    (-1, -1, -1, logging.DEBUG, logging.INFO, logging.INFO),  # log.c: if (!tlshd_debug)
     (0, 3, 0, logging.INFO, logging.DEBUG, logging.INFO),
     (0, 0, 1, logging.INFO, logging.INFO, logging.DEBUG),
 ])
@@ -64,3 +66,22 @@ def test_debug_keys_select_the_debug_lines(loglevel, tls, nl, root, io, netlink)
     assert logging.getLogger("tlshd").level == root
     assert logging.getLogger("tlshd.io").level == io
     assert logging.getLogger("tlshd.netlink").level == netlink
+
+
+def test_stderr_flag_logs_to_stderr_and_syslog_both(tmp_path: Path, capsys):
+    # ktls-utils src/tlshd/log.c: openlog(..., LOG_PERROR) with -s: syslog and stderr
+    address = str(tmp_path / "log")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as syslog:
+        syslog.bind(address)
+        syslog.settimeout(5)
+        configure_logging(True, Config(), syslog_address=address)
+        _log_result(_reply(), 0, 1.0, "ok")
+        datagram = syslog.recv(4096).decode()
+    assert "status=0" in datagram and "status=0" in capsys.readouterr().err
+
+
+def test_stderr_flag_without_syslog_is_quiet_about_it(tmp_path: Path, capsys):
+    configure_logging(True, Config(), syslog_address=str(tmp_path / "nothing-here"))
+    _log_result(_reply(), 0, 1.0, "ok")
+    err = capsys.readouterr().err
+    assert "status=0" in err and "syslog" not in err

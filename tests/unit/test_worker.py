@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import logging
 import os
 import select
 import socket
@@ -1023,3 +1024,89 @@ def test_delay_done_holds_each_done_while_the_worker_serves_others(
     peer.finish()
     assert [d.status for d in rig.upcall.dones] == [errno.ETIMEDOUT, 0]
     assert_closed(first.reply.sockfd)
+
+
+def test_nodelay_is_on_during_the_handshake_and_restored_before_done(
+    rig: Rig, requests: Callable[..., Request]
+) -> None:
+    # ktls-utils src/tlshd/handshake.c: tlshd_save_nagle, then tlshd_set_nagle(session, 1)
+    req = requests()
+    assert req.mine.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+    rig.upcall.ready(req.reply)
+    rig.run_until(lambda: req.reply.sockfd in rig.worker.inflight)
+    assert req.mine.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+
+    req.peer.close()
+    rig.run_until_done()
+    assert req.mine.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+
+
+def test_a_socket_that_is_not_tcp_is_eopnotsupp(rig: Rig,
+                                                requests: Callable[..., Request]) -> None:
+    # ktls-utils src/tlshd/handshake.c: "Unsupported ip_proto" -> EOPNOTSUPP (QUIC, ...)
+    req = requests()
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    reply = dataclasses.replace(req.reply, sockfd=os.dup(udp.fileno()))
+    udp.close()
+    rig.upcall.ready(reply)
+
+    rig.run_until_done()
+
+    assert rig.upcall.dones[0].status == errno.EOPNOTSUPP
+    assert_closed(reply.sockfd)
+
+
+@pytest.mark.parametrize("auth_mode", [AuthMode.UNAUTH, AuthMode.X509])
+def test_a_client_request_without_a_peer_name_is_refused(
+    rig: Rig, requests: Callable[..., Request], auth_mode: AuthMode
+) -> None:
+    # ktls-utils main, pull request #160: a client handshake request that carries no peer
+    # name is rejected, not completed against a certificate nobody checked a name on
+    req = requests(auth_mode=auth_mode)
+    reply = dataclasses.replace(req.reply, peername=None)
+    rig.upcall.ready(reply)
+
+    rig.run_until_done()
+
+    assert rig.upcall.dones[0].status == errno.EINVAL
+    assert nothing_to_read(req.peer)  # no ClientHello went out
+
+
+def test_the_log_line_names_the_peer_address_and_certificate_subject(
+    rig_factory: Callable[..., Rig], requests: Callable[..., Request], pki: PKI,
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = rig_factory()
+    req = requests(MsgType.SERVERHELLO, AuthMode.X509)
+    client = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    client.use_certificate_file(str(pki.client.cert))
+    client.use_privatekey_file(str(pki.client.key))
+    client.load_verify_locations(str(pki.ca))
+    peer = req.start_peer(client, server=False)
+    host, port = req.peer.getsockname()[:2]
+    with caplog.at_level(logging.DEBUG, logger="tlshd"):
+        rig.upcall.ready(req.reply)
+        rig.run_until_done()
+    peer.finish()
+    lines = [r.getMessage() for r in caplog.records]
+    line = next(x for x in lines if x.startswith("handshake "))
+    assert f"addr={host}:{port} status=0" in line
+    assert "subject='CN=" in line  # the client certificate's subject, quoted
+    # ktls-utils src/tlshd/log.c, tlshd_log_completion (at [debug] loglevel != 0)
+    assert f"Handshake with 'localhost' ({host}:{port}) succeeded" in lines
+
+
+def test_log_success_false_keeps_failures_only(
+    rig_factory: Callable[..., Rig], requests: Callable[..., Request], pki: PKI,
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = rig_factory(log_success=False)
+    good, bad = requests(), requests()
+    peer = good.start_peer(server_peer_context(pki), server=True)
+    bad.peer.close()
+    with caplog.at_level(logging.INFO, logger="tlshd"):
+        rig.upcall.ready(good.reply, bad.reply)
+        rig.run_until_done(2)
+    peer.finish()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("handshake ")]
+    assert len(lines) == 1 and "status=110" in lines[0]

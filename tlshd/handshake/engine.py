@@ -48,6 +48,7 @@ from __future__ import annotations
 import enum
 import errno
 import ipaddress
+import os
 import re
 import time
 from collections.abc import Callable
@@ -106,6 +107,31 @@ def route_keylog_line(conn: SSL.Connection, line: bytes) -> None:
     engine = conn.get_app_data()
     if isinstance(engine, HandshakeEngine):
         engine._remember_secret(line)
+
+
+class KeyLogFile:
+    """``SSLKEYLOGFILE``: GnuTLS appends each session's secrets to the file that variable
+    names, so the ktls-utils agent does too; here OpenSSL's key-log lines (the NSS format)
+    go there. Opened on first use with O_APPEND and mode 0600; a write that fails is dropped
+    (this runs inside OpenSSL's callback and must not raise)."""
+
+    def __init__(self, environ: dict[str, str] | os._Environ[str] = os.environ) -> None:
+        self.path = environ.get("SSLKEYLOGFILE") or None
+        self._fd: int | None = None
+
+    def write(self, line: bytes) -> None:
+        if self.path is None:
+            return
+        try:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                                   | os.O_CLOEXEC, 0o600)
+            os.write(self._fd, line + b"\n")
+        except OSError:
+            return
+
+
+KEYLOG = KeyLogFile()
 
 
 def parse_record_header(header: bytes) -> tuple[int, int]:
@@ -360,6 +386,7 @@ class HandshakeEngine:
     # -- results ----------------------------------------------------------------
 
     def _remember_secret(self, line: bytes) -> None:
+        KEYLOG.write(line)
         fields = line.split(b" ")
         if len(fields) == 3 and fields[0] in (_CLIENT_SECRET, _SERVER_SECRET):
             try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import itertools
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -858,3 +859,32 @@ def test_repr_with_synthetic_secret() -> None:
     session = SessionResult("TLS_AES_128_GCM_SHA256", "TLSv1.3", secret, secret[::-1])
     _assert_hidden(repr(HandshakeComplete(session)), secret)
     _assert_hidden(repr(HandshakeComplete(session)), secret[::-1])
+
+
+def test_sslkeylogfile_gets_the_nss_key_log_lines_of_both_sides(
+    pki: PKI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SSLKEYLOGFILE, as GnuTLS honours it for ktls-utils: a capture can be decrypted."""
+    from tlshd.handshake import engine as engine_module
+
+    path = tmp_path / "keys.log"
+    monkeypatch.setattr(engine_module, "KEYLOG",
+                        engine_module.KeyLogFile({"SSLKEYLOGFILE": str(path)}))
+    client, server = anon_client(pki), engine_server(pki)
+    run(client, server)
+    lines = path.read_bytes().splitlines()
+    labels = sorted({line.split(b" ")[0] for line in lines})
+    assert labels == [b"CLIENT_HANDSHAKE_TRAFFIC_SECRET", b"CLIENT_TRAFFIC_SECRET_0",
+                      b"EXPORTER_SECRET", b"SERVER_HANDSHAKE_TRAFFIC_SECRET",
+                      b"SERVER_TRAFFIC_SECRET_0"]
+    assert len(lines) == 10  # five per side, the same client random on each
+    assert len({line.split(b" ")[1] for line in lines}) == 1
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_without_sslkeylogfile_nothing_is_written() -> None:
+    from tlshd.handshake.engine import KeyLogFile
+
+    keylog = KeyLogFile({})
+    keylog.write(b"CLIENT_TRAFFIC_SECRET_0 00 11")
+    assert keylog.path is None
