@@ -10,8 +10,6 @@ starting the service stays the administrator's step, printed at the end.
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 from importlib.resources import files
 from pathlib import Path
@@ -38,12 +36,11 @@ def render_unit(name: str, executable: str) -> str:
 
 
 def this_executable() -> str:
-    """The ``tlshd`` script of this installation (its virtualenv's, if any)."""
-    beside = Path(sys.executable).parent / "tlshd"
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    found = shutil.which("tlshd")
-    return found or "/usr/sbin/tlshd"
+    """What the unit runs: this interpreter with ``-S`` on tlshd/early.py, so the kernel sees a
+    listener before ``site`` and the agent are loaded (tlshd/early.py); the arguments the
+    console script would get work the same."""
+    early = Path(__file__).resolve().parent / "early.py"
+    return f"{sys.executable} -S {early}"
 
 
 def install(root: Path, executable: str, out: TextIO) -> int:

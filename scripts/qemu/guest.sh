@@ -10,6 +10,8 @@
 #   nvme_no_agent       the same connect with no agent: ESRCH at once
 #   nvme_done_status    a raw agent (accept-probe.py) answers DONE(13): the host sees EACCES
 #   nvme_done_noadmin   the same, its DONE sent without CAP_NET_ADMIN (does DONE need it?)
+#   nvme_startup        the agent started and, as soon as the kernel sees it listen, a connect:
+#                       exec -> listener and exec -> first ACCEPT; the connect must succeed
 #   nfs_tls             NFSv4.2 mount with xprtsec=tls of an xprtsec=tls export, file I/O
 #   nfs_mtls            the same with xprtsec=mtls on both sides
 #   nfs_plain_refused   a mount without xprtsec of a TLS-only export: refused (EPERM)
@@ -28,7 +30,17 @@ OUT=${1:?usage: guest.sh OUTDIR SCENARIO...}
 shift
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
-PY=${TLSHD_PYTHON:-/opt/tlshd/bin/python}
+# Debian's python3 with its python3-openssl, python3-cryptography and python3-pyroute2
+# (make-rootfs.sh): the agent as a distribution user runs it. The helpers import the checkout
+# from the working directory ($REPO); the agent is started as `tlshd install` writes the unit,
+# `python3 -S .../tlshd/early.py`, which puts the checkout after the standard library on
+# sys.path (no PYTHONPATH: on this 9p root every directory ahead of the standard library costs
+# every import a lookup).
+PY=${TLSHD_PYTHON:-/usr/bin/python3}
+AGENT=("$PY" -S "$REPO/tlshd/early.py")
+# The checkout is read-only here: without a writable cache every start compiles every module
+# again, which an installed agent (byte-compiled by pip or dpkg) never does.
+export PYTHONPYCACHEPREFIX=$WORK/pycache
 AGENT_KIND=${TLSHD_GUEST_AGENT:-tlshd}
 WORK=/tmp/tlshd-guest
 T=/sys/kernel/tracing
@@ -62,6 +74,9 @@ setup_kernel() {
         modprobe "$m"; result "modprobe_$m" $?
     done
     modprobe brd rd_nr=1 rd_size=65536; result modprobe_brd $?
+    # the floor under any Python agent's start-up on this machine
+    result python_startup_s "$( { time -p "$PY" -c pass; } 2>&1 | awk '/^real/ { print $2 }')"
+    result python_nosite_startup_s "$( { time -p "$PY" -I -S -c pass; } 2>&1 | awk '/^real/ { print $2 }')"
     if "$PY" -c "from tlshd.upcall import NetlinkUpcall; NetlinkUpcall(join=False).close()" \
             > "$WORK/genl.err" 2>&1; then
         result genl_handshake ok
@@ -169,6 +184,15 @@ wait_ready_count() {
     return 1
 }
 
+agent_listening() {  # $1 pid: one of its sockets is generic netlink with a group joined
+    # /proc/net/netlink: sk Eth Pid Groups Rmem Wmem Dump Locks Drops Inode (port ids are not
+    # pids: match the socket inodes)
+    local inodes
+    inodes=$(ls -l "/proc/$1/fd" 2> /dev/null | sed -n 's/.*socket:\[\([0-9]*\)\]$/\1/p' | paste -sd' ' -)
+    awk -v list=" $inodes " '$2 == 16 && $4 != "00000000" && index(list, " " $10 " ") { f = 1 }
+        END { exit !f }' /proc/net/netlink
+}
+
 agent_start() {
     local t0
     t0=$(now)
@@ -178,14 +202,8 @@ agent_start() {
         /usr/sbin/tlshd -c "$WORK/agent.conf" -s > "$OUT/agent-$SCEN.log" 2>&1 &
         AGENT_PID=$!
         local i
-        local inodes
         for i in $(seq 600); do
-            # one of its sockets is generic netlink (16) with a multicast group joined;
-            # /proc/net/netlink: sk Eth Pid Groups Rmem Wmem Dump Locks Drops Inode
-            # (libnl's port ids are not the pid: match the socket inodes)
-            inodes=$(ls -l "/proc/$AGENT_PID/fd" 2> /dev/null | sed -n 's/.*socket:\[\([0-9]*\)\]$/\1/p' | paste -sd' ' -)
-            awk -v list=" $inodes " '$2 == 16 && $4 != "00000000" && index(list, " " $10 " ") { f = 1 }
-                END { exit !f }' /proc/net/netlink && break
+            agent_listening "$AGENT_PID" && break
             sleep 0.1
         done
         result agent_ready "$(elapsed "$t0" "$(now)")"
@@ -195,7 +213,7 @@ agent_start() {
     local before
     before=$(ready_count)
     # default worker count (one per CPU), as deployed; TLSHD_GUEST_WORKERS overrides it
-    NOTIFY_SOCKET="$WORK/notify.sock" "$PY" -m tlshd -s -c "$WORK/agent.conf" \
+    NOTIFY_SOCKET="$WORK/notify.sock" "${AGENT[@]}" -s -c "$WORK/agent.conf" \
         --upcall netlink ${TLSHD_GUEST_WORKERS:+--workers "$TLSHD_GUEST_WORKERS"} \
         >> "$OUT/agent-$SCEN.log" 2>&1 &
     AGENT_PID=$!
@@ -369,13 +387,45 @@ probe_says() { sed -n "s/^PROBE $1=//p" "$OUT/$SCEN/probe.txt"; }
 
 s_nvme_done_status() {
     probe_connect
-    result accept_attrs "$(sed -n -e 's/^PROBE attr=\([A-Z_0-9]*\):.*/\1/p' -e 's/^PROBE end_of_reply/;/p' "$OUT/$SCEN/probe.txt" | head -12 | paste -sd, -)"
+    result accept_attrs "$(sed -n -e 's/^PROBE attr=\([A-Z_0-9]*\):.*/\1/p' -e 's/^PROBE end_of_reply/;/p' "$OUT/$SCEN/probe.txt" | head -16 | paste -sd, -)"
 }
 
 s_nvme_done_noadmin() {  # DONE sent without CAP_NET_ADMIN in the effective set
     probe_connect drop-admin
     result done_ack_without_admin "$(probe_says done_ack_without_admin | head -1)"
     result cap_net_admin_at_done "$(probe_says cap_net_admin_effective | sort -u | paste -sd, -)"
+}
+
+s_nvme_startup() {  # a connect as soon as the kernel sees a listener, while the agent loads
+    setup_nvmet
+    agent_stop
+    [ -n "$NOTIFY_PID" ] || start_notify_listener
+    local before t0 i reply rc ctrl
+    before=$(ready_count)
+    rm -f "$WORK/agent.pid" "$WORK/listener.mono"
+    "$PY" "$HERE/listen-probe.py" "$WORK/agent.pid" "$WORK/listener.mono" &
+    local probe=$!
+    sleep 2  # the probe is up and polling for the pid file
+    # CLOCK_MONOTONIC in seconds (/proc/uptime, 10 ms steps), the clock of the trace
+    t0=$(cut -d' ' -f1 /proc/uptime)
+    if [ "$AGENT_KIND" = reference ]; then
+        /usr/sbin/tlshd -c "$WORK/agent.conf" -s >> "$OUT/agent-$SCEN.log" 2>&1 &
+    else
+        NOTIFY_SOCKET="$WORK/notify.sock" "${AGENT[@]}" -s -c "$WORK/agent.conf" \
+            --upcall netlink ${TLSHD_GUEST_WORKERS:+--workers "$TLSHD_GUEST_WORKERS"} \
+            >> "$OUT/agent-$SCEN.log" 2>&1 &
+    fi
+    AGENT_PID=$!
+    echo "$AGENT_PID" > "$WORK/agent.pid"
+    wait "$probe"
+    result exec_mono "$t0"
+    result listener_mono "$(cat "$WORK/listener.mono" 2> /dev/null)"
+    result ready_then "$([ "$(ready_count)" != "$before" ] && echo yes || echo no)"
+    reply=$(nvme_connect); rc=$?
+    result consumer_errno "$([ $rc = 0 ] && echo 0 || connect_errno)"
+    ctrl=$(echo "$reply" | sed -n 's/.*instance=\([0-9]*\).*/nvme\1/p')
+    [ -n "$ctrl" ] && { echo 1 > "/sys/class/nvme/$ctrl/delete_controller"; result disconnect_rc $?; }
+    if [ "$AGENT_KIND" != reference ]; then wait_ready_count "$before" 120; fi
 }
 
 s_nvme_loop() {  # $1 cycles: connect, wait live, disconnect
@@ -495,7 +545,7 @@ while [ $# -gt 0 ]; do
     case "$name" in *_loop) args=("$1"); shift ;; esac
     if ! declare -F "s_$name" > /dev/null; then say "unknown scenario $name"; continue; fi
     scenario_begin "$name"
-    [ -n "$AGENT_PID" ] || case "$name" in *no_agent|*done_*) ;; *) agent_start ;; esac
+    [ -n "$AGENT_PID" ] || case "$name" in *no_agent|*done_*|*_startup) ;; *) agent_start ;; esac
     "s_$name" "${args[@]}"
     scenario_end
 done

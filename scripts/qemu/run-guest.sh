@@ -1,13 +1,18 @@
 #!/bin/bash
-# Host side of the real-kernel tier: boot Debian's 6.12 kernel under QEMU (TCG) with virtme-ng
+# Host side of the real-kernel tier: boot one of Debian's kernels under QEMU (TCG) with virtme-ng
 # over a Debian trixie root (make-rootfs.sh) and run scripts/qemu/guest.sh's scenarios inside it.
+# TLSHD_QEMU_KERNEL picks the kernel: 6.12 (default; the newest linux-image-6.12 of trixie) or
+# 7.3 (the newest linux-image of trixie-backports, whose image and modules come split as
+# linux-binary-REL and linux-modules-REL), downloaded by explicit package name and version,
+# never installed.
 #
 #   scripts/qemu/run-guest.sh OUTDIR SCENARIO...      (see guest.sh for the scenario names)
 #
 # Needs root and, on the first run, the package registries. Cached under $TLSHD_QEMU_CACHE
 # (default /var/cache/tlshd-qemu, shared by every checkout and clean clone of this machine):
-# the kernel .deb and its extracted tree, the trixie root (kernel modules, nfs-utils, nvme-cli,
-# ktls-utils, a venv with tlshd's dependencies), a venv with virtme-ng. Nothing from trixie or
+# the kernels' .debs and their extracted trees, the trixie root (the kernels' modules, nfs-utils,
+# nvme-cli, ktls-utils, and Debian's own python3-openssl, python3-cryptography and
+# python3-pyroute2, which the agent runs on), a venv with virtme-ng. Nothing from trixie or
 # from backports is installed on the host. Host packages from the host's own suite:
 # qemu-system-x86, busybox-static (virtme-ng's initramfs), debootstrap, kmod (virtme-ng's depmod).
 #
@@ -33,8 +38,7 @@ TIMEOUT=${TLSHD_QEMU_TIMEOUT:-300}
 TRIES=${TLSHD_QEMU_TRIES:-2}
 CPUS=${TLSHD_QEMU_CPUS:-2}
 MEMORY=${TLSHD_QEMU_MEMORY:-2G}
-# a kernel package name, or "auto": the one bookworm-backports' linux-image-amd64 depends on
-KPKG=${TLSHD_QEMU_KERNEL_PKG:-auto}
+KERNEL=${TLSHD_QEMU_KERNEL:-6.12}
 
 log() { echo "run-guest: $*" >&2; }
 [ "$(id -u)" = 0 ] || { log "needs root"; exit 2; }
@@ -52,34 +56,68 @@ if [ ${#need[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" > "$CACHE/apt-install.log"
 fi
 
-# ---- the kernel (downloaded, never installed) --------------------------------------------------
-KROOT=$CACHE/root
-if ! ls "$KROOT"/boot/vmlinuz-* > /dev/null 2>&1; then
-    A=$CACHE/apt
-    mkdir -p "$A/lists/partial" "$A/archives/partial" "$CACHE/deb"
-    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg]" \
-        "http://deb.debian.org/debian bookworm-backports main" > "$A/sources.list"
-    APTO=(-o "Dir::Etc::sourcelist=$A/sources.list" -o Dir::Etc::sourceparts=/dev/null
-          -o "Dir::State::Lists=$A/lists" -o "Dir::Cache=$A" -o "Dir::Cache::Archives=$A/archives")
+# ---- the kernels (downloaded, never installed) -------------------------------------------------
+# Both kernels' modules go into the one guest root, so both are fetched whichever is booted.
+A=$CACHE/apt
+mkdir -p "$A/lists/partial" "$A/archives/partial" "$CACHE/deb" "$CACHE/kernels"
+KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
+{
+    echo "deb [signed-by=$KEYRING] http://deb.debian.org/debian trixie main"
+    echo "deb [signed-by=$KEYRING] http://deb.debian.org/debian trixie-backports main"
+} > "$A/sources.list"
+APTO=(-o "Dir::Etc::sourcelist=$A/sources.list" -o Dir::Etc::sourceparts=/dev/null
+      -o "Dir::State::Lists=$A/lists" -o "Dir::Cache=$A" -o "Dir::Cache::Archives=$A/archives"
+      -o Dir::State::status=/dev/null)
+resolved=$CACHE/kernels/resolved
+if [ ! -s "$resolved" ] || [ -n "$(find "$resolved" -mmin +1440)" ]; then
+    log "resolving the kernels of trixie and trixie-backports"
     apt-get "${APTO[@]}" update -qq
-    if [ "$KPKG" = auto ]; then
-        KPKG=$(apt-cache "${APTO[@]}" depends linux-image-amd64 \
-               | awk '/Depends: linux-image-6\.12/ { print $2; exit }')
-    fi
-    [ -n "$KPKG" ] || { log "no linux-image-6.12 package found in bookworm-backports"; exit 2; }
-    log "downloading $KPKG"
-    (cd "$CACHE/deb" && apt-get "${APTO[@]}" download "$KPKG" 2> /dev/null)
-    rm -rf "$KROOT.tmp" && mkdir -p "$KROOT.tmp"
-    dpkg-deb -x "$(ls -t "$CACHE"/deb/linux-image-*.deb | head -1)" "$KROOT.tmp"
-    rm -rf "$KROOT" && mv "$KROOT.tmp" "$KROOT"
+    : > "$resolved.tmp"
+    for suite in trixie trixie-backports; do
+        # the metapackage's version in this suite, then the image package it depends on
+        ver=$(apt-cache "${APTO[@]}" madison linux-image-amd64 \
+              | awk -v s="$suite/main" '$0 ~ s { print $3; exit }')
+        img=$(apt-cache "${APTO[@]}" depends "linux-image-amd64=$ver" \
+              | awk '/Depends: linux-image-[0-9]/ { print $2; exit }')
+        rel=${img#linux-image-}
+        kver=$(apt-cache "${APTO[@]}" madison "$img" | awk '{ print $3; exit }')
+        if apt-cache "${APTO[@]}" show "linux-binary-$rel" > /dev/null 2>&1; then
+            pkgs="linux-binary-$rel=$kver linux-modules-$rel=$kver"
+        else
+            pkgs="$img=$kver"
+        fi
+        echo "${rel%%.*}.$(echo "$rel" | cut -d. -f2) $rel $pkgs" >> "$resolved.tmp"
+    done
+    mv "$resolved.tmp" "$resolved"
 fi
-VMLINUZ=$(ls "$KROOT"/boot/vmlinuz-* | sort -V | tail -1)
-REL=${VMLINUZ##*/vmlinuz-}
-KDEB=$(ls -t "$CACHE"/deb/linux-image-"$REL"_*.deb | head -1)
+MODULE_TREES=()
+VMLINUZ=""
+while read -r series rel pkgs; do
+    tree=$CACHE/kernels/$rel
+    if [ ! -d "$tree/usr/lib/modules/$rel" ]; then
+        log "downloading Linux $rel: $pkgs"
+        # shellcheck disable=SC2086
+        (cd "$CACHE/deb" && apt-get "${APTO[@]}" download $pkgs 2> /dev/null)
+        rm -rf "$tree.tmp" && mkdir -p "$tree.tmp"
+        for p in $pkgs; do
+            name=${p%%=*}; version=${p#*=}
+            dpkg-deb -x "$CACHE/deb/${name}_$(echo "$version" | sed 's/:/%3a/')_amd64.deb" "$tree.tmp"
+        done
+        rm -rf "$tree" && mv "$tree.tmp" "$tree"
+    fi
+    MODULE_TREES+=("$tree")
+    if [ "$series" = "$KERNEL" ]; then
+        for image in "$tree/boot/vmlinuz-$rel" "$tree/usr/lib/modules/$rel/vmlinuz"; do
+            [ -f "$image" ] && { VMLINUZ=$image; break; }
+        done
+        REL=$rel
+    fi
+done < "$resolved"
+[ -n "$VMLINUZ" ] || { log "no $KERNEL kernel in trixie or trixie-backports: $(cat "$resolved")"; exit 2; }
 
 # ---- the guest's root --------------------------------------------------------------------------
 GROOT=$CACHE/trixie
-bash "$HERE/make-rootfs.sh" "$GROOT" "$KDEB"
+bash "$HERE/make-rootfs.sh" "$GROOT" "${MODULE_TREES[@]}"
 
 # ---- virtme-ng ---------------------------------------------------------------------------------
 VENV=$CACHE/vng-venv

@@ -1,10 +1,12 @@
-"""The scenario suite on Linux 6.12's own NVMe/TCP and NFS consumers, under QEMU.
+"""The scenario suite on Linux's own NVMe/TCP and NFS consumers, under QEMU, on two kernels:
+Debian trixie's 6.12 and trixie-backports' 7.3.
 
 Marker ``qemu``: deselected by the default addopts, run by ``scripts/test`` (and so by CI) with
 ``pytest -m qemu tests/kernel``. Needs root, x86-64 and, on the first run, the package
-registries: scripts/qemu/run-guest.sh downloads Debian's 6.12 kernel, builds a trixie root
-(make-rootfs.sh) and boots once under QEMU/TCG; scripts/qemu/guest.sh plays every scenario
-with this checkout's agent. The guest writes ``RESULT scenario.key=value`` lines, tracefs and
+registries: scripts/qemu/run-guest.sh downloads both kernels, builds a trixie root
+(make-rootfs.sh) and boots each once under QEMU/TCG; scripts/qemu/guest.sh plays every scenario
+with this checkout's agent, on the guest's own python3-openssl and python3-cryptography.
+The guest writes ``RESULT scenario.key=value`` lines, tracefs and
 /proc/net/tls_stat snapshots; these tests read them and compare with tests/kernel/scenarios.py,
 exactly as test_sim_scenarios.py does for kernel-sim.
 """
@@ -19,7 +21,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.kernel.evidence import Evidence, parse_tls_stat, read_results, scenario_evidence
+from tests.kernel.evidence import (
+    Evidence,
+    parse_tls_stat,
+    parse_tracefs,
+    read_results,
+    scenario_evidence,
+)
 from tests.kernel.scenarios import NVME_QUEUES, SCENARIOS
 
 pytestmark = pytest.mark.qemu
@@ -28,14 +36,18 @@ REPO = Path(__file__).resolve().parents[2]
 RUN_GUEST = REPO / "scripts" / "qemu" / "run-guest.sh"
 # the no-agent and raw-agent scenarios stop the agent: they go last
 ORDER = ["nvme_psk", "nvme_psk_sha384", "nfs_tls", "nfs_mtls", "nfs_plain_refused",
-         "nfs_tls_on_mtls", "nfs_untrusted_ca", "nvme_done_status", "nvme_done_noadmin",
-         "nvme_no_agent"]
+         "nfs_tls_on_mtls", "nfs_untrusted_ca", "nvme_startup", "nvme_done_status",
+         "nvme_done_noadmin", "nvme_no_agent"]
+KERNELS = ["6.12", "7.3"]  # TLSHD_QEMU_KERNEL of run-guest.sh
+# Exec to listener in the 2-vCPU TCG guest (issue 12: "within 300 ms"); checked, and reported
+READY_TARGET_MS = 300
 
 
 @dataclass
 class Guest:
     out: Path
     results: dict[str, str]  # "scenario.key": value
+    series: str = "6.12"
 
     def r(self, scenario: str, key: str) -> str:
         return self.results.get(f"{scenario}.{key}", "<missing>")
@@ -43,30 +55,34 @@ class Guest:
     def evidence(self, scenario: str) -> Evidence:
         return scenario_evidence(self.out, scenario)
 
-    def agent_log(self) -> str:
-        return "".join(p.read_text() for p in sorted(self.out.glob("agent-*.log")))
+    def agent_log(self, *, skip: tuple[str, ...] = ()) -> str:
+        return "".join(p.read_text() for p in sorted(self.out.glob("agent-*.log"))
+                       if p.stem.removeprefix("agent-") not in skip)
 
 
-@pytest.fixture(scope="module")
-def guest(tmp_path_factory: pytest.TempPathFactory) -> Guest:
+@pytest.fixture(scope="module", params=KERNELS)
+def guest(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Guest:
     if os.geteuid() != 0:
         pytest.skip("the QEMU tier needs root")
     if platform.machine() != "x86_64":
         pytest.skip("the QEMU tier boots Debian's amd64 kernel")
-    out = tmp_path_factory.mktemp("qemu-out")
+    series: str = request.param
+    out = tmp_path_factory.mktemp(f"qemu-out-{series}")
     proc = subprocess.run(
         ["bash", str(RUN_GUEST), str(out), *ORDER],
+        env={**os.environ, "TLSHD_QEMU_KERNEL": series},
         stdin=subprocess.DEVNULL, capture_output=True, text=True,
         timeout=int(os.environ.get("TLSHD_QEMU_TIMEOUT", "600")) * 2 + 1800, check=False,
     )
-    guest = Guest(out, read_results(out / "results"))
+    guest = Guest(out, read_results(out / "results"), series)
     assert guest.r("global", "done") == "yes", (
         f"guest script did not finish (rc={proc.returncode}); console: {out / 'console.log'}\n"
         + proc.stderr[-4000:]
     )
     report = Path(os.environ.get("TLSHD_QEMU_REPORT", REPO / "var" / "qemu-report.txt"))
     report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text(timing_report(guest))
+    with report.open("a") as file:
+        file.write(timing_report(guest))
     return guest
 
 
@@ -74,7 +90,8 @@ def timing_report(guest: Guest) -> str:
     """Per-handshake times from the kernel's tracepoints, a line a scenario."""
     host = read_results(guest.out / "host-results")
     tries = [k for k in host if k.startswith("boot_try_")]
-    lines = [f"accelerator: {host.get('accel', '?')}, boots: {len(tries)}"
+    lines = [f"Linux {guest.r('global', 'kernel')}, accelerator: {host.get('accel', '?')}, "
+             f"boots: {len(tries)}"
              + (" (the first did not finish: see console.try1.log)" if len(tries) > 1 else ""),
              "scenario            handshakes  submit->accept ms (median)  accept->done ms "
              "(median, max)"]
@@ -89,12 +106,28 @@ def timing_report(guest: Guest) -> str:
         done = sorted(x.accept_to_done_ms for x in t)
         lines.append(f"{name:<20}{len(t):>10}  {acc[len(acc) // 2]:>26.1f}  "
                      f"{done[len(done) // 2]:>14.1f}, {done[-1]:.1f}")
+    listener, accept = startup_ms(guest)
+    lines.append(f"start-up: exec to listener {listener:.0f} ms, exec to first ACCEPT "
+                 f"{accept:.0f} ms (a connect issued as soon as the kernel saw the listener); "
+                 f"python3 -c pass takes {guest.r('global', 'python_startup_s')} s here, "
+                 f"python3 -I -S -c pass {guest.r('global', 'python_nosite_startup_s')} s")
     return "\n".join(lines) + "\n"
+
+
+def startup_ms(guest: Guest) -> tuple[float, float]:
+    """nvme_startup: exec to listener, and exec to the first ACCEPT (CLOCK_MONOTONIC)."""
+    exec_s = float(guest.r("nvme_startup", "exec_mono") or "nan")
+    listener = (float(guest.r("nvme_startup", "listener_mono") or "nan") - exec_s) * 1000
+    trace = guest.out / "nvme_startup" / "trace.txt"
+    accepts = [e.ts for e in parse_tracefs(trace.read_text()) if e.event == "cmd_accept"] \
+        if trace.exists() else []
+    accept = (min(accepts) - exec_s) * 1000 if accepts else float("nan")
+    return listener, accept
 
 
 def test_kernel_modules_and_family(guest: Guest) -> None:
     assert read_results(guest.out / "host-results")["accel"] in ("kvm", "tcg")
-    assert guest.r("global", "kernel").startswith("6.12.")
+    assert guest.r("global", "kernel").startswith(f"{guest.series}.")
     for m in ("tls", "nvme-keyring", "nvme-tcp", "nvmet", "nvmet-tcp", "nfsd", "nfs", "brd"):
         assert guest.r("global", f"modprobe_{m}") == "0", m
     assert guest.r("global", "genl_handshake") == "ok"
@@ -140,7 +173,7 @@ def test_nfs_files_cross_both_ways(guest: Guest, name: str, xprtsec: str) -> Non
 
 
 def test_agent_log_matches_the_kernel(guest: Guest) -> None:
-    log = guest.agent_log()
+    log = guest.agent_log(skip=("nvme_startup",))  # its connect is checked on its own
     assert "Traceback" not in log
     ok = [line for line in log.splitlines() if " status=0 " in line and " ok " in line]
     psk = [line for line in ok if "auth=PSK" in line]
@@ -172,21 +205,39 @@ def test_raw_accept_reply_and_done_status(guest: Guest) -> None:
     attributes in wire order, and DONE(STATUS=13) failing the host's connect with EACCES."""
     replies = [p.strip(",").split(",") for p in
                guest.r("nvme_done_status", "accept_attrs").split(";") if p.strip(",")]
-    assert replies
+    assert len(replies) == 2  # the host's request, the target's
+    # KEYRING (9) arrived after 6.12 (6.17, inferred); kernel-sim's MAINLINE profile puts it
+    # in the same place (kernel-sim/tests/test_kernel.py)
+    keyring = [] if guest.series == "6.12" else ["KEYRING"]
     for attrs in replies:
-        assert attrs == ["SOCKFD", "MESSAGE_TYPE", "TIMEOUT", "AUTH_MODE", "PEER_IDENTITY"]
+        assert attrs == ["SOCKFD", "MESSAGE_TYPE", "TIMEOUT", *keyring, "AUTH_MODE",
+                         "PEER_IDENTITY"]
     assert guest.r("nvme_done_status", "done_ack") == "0"
     assert guest.r("nvme_done_status", "consumer_errno") == "EACCES"
     statuses = guest.evidence("nvme_done_status").statuses
     assert statuses and set(statuses) == {-13}
 
 
-def test_done_needs_no_cap_net_admin_on_6_12(guest: Guest) -> None:
-    """Settled on 6.12.95: DONE is not GENL_ADMIN_PERM (ACCEPT is). The probe ACCEPTs, drops
-    CAP_NET_ADMIN from its effective set, and its DONE(13) is still acked and delivered."""
-    if not guest.r("global", "kernel").startswith("6.12."):
-        pytest.skip("a fact of the 6.12 tree")
+def test_done_and_cap_net_admin(guest: Guest) -> None:
+    """The probe ACCEPTs, drops CAP_NET_ADMIN from its effective set, and sends DONE(13).
+    6.12.95 acked it; 6.12.117 and 7.3.4 refuse it with EPERM, like ACCEPT (kernel-sim's
+    profiles: LINUX_6_12, LINUX_6_12_117, LINUX_7_3). The probe then answers with the
+    capability back, so the connect fails with the status either way."""
+    release = guest.r("global", "kernel")
     assert guest.r("nvme_done_noadmin", "cap_net_admin_at_done") == "0"
     assert guest.r("nvme_done_noadmin", "done_ack") == "0"
-    assert guest.r("nvme_done_noadmin", "done_ack_without_admin") == ""  # never refused
+    refused = guest.r("nvme_done_noadmin", "done_ack_without_admin")
+    assert refused == ("" if release.startswith("6.12.95") else "-1"), release
     assert guest.r("nvme_done_noadmin", "consumer_errno") == "EACCES"
+
+
+def test_a_connect_while_the_agent_loads_waits_and_succeeds(guest: Guest) -> None:
+    """Issue 12: the kernel must see a listener within 300 ms of exec; a request that arrives
+    while the agent is still loading waits in the kernel's queue instead of failing."""
+    assert guest.r("nvme_startup", "consumer_errno") == "0"
+    assert guest.r("nvme_startup", "ready_then") == "no"  # the connect came before READY=1
+    evidence = guest.evidence("nvme_startup")
+    assert evidence.submit_errors == () and set(evidence.statuses) == {0}
+    listener, accept = startup_ms(guest)
+    assert listener <= READY_TARGET_MS, f"exec to listener {listener:.0f} ms"
+    assert accept > listener

@@ -1,5 +1,6 @@
-"""The scenario suite on kernel-sim (Linux 6.12 profile), against the same expectations as the
-real kernel (tests/kernel/test_real_kernel.py)."""
+"""The scenario suite on kernel-sim, once per profile of the kernels the real-kernel tier boots
+(6.12.95, 6.12.117, 7.3), against the same expectations as the real kernel
+(tests/kernel/test_real_kernel.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 
 from kernel_sim.kernel import Kernel
 from kernel_sim.nvme import NVMeKeyring
-from kernel_sim.profile import LINUX_6_12
+from kernel_sim.profile import LINUX_6_12, LINUX_6_12_117, LINUX_7_3, KernelProfile
 from tests.kernel.scenarios import NVME_QUEUES, SCENARIOS
 from tests.kernel.sim_scenarios import SimScenarios
 from tests.pki import PKI
@@ -21,14 +22,17 @@ from tests.sim.harness import Agent, start_agent, unique_endpoint
 pytestmark = pytest.mark.sim
 
 
-@pytest.fixture(scope="module")
-def sim(pki: PKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimScenarios]:
+@pytest.fixture(scope="module", params=[LINUX_6_12, LINUX_6_12_117, LINUX_7_3],
+                ids=lambda p: p.name)
+def sim(pki: PKI, tmp_path_factory: pytest.TempPathFactory,
+        request: pytest.FixtureRequest) -> Iterator[SimScenarios]:
+    profile: KernelProfile = request.param
     directory = tmp_path_factory.mktemp("scenarios")
     ring_name = f"tlshd-test-{os.getpid()}-scenarios-nvme"
     ring = NVMeKeyring.create(name=ring_name)
     counter = itertools.count()
     agents: list[Agent] = []
-    with Kernel(endpoint=unique_endpoint(), profile=LINUX_6_12) as kernel:
+    with Kernel(endpoint=unique_endpoint(), profile=profile) as kernel:
         kernel.add_netns(None)
 
         def start(text: str) -> None:

@@ -97,6 +97,11 @@ def test_installed_package_installs_its_units_with_its_own_execstart(venv: Path,
     env = _path_env(venv)
     run("tlshd", "install", "--root", tmp_path, timeout=60, env=env)
     unit = (tmp_path / "etc/systemd/system/tlshd.service").read_text()
-    assert f"\nExecStart={venv / 'bin' / 'tlshd'}\n" in unit
+    execstart = next(x for x in unit.splitlines() if x.startswith("ExecStart="))
+    python, flag, early = execstart.removeprefix("ExecStart=").split()
+    assert (python, flag) == (str(venv / "bin" / "python"), "-S")
+    assert early.startswith(str(venv / "lib")) and early.endswith("/tlshd/early.py")
+    out = run(python, flag, early, "-v", timeout=60, env=env, stderr=True)  # what systemd runs
+    assert out.startswith("tlshd, built from tlshd ")
     assert (tmp_path / "etc/systemd/system/tlshd@.service").is_file()
     assert "[authenticate.server]" in (tmp_path / "etc/tlshd/config").read_text()
