@@ -17,12 +17,17 @@ Only ``tlshd`` and ``tlshd agent``/``run`` hold early; ``-h``, ``-v`` and the ot
 not. Nothing here is fatal: anything unexpected leaves the agent to report it as it loads.
 """
 
-from __future__ import annotations
-
-import os
-import socket
-import struct
+# No ``from __future__ import annotations``: it imports the __future__ module, a file lookup.
+# Only what needs no file lookup: on Debian's python3 these four are compiled into the
+# interpreter, so nothing here searches sys.path (``socket`` alone pulls in enum, functools,
+# collections and selectors: about 25 modules, each looked up along sys.path, which in the
+# real-kernel tier starts with the 9p-shared checkout).
+import _socket as socket
+import _struct as struct
+import posix
 import sys
+
+StructError: type[Exception] = struct.error  # type: ignore[attr-defined]  # not in typeshed
 
 NETLINK_GENERIC = 16
 SOL_NETLINK = 270
@@ -76,11 +81,11 @@ def hold(argv: list[str]) -> Held | None:
             return _hold_sim(mode.partition(":")[2] or "kernel-sim")
         try:
             return _hold_netlink()
-        except (OSError, ValueError, struct.error):
+        except (OSError, ValueError, StructError):
             if mode == "auto":
                 return _hold_sim("kernel-sim")
             raise
-    except (OSError, ValueError, struct.error):
+    except (OSError, ValueError, StructError):
         return None
 
 
@@ -138,7 +143,7 @@ def _hold_netlink() -> Held:
         _family_id, groups = _family_reply(sock.recv(65536))
         sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, groups["tlshd"])
         sock.setblocking(False)
-    except (OSError, ValueError, KeyError, struct.error) as exc:
+    except (OSError, ValueError, KeyError, StructError) as exc:
         sock.close()
         raise ValueError(f"early join: {exc}") from None
     return Held(sock, "netlink")
@@ -157,7 +162,7 @@ def _hold_sim(endpoint: str) -> Held:
         sock.send(_genl(ksim_id, KSIM_CMD_ADD_MEMBERSHIP, NLM_F_REQUEST | NLM_F_ACK, attr))
         _check_ack(sock.recv(65536))
         sock.setblocking(False)
-    except (OSError, ValueError, KeyError, struct.error) as exc:
+    except (OSError, ValueError, KeyError, StructError) as exc:
         sock.close()
         raise ValueError(f"early join: {exc}") from None
     return Held(sock, f"kernel-sim:{endpoint}")
@@ -165,7 +170,7 @@ def _hold_sim(endpoint: str) -> Held:
 
 def _genl(family: int, cmd: int, flags: int, attrs: bytes) -> bytes:
     body = struct.pack("=BBH", cmd, 1, 0) + attrs
-    return struct.pack("=IHHII", 16 + len(body), family, flags, 1, os.getpid()) + body
+    return struct.pack("=IHHII", 16 + len(body), family, flags, 1, posix.getpid()) + body
 
 
 def _get_family(name: str) -> bytes:
@@ -191,7 +196,7 @@ def _check_ack(data: bytes) -> None:
     if kind == NLMSG_ERROR and length >= 20:
         error = struct.unpack_from("=i", data, 16)[0]
         if error:
-            raise OSError(-error, os.strerror(-error))
+            raise OSError(-error, posix.strerror(-error))
 
 
 def _family_reply(data: bytes) -> tuple[int, dict[str, int]]:
@@ -207,11 +212,29 @@ def _family_reply(data: bytes) -> tuple[int, dict[str, int]]:
     return struct.unpack("=H", attrs[CTRL_ATTR_FAMILY_ID])[0], groups
 
 
+def _absolute(path: str) -> str:
+    """``os.path.abspath`` without importing ``os`` (a path as the kernel resolves it)."""
+    if not path.startswith("/"):
+        path = posix.getcwd() + "/" + path
+    parts: list[str] = []
+    for part in path.split("/"):
+        if part == "..":
+            if parts:
+                parts.pop()
+        elif part and part != ".":
+            parts.append(part)
+    return "/" + "/".join(parts)
+
+
+def _parent(path: str) -> str:
+    return path.rpartition("/")[0] or "/"
+
+
 if __name__ == "__main__":
     # Run as a file (``python3 -S .../tlshd/early.py``): this directory is sys.path[0], which
     # would put tlshd's modules at the top level; its parent goes last instead.
-    _here = os.path.dirname(os.path.abspath(__file__))
-    if sys.path and os.path.abspath(sys.path[0] or ".") == _here:
+    _here = _parent(_absolute(__file__))
+    if sys.path and _absolute(sys.path[0] or ".") == _here:
         sys.path[0:1] = []
-        sys.path.append(os.path.dirname(_here))
+        sys.path.append(_parent(_here))
     sys.exit(main())

@@ -38,14 +38,16 @@ REPO=$(cd "$HERE/../.." && pwd)
 # every import a lookup).
 PY=${TLSHD_PYTHON:-/usr/bin/python3}
 AGENT=("$PY" -S "$REPO/tlshd/early.py")
-# The checkout is read-only here: without a writable cache every start compiles every module
-# again, which an installed agent (byte-compiled by pip or dpkg) never does.
-export PYTHONPYCACHEPREFIX=$WORK/pycache
 AGENT_KIND=${TLSHD_GUEST_AGENT:-tlshd}
 WORK=/tmp/tlshd-guest
+# The checkout is read-only here: without a writable cache every start compiles every module
+# again, which an installed agent never does (pip and dpkg byte-compile at install time). So the
+# checkout is byte-compiled once per boot, before any start is timed, as an install would.
+export PYTHONPYCACHEPREFIX=$WORK/pycache
 T=/sys/kernel/tracing
 mkdir -p "$OUT" "$WORK"
 touch "$OUT/results"
+"$PY" -m compileall -q "$REPO/tlshd" > /dev/null || echo "GUEST: compileall failed" >&2
 
 say() { echo "GUEST: $*"; }
 SCEN=global
@@ -89,6 +91,18 @@ setup_kernel() {
         echo mono > "$T/trace_clock"
         echo 8192 > "$T/buffer_size_kb"
         echo 1 > "$T/events/handshake/enable"
+        # TLSHD_GUEST_TRACE=sunrpc: also who reads the NFS sockets and when (a stall hunt)
+        if [ "${TLSHD_GUEST_TRACE:-}" = sunrpc ]; then
+            echo 65536 > "$T/buffer_size_kb"
+            for e in xs_data_ready xs_stream_read_data xs_stream_read_request \
+                     xprt_lookup_rqst svc_tls_start svc_tls_upcall svc_tls_complete \
+                     svc_tls_timed_out svc_tls_unavailable svc_tls_not_started \
+                     svcsock_data_ready svcsock_tcp_recv svcsock_tcp_state \
+                     rpc_socket_connect rpc_socket_close rpc_socket_state_change \
+                     xs_connect rpc_tls_unavailable rpc_tls_not_started; do
+                [ -d "$T/events/sunrpc/$e" ] && echo 1 > "$T/events/sunrpc/$e/enable"
+            done
+        fi
         result tracefs ok
     else
         result tracefs missing
@@ -137,7 +151,13 @@ setup_credentials() {
 # $1: server certificate stem (server | server-untrusted)
 write_agent_config() {
     local p=$WORK/pki
+    # [debug] as ktls-utils' own tlshd.conf ships it turned up: loglevel=10 (issue 12)
     cat > "$WORK/agent.conf" <<EOF
+[debug]
+loglevel=10
+tls=0
+nl=0
+
 [authenticate]
 keyrings=.nvme
 
@@ -526,10 +546,16 @@ s_nfs_loop() {  # $1 cycles of mount + umount (xprtsec=tls)
     wait_grace
     local i ok=0 t0
     t0=$(now)
+    local slow="" t1 took
     for i in $(seq "$1"); do
+        t1=$(now)
         nfs_mount xprtsec=tls && { ok=$((ok + 1)); umount /mnt/nfs; }
+        took=$(elapsed "$t1" "$(now)")
+        # a cycle past 3 s is a stall to look at: its number, length, and monotonic start
+        awk -v t="$took" 'BEGIN { exit !(t > 3) }' && slow="$slow$i:${took}s@end$(cut -d" " -f1 /proc/uptime),"
     done
     result cycles_ok "$ok"
+    result slow_cycles "${slow:-none}"
     result seconds "$(elapsed "$t0" "$(now)")"
 }
 

@@ -22,6 +22,7 @@
 # whose guest script does not run to its end is retried from scratch ($TLSHD_QEMU_TRIES,
 # default 2; each try at most $TLSHD_QEMU_TIMEOUT, default 300 s).
 # TLSHD_GUEST_AGENT=reference runs ktls-utils' tlshd instead of this checkout's.
+# TLSHD_GUEST_TRACE=sunrpc also traces the sunrpc socket events (guest.sh).
 # TLSHD_QEMU_ACCEL=auto (default) boots with KVM when a short probe boot under KVM works, else
 # with TCG (on this project's machines /dev/kvm exists but nested KVM fails at once:
 # "kvm_buf_set_msrs: Assertion ... failed", "failed to set MSR 0x10a"); kvm or tcg force one.
@@ -142,7 +143,7 @@ ACCEL_OPTS=()
 echo "RESULT accel=$ACCEL" > "$OUT/host-results"
 
 # ---- boot --------------------------------------------------------------------------------------
-GUEST="TLSHD_GUEST_AGENT=${TLSHD_GUEST_AGENT:-tlshd} TLSHD_GUEST_WORKERS=${TLSHD_GUEST_WORKERS:-} bash /work/tlshd/scripts/qemu/guest.sh /out ${SCENARIOS[*]}"
+GUEST="TLSHD_GUEST_AGENT=${TLSHD_GUEST_AGENT:-tlshd} TLSHD_GUEST_WORKERS=${TLSHD_GUEST_WORKERS:-} TLSHD_GUEST_TRACE=${TLSHD_GUEST_TRACE:-} bash /work/tlshd/scripts/qemu/guest.sh /out ${SCENARIOS[*]}"
 log "kernel $REL, virtme-ng $(vng --version 2>&1 | awk '{print $2}'), $ACCEL, output $OUT"
 rc=1
 for try in $(seq "$TRIES"); do
