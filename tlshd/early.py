@@ -212,29 +212,11 @@ def _family_reply(data: bytes) -> tuple[int, dict[str, int]]:
     return struct.unpack("=H", attrs[CTRL_ATTR_FAMILY_ID])[0], groups
 
 
-def _absolute(path: str) -> str:
-    """``os.path.abspath`` without importing ``os`` (a path as the kernel resolves it)."""
-    if not path.startswith("/"):
-        path = posix.getcwd() + "/" + path
-    parts: list[str] = []
-    for part in path.split("/"):
-        if part == "..":
-            if parts:
-                parts.pop()
-        elif part and part != ".":
-            parts.append(part)
-    return "/" + "/".join(parts)
-
-
-def _parent(path: str) -> str:
-    return path.rpartition("/")[0] or "/"
-
-
 if __name__ == "__main__":
-    # Run as a file (``python3 -S .../tlshd/early.py``): this directory is sys.path[0], which
-    # would put tlshd's modules at the top level; its parent goes last instead.
-    _here = _parent(_absolute(__file__))
-    if sys.path and _absolute(sys.path[0] or ".") == _here:
-        sys.path[0:1] = []
-        sys.path.append(_parent(_here))
+    # Run as a file (``python3 -S .../tlshd/early.py``): Python put this file's directory first
+    # on sys.path (unless -P), which would make tlshd's modules top-level ones; the checkout
+    # (its parent, from __file__, absolute since Python 3.9) goes last instead.
+    if not sys.flags.safe_path and sys.path:
+        del sys.path[0]
+    sys.path.append(__file__.rpartition("/")[0].rpartition("/")[0] or "/")
     sys.exit(main())

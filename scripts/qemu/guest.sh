@@ -544,14 +544,13 @@ s_nfs_loop() {  # $1 cycles of mount + umount (xprtsec=tls)
     setup_nfsd
     export_as tls
     wait_grace
-    local i ok=0 t0
+    local i ok=0 t0 t1 took slow=""
     t0=$(now)
-    local slow="" t1 took
     for i in $(seq "$1"); do
         t1=$(now)
         nfs_mount xprtsec=tls && { ok=$((ok + 1)); umount /mnt/nfs; }
         took=$(elapsed "$t1" "$(now)")
-        # a cycle past 3 s is a stall to look at: its number, length, and monotonic start
+        # a cycle past 3 s is a stall to look at: its number, length, and CLOCK_MONOTONIC at its end
         awk -v t="$took" 'BEGIN { exit !(t > 3) }' && slow="$slow$i:${took}s@end$(cut -d" " -f1 /proc/uptime),"
     done
     result cycles_ok "$ok"
