@@ -73,14 +73,16 @@ def load_psk(serial: int) -> PSK:
     return PSK(serial, desc.description.encode(), key, hash_for(desc.description, len(key)))
 
 
-def first_client_psk(serials: Sequence[int]) -> PSK:
-    """The first usable of the ACCEPT's peer identities; else the first one's error."""
+def next_client_psk(serials: Sequence[int]) -> tuple[PSK, tuple[int, ...]]:
+    """The first usable of ``serials`` (the ACCEPT's peer identities) and the serials after
+    it, for a retry; else the first one's error. An unreadable key is skipped: ktls-utils
+    (src/tlshd/client.c, tlshd_tls13_client_psk_handshake_one) stops at it with EIO."""
     if not serials:
         raise CredentialError("PSK request without peer identities", status=errno.EINVAL)
     errors: list[TlshdError] = []
-    for serial in serials:
+    for index, serial in enumerate(serials):
         try:
-            return load_psk(serial)
+            return load_psk(serial), tuple(serials[index + 1:])
         except TlshdError as exc:
             errors.append(exc)
     raise errors[0]

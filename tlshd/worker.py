@@ -46,6 +46,7 @@ from tlshd.errors import (
     HandshakeTimeoutError,
     NetlinkError,
     PeerClosedError,
+    RemoteError,
     TlshdError,
     TransportError,
     TransportTimeoutError,
@@ -61,7 +62,7 @@ from tlshd.handshake.secrets import HashAlg
 from tlshd.ktls import install_ktls, ktls_params_from_secrets, suite_from_openssl_name
 from tlshd.netlink.messages import AcceptReply
 from tlshd.netlink.spec import AuthMode, MsgType
-from tlshd.psk import PSK, find_server_psk, first_client_psk
+from tlshd.psk import PSK, find_server_psk, next_client_psk
 from tlshd.upcall import BrokenAcceptError, Upcall
 
 log = logging.getLogger("tlshd")
@@ -73,9 +74,14 @@ PEER_KEY_TIMEOUT_S = 600
 
 @dataclass(eq=False)
 class PSKChoice:
-    """The PSK a handshake uses: known at the start (client) or after the ClientHello."""
+    """The PSK a handshake uses: known at the start (client) or after the ClientHello.
+
+    A client also keeps the ACCEPT's keys after this one (``untried``) and the first
+    failure (``first_error``): a server that refuses one key may accept the next."""
 
     psk: PSK | None = None
+    untried: tuple[int, ...] = ()
+    first_error: TlshdError | None = None
 
     def describe(self) -> str:
         if self.psk is None:
@@ -94,6 +100,7 @@ class Handshake:
     psk: PSKChoice
     out: bytearray = field(default_factory=bytearray)
     busy_s: float = 0.0  # time this worker spent on this request (OpenSSL included)
+    tls_s: float = 0.0  # time inside OpenSSL in earlier attempts (a PSK retry)
     nodelay: int = 0  # TCP_NODELAY as the consumer had it: restored before DONE
     addr: str = "-"  # the peer's address, for the log
 
@@ -134,6 +141,26 @@ def _push_nodelay(sock: socket.socket) -> int:
     except OSError:
         return 0
     return 1 if old else 0
+
+
+STALE_LIMIT = 64 * 1024
+
+
+def _discard_stale(sock: socket.socket) -> bool:
+    """Drop what the peer sent in a failed attempt (the rest of its flight, its alert), so
+    that a retry starts on a clean stream. False: the peer has closed, or keeps sending."""
+    dropped = 0
+    while dropped < STALE_LIMIT:
+        try:
+            data = sock.recv(STALE_LIMIT, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False
+        if not data:
+            return False
+        dropped += len(data)
+    return False
 
 
 class ContextProvider(Protocol):
@@ -397,7 +424,10 @@ class Worker:
         return HandshakeEngine(context, role, peername=peername)
 
     def _psk_client(self, reply: AcceptReply, choice: PSKChoice) -> HandshakeEngine:
-        psk = choice.psk = first_client_psk(reply.peer_identities)
+        choice.psk, choice.untried = next_client_psk(reply.peer_identities)
+        return self._psk_client_engine(choice.psk)
+
+    def _psk_client_engine(self, psk: PSK) -> HandshakeEngine:
         return HandshakeEngine(self._contexts.psk_client[psk.hash_alg], Role.CLIENT,
                                on_connection=lambda conn: _psk.attach(conn, psk.identity,
                                                                       psk.key, psk.suite))
@@ -513,16 +543,47 @@ class Worker:
         hs.out.clear()
 
     def _end(self, hs: Handshake, error: BaseException) -> None:
-        status = error.status if isinstance(error, TlshdError) else errno.EIO
         hs.out += hs.engine.data_to_send()
         with contextlib.suppress(OSError):
             hs.sock.send(hs.out)  # the alert, best effort
+        if self._retry_psk(hs, error):
+            return
+        first = hs.psk.first_error
+        if first is not None and isinstance(error, PeerClosedError):
+            error = first  # the retry found the connection closed: the refusal is the news
+        status = error.status if isinstance(error, TlshdError) else errno.EIO
         self._finish(hs, status, (), f"failed: {error}")
         self.failed += 1
 
+    def _retry_psk(self, hs: Handshake, error: BaseException) -> bool:
+        """ktls-utils (src/tlshd/client.c, tlshd_tls13_client_psk_handshake) sends a new
+        ClientHello with each of the kernel's keys in turn while the server refuses them
+        (GnuTLS offers one identity per hello, and so does OpenSSL's callback). Here too,
+        on the same connection and within the request's deadline, but only while the server
+        keeps the connection open: a retry on a closed one would turn its refusal into a
+        dropped connection (ETIMEDOUT)."""
+        if (not hs.psk.untried or self.draining or not isinstance(error, RemoteError)
+                or isinstance(error, PeerClosedError) or not _discard_stale(hs.sock)):
+            return False
+        try:
+            psk, untried = next_client_psk(hs.psk.untried)
+        except TlshdError:
+            return False  # none of the rest can be read: the first failure stands
+        refused = hs.psk.psk
+        log.info("PSK %s refused by the server (%s); trying key %d",
+                 refused.serial if refused else "-", error, psk.serial)
+        hs.psk.first_error = hs.psk.first_error or (error if isinstance(error, TlshdError)
+                                                    else None)
+        hs.psk.psk, hs.psk.untried = psk, untried
+        hs.tls_s += hs.engine.tls_seconds
+        hs.engine = self._psk_client_engine(psk)
+        hs.out.clear()
+        self._service(hs, 0)
+        return True
+
     def _finish(self, hs: Handshake, status: int, remote: tuple[int, ...], what: str, *,
                 cipher: str = "-") -> None:
-        tls_ms = hs.engine.tls_seconds * 1000
+        tls_ms = (hs.tls_s + hs.engine.tls_seconds) * 1000
         busy_ms = hs.busy_s * 1000
         self._report(hs.reply, status, (self._clock() - hs.started) * 1000,
                      f"{what}{hs.psk.describe()} busy={busy_ms:.2f}ms tls={tls_ms:.2f}ms",

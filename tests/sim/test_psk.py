@@ -352,3 +352,116 @@ def test_a_configured_keyring_that_does_not_exist_is_skipped_and_the_agent_serve
             assert agent.proc.poll() is None
         finally:
             assert agent.stop() == 0
+
+
+# --- a client with several keys (ktls-utils src/tlshd/client.c, tlshd_tls13_client_psk_handshake)
+
+
+class Reconnecting(threading.Thread):
+    """A server that keeps a connection open after refusing a ClientHello: it relays each
+    attempt to a fresh connection to an OpenSSL server (which closes after its alert) and
+    waits, with the client's connection open, for the next ClientHello."""
+
+    def __init__(self, backend_port: int) -> None:
+        super().__init__(daemon=True)
+        self.backend_port = backend_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.attempts = 0
+
+    def run(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            while True:
+                first = conn.recv(65536)  # a ClientHello (or the end)
+                if not first:
+                    return
+                self.attempts += 1
+                with socket.create_connection(("127.0.0.1", self.backend_port)) as backend:
+                    backend.sendall(first)
+                    if not self._relay(conn, backend):
+                        return
+
+    @staticmethod
+    def _relay(conn: socket.socket, backend: socket.socket) -> bool:
+        """Until the backend closes (True: keep the client) or the client does (False)."""
+        import selectors
+
+        with selectors.DefaultSelector() as sel:
+            sel.register(conn, selectors.EVENT_READ, backend)
+            sel.register(backend, selectors.EVENT_READ, conn)
+            while True:
+                for key, _ in sel.select(10):
+                    data = key.fileobj.recv(65536)  # type: ignore[union-attr]
+                    if not data:
+                        return key.fileobj is backend
+                    key.data.sendall(data)
+
+
+def _openssl_psk_server(identity: str, key: bytes):
+    port = free_port()
+    peer = start_peer(["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-tls1_3",
+                       "-nocert", "-psk_identity", identity, "-psk", key.hex(), "-rev",
+                       "-num_tickets", "0"], port)
+    return peer, port
+
+
+def test_a_refused_key_is_followed_by_the_next_on_the_same_connection(kernel, agent,
+                                                                     nvme_keyring):
+    stale = nvme_keyring.add_psk("NVMe0R01 host-a subsys-old", os.urandom(32))
+    identity, key = "NVMe0R01 host-a subsys-new", os.urandom(32)
+    good = nvme_keyring.add_psk(identity, key)
+    peer, port = _openssl_psk_server(identity, key)  # knows only the second key
+    relay = Reconnecting(port)
+    relay.start()
+    try:
+        client = socket.create_connection(("127.0.0.1", relay.port))
+        consumer = TLSConsumer(kernel)
+        out = consumer.psk_client(client, (stale, good), keyring=nvme_keyring.serial)
+        assert out.status == 0 and out.peerid == good, agent.log[-3:]
+        assert relay.attempts == 2
+        assert consumer.ktls is not None
+        consumer.ktls.sendmsg(b"second key\n")
+        assert recv_app_data(consumer, 11)[0] == b"yek dnoces\n"
+        kernel.sock_release(client)
+    finally:
+        peer.close()
+        relay.listener.close()
+    log = "\n".join(agent.log)
+    assert f"PSK {stale} refused by the server" in log and f"trying key {good}" in log
+    assert f"psk={good}:" in agent.log[-1] and key.hex() not in log
+
+
+def test_a_server_that_closes_after_refusing_gets_no_second_hello(kernel, agent, nvme_keyring):
+    stale = nvme_keyring.add_psk("NVMe0R01 host-a subsys-old", os.urandom(32))
+    identity, key = "NVMe0R01 host-a subsys-new", os.urandom(32)
+    good = nvme_keyring.add_psk(identity, key)
+    peer, port = _openssl_psk_server("NVMe0R01 someone else", os.urandom(32))
+    try:
+        client = socket.create_connection(("127.0.0.1", port))
+        out = TLSConsumer(kernel).psk_client(client, (stale, good), keyring=nvme_keyring.serial)
+        kernel.sock_release(client)
+    finally:
+        peer.close()
+    # the refusal of the first key is the outcome (EACCES), not the dropped connection a
+    # hello on a closed connection would meet (ETIMEDOUT)
+    assert out.status == -errno.EACCES, agent.log[-3:]
+    assert f"psk={stale}:" in agent.log[-1] or f"psk={good}:" in agent.log[-1]
+
+
+def test_the_first_key_that_works_ends_the_search(kernel, agent, nvme_keyring):
+    identity, key = "NVMe0R01 host-a subsys-new", os.urandom(32)
+    good = nvme_keyring.add_psk(identity, key)
+    unused = nvme_keyring.add_psk("NVMe0R01 host-a subsys-other", os.urandom(32))
+    peer, port = _openssl_psk_server(identity, key)
+    relay = Reconnecting(port)
+    relay.start()
+    try:
+        client = socket.create_connection(("127.0.0.1", relay.port))
+        out = TLSConsumer(kernel).psk_client(client, (good, unused), keyring=nvme_keyring.serial)
+        assert out.status == 0 and out.peerid == good
+        assert relay.attempts == 1
+        kernel.sock_release(client)
+    finally:
+        peer.close()
+        relay.listener.close()

@@ -24,7 +24,7 @@ from tlshd.handshake.engine import (
 from tlshd.handshake.events import HandshakeComplete, HandshakeFailed
 from tlshd.handshake.hello import client_hello_message, offered_identities
 from tlshd.handshake.secrets import HashAlg
-from tlshd.psk import find_server_psk, first_client_psk, hash_for, load_psk
+from tlshd.psk import find_server_psk, hash_for, load_psk, next_client_psk
 
 SHA256_SUITES = "TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_CCM_SHA256"
 SHA384_SUITES = "TLS_AES_256_GCM_SHA384"
@@ -186,8 +186,10 @@ def test_client_psk_is_the_first_readable_peer_identity(ring):
     revoked = keyring.add_key("user", "NVMe0R01 a b", os.urandom(32), ring)
     keyring.revoke_key(revoked)
     good = keyring.add_key("user", "NVMe0R02 a b", os.urandom(48), ring)
-    psk = first_client_psk((revoked, good))
+    later = keyring.add_key("user", "NVMe0R01 c d", os.urandom(32), ring)
+    psk, untried = next_client_psk((revoked, good, later))
     assert psk.serial == good and psk.hash_alg is HashAlg.SHA384
+    assert untried == (later,)  # what a retry may try next
     assert psk.key.hex() not in repr(psk)
 
 
@@ -195,9 +197,9 @@ def test_client_psk_errors_are_the_first_identity_s(ring):
     revoked = keyring.add_key("user", "NVMe0R01 a b", os.urandom(32), ring)
     keyring.revoke_key(revoked)
     with pytest.raises(KeyRevokedError):
-        first_client_psk((revoked,))
+        next_client_psk((revoked,))
     with pytest.raises(CredentialError) as info:
-        first_client_psk(())
+        next_client_psk(())
     assert info.value.status == errno.EINVAL
 
 
