@@ -159,17 +159,11 @@ def check_config(path: Path | None) -> tuple[list[Verdict], Config | None]:
 
 def check_upcall(mode: str) -> tuple[list[Verdict], bool]:
     """The upcall verdicts, and whether the agent would serve kernel-sim, not the kernel.
-    Like ``open_upcall``, any mode but netlink and kernel-sim[:NAME] is auto."""
+    Like ``open_upcall``: kernel-sim[:NAME] is that endpoint, anything else the kernel's family
+    (kernel-sim is never a fallback)."""
     if mode.startswith("kernel-sim"):
         return [_probe_sim(mode.partition(":")[2] or DEFAULT_SIM_ENDPOINT)], True
-    kernel = _probe_netlink()
-    if mode == "netlink" or kernel.level is Level.OK:
-        return [kernel], False
-    sim = _probe_sim(DEFAULT_SIM_ENDPOINT)
-    if sim.level is not Level.OK:
-        return [kernel], False
-    detail = f"{kernel.detail}; upcall=auto will serve the simulator instead ({sim.detail})"
-    return [_warn("upcall", detail, kernel.fix)], True
+    return [_probe_netlink()], False
 
 
 def _probe_netlink() -> Verdict:

@@ -31,6 +31,7 @@ StructError: type[Exception] = struct.error  # type: ignore[attr-defined]  # not
 
 NETLINK_GENERIC = 16
 SOL_NETLINK = 270
+SO_PEERCRED = 17  # the uid of who bound a kernel-sim endpoint: root or ours (tlshd/upcall.py)
 NETLINK_ADD_MEMBERSHIP = 1
 GENL_ID_CTRL = 0x10
 CTRL_CMD_GETFAMILY = 3
@@ -79,12 +80,7 @@ def hold(argv: list[str]) -> Held | None:
     try:
         if mode.startswith("kernel-sim"):
             return _hold_sim(mode.partition(":")[2] or "kernel-sim")
-        try:
-            return _hold_netlink()
-        except (OSError, ValueError, StructError):
-            if mode == "auto":
-                return _hold_sim("kernel-sim")
-            raise
+        return _hold_netlink()  # auto is the kernel's family: kernel-sim must be named
     except (OSError, ValueError, StructError):
         return None
 
@@ -154,6 +150,9 @@ def _hold_sim(endpoint: str) -> Held:
     try:
         sock.settimeout(TIMEOUT_S)
         sock.connect(b"\0" + endpoint.encode() + b"/genl")
+        _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, SO_PEERCRED, 12))
+        if uid not in (0, posix.geteuid()):
+            raise ValueError(f"endpoint served by uid {uid}")
         sock.send(_get_family("handshake"))
         _family_id, groups = _family_reply(sock.recv(65536))
         sock.send(_get_family("kernel_sim"))

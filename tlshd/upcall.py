@@ -19,6 +19,9 @@ Both transports carry the same netlink bytes, encoded and decoded by
   endpoint in our network namespace (docs/kernel-sim.md); the group is joined
   and setsockopt is carried by the simulator's private ``kernel_sim`` family;
   the ACCEPT reply brings the socket as an SCM_RIGHTS fd, which replaces SOCKFD.
+  It is used only when named (``upcall = kernel-sim[:NAME]``), and only if the process
+  that bound the endpoint runs as root or as this agent's user (SO_PEERCRED): an abstract
+  name can be bound by anyone, and whoever serves it would receive the session keys.
 
 ACCEPT must run in the process that will own the fd: each worker process
 opens its own Upcall.
@@ -371,13 +374,30 @@ def _link_request_keyring(serial: int) -> None:
 
 def _seqpacket(address: bytes) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    name = address[1:].decode(errors="replace")
     try:
         sock.connect(address)
+        uid = endpoint_owner(sock)
     except OSError as exc:
         sock.close()
-        name = address[1:].decode()
         raise TransportError(f"kernel-sim endpoint {name!r}: {exc.strerror}") from exc
+    if uid not in trusted_uids():
+        sock.close()
+        raise TransportError(f"kernel-sim endpoint {name!r} is served by uid {uid}, not by "
+                             f"root or this agent's uid {os.geteuid()}: refused (it would "
+                             "receive the session keys)")
     return sock
+
+
+def endpoint_owner(sock: socket.socket) -> int:
+    """The uid of the process that bound the endpoint ``sock`` is connected to."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return int(struct.unpack("3i", creds)[1])
+
+
+def trusted_uids() -> frozenset[int]:
+    """Who may serve this agent's kernel-sim endpoint: root and the agent's own user."""
+    return frozenset((0, os.geteuid()))
 
 
 def _nla(attr_type: int, payload: bytes) -> bytes:
@@ -399,19 +419,18 @@ def _genl_request(family_id: int, cmd: int, seq: int, attrs: bytes) -> bytes:
 
 
 def open_upcall(mode: str, *, join: bool = True) -> Upcall:
-    """``auto``: the kernel's family if this namespace has it, else kernel-sim if it listens.
+    """``kernel-sim[:NAME]``: that endpoint; anything else (``netlink``, ``auto``): the
+    kernel's family. kernel-sim is never a fallback: it must be named.
     ``join=False``: a probe that does not join the ``tlshd`` group."""
-    if mode == "netlink":
-        return NetlinkUpcall(join=join)
     if mode.startswith("kernel-sim"):
         return SimUpcall(mode.partition(":")[2] or DEFAULT_SIM_ENDPOINT, join=join)
+    if mode == "netlink":
+        return NetlinkUpcall(join=join)
     try:
         return NetlinkUpcall(join=join)
     except (NetlinkError, TransportError, OSError) as kernel_error:
-        try:
-            return SimUpcall(join=join)
-        except TransportError:
-            raise TransportError(
-                f"this network namespace has no 'handshake' netlink family ({kernel_error}) "
-                "and no kernel-sim endpoint: is the kernel built with CONFIG_NET_HANDSHAKE?"
-            ) from None
+        raise TransportError(
+            f"this network namespace has no 'handshake' netlink family ({kernel_error}): is "
+            "the kernel built with CONFIG_NET_HANDSHAKE? (kernel-sim is served only when "
+            "named: [agent] upcall = kernel-sim, or tlshd demo)"
+        ) from None

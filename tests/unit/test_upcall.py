@@ -130,6 +130,75 @@ def test_auto_without_family_or_simulator_points_at_config_net_handshake() -> No
     assert "ENOENT" in str(error)
 
 
+@needs_no_family
+def test_auto_never_falls_back_to_a_kernel_sim_endpoint() -> None:
+    """Whoever binds kernel-sim's abstract name would get the ACCEPTs, and with them the
+    session keys in the setsockopt messages: auto means the kernel's family, nothing else."""
+    connected: list[bool] = []
+
+    def with_a_listener() -> None:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        listener.bind(b"\0kernel-sim/genl")  # the default endpoint of this namespace
+        listener.listen(4)
+        listener.setblocking(False)
+        try:
+            open_upcall("auto")
+        finally:
+            try:
+                listener.accept()[0].close()
+                connected.append(True)
+            except BlockingIOError:
+                connected.append(False)
+            listener.close()
+
+    error = in_fresh_netns(with_a_listener)
+
+    assert isinstance(error, TransportError), error
+    assert "CONFIG_NET_HANDSHAKE" in str(error) and "only when named" in str(error)
+    assert connected == [False]
+
+
+def rogue_endpoint(name: str, uid: int) -> tuple[int, int]:
+    """A child process that drops to ``uid`` and binds the kernel-sim endpoint ``name``;
+    (its pid, the read end of a pipe that says it listens)."""
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.setgid(uid)
+            os.setuid(uid)
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            listener.bind(b"\0" + name.encode() + b"/genl")
+            listener.listen(8)
+            os.write(ready_w, b"1")
+            while True:
+                listener.accept()  # and then says nothing: a client must not even ask
+        finally:
+            os._exit(1)
+    os.close(ready_w)
+    return pid, ready_r
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="binding as another user needs root")
+def test_a_kernel_sim_endpoint_bound_by_another_user_is_refused() -> None:
+    from tlshd import early
+
+    name = unique_name()
+    pid, ready = rogue_endpoint(name, 65534)  # nobody
+    try:
+        assert os.read(ready, 1) == b"1"
+        with pytest.raises(TransportError) as caught:
+            open_upcall(f"kernel-sim:{name}")
+        with pytest.raises(ValueError) as early_caught:
+            early._hold_sim(name)
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        os.close(ready)
+    assert "served by uid 65534" in str(caught.value) and "refused" in str(caught.value)
+    assert "uid 65534" in str(early_caught.value)
+
+
 def test_kernel_sim_endpoint_nobody_listens_on_is_named() -> None:
     name = unique_name()
 
