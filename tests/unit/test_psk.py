@@ -17,12 +17,19 @@ from tlshd.errors import CredentialError, DecodeError, KeyRevokedError, UnknownP
 from tlshd.handshake import _psk
 from tlshd.handshake.credentials import psk_context
 from tlshd.handshake.engine import (
+    ALERT_ILLEGAL_PARAMETER,
     ALERT_UNKNOWN_PSK_IDENTITY,
     HandshakeEngine,
     Role,
 )
 from tlshd.handshake.events import HandshakeComplete, HandshakeFailed
-from tlshd.handshake.hello import client_hello_message, offered_identities
+from tlshd.handshake.hello import (
+    MAX_CLIENT_HELLO,
+    HelloCollector,
+    HelloTooLargeError,
+    client_hello_message,
+    offered_identities,
+)
 from tlshd.handshake.secrets import HashAlg
 from tlshd.psk import find_server_psk, hash_for, load_psk, next_client_psk
 
@@ -169,6 +176,65 @@ def test_unknown_identity_sends_unknown_psk_identity_and_the_client_says_ekeyrej
     client.receive_data(alert)
     failed = client.next_event()
     assert isinstance(failed, HandshakeFailed) and failed.error.status == errno.EKEYREJECTED
+
+
+# --- a hostile ClientHello: bounded and linear ---------------------------------------------
+
+
+def _record(payload: bytes, content_type: int = 22) -> bytes:
+    return bytes([content_type, 3, 3]) + len(payload).to_bytes(2, "big") + payload
+
+
+def test_a_client_hello_declared_over_the_limit_is_refused_at_its_header():
+    collector = HelloCollector()
+    header = b"\x01" + (MAX_CLIENT_HELLO - 3).to_bytes(3, "big")  # 4 + that: one over
+    with pytest.raises(HelloTooLargeError, match=f"over the {MAX_CLIENT_HELLO}-byte limit"):
+        collector.feed(_record(header + b"\0" * 100))
+
+
+def test_a_client_hello_at_the_limit_is_collected():
+    body = b"\0" * (MAX_CLIENT_HELLO - 4)
+    message = b"\x01" + len(body).to_bytes(3, "big") + body
+    collector = HelloCollector()
+    chunks = [message[i:i + 16384] for i in range(0, len(message), 16384)]
+    results = [collector.feed(_record(chunk)) for chunk in chunks]
+    assert results[:-1] == [None] * (len(chunks) - 1) and results[-1] == message
+
+
+def test_one_byte_records_are_each_copied_once():
+    """A hello in one-byte records: the collector keeps one growing buffer (no re-parse of
+    what it already holds, which made a streamed hello cost quadratic time)."""
+    message = client_hello_message(_client_hello([b"id"]))
+    assert message is not None
+    collector = HelloCollector()
+    for byte in message[:-1]:
+        assert collector.feed(_record(bytes([byte]))) is None
+    assert collector.feed(_record(message[-1:])) == message
+    assert len(collector._payload) == len(message)
+
+
+def test_a_record_of_another_type_before_the_hello_is_whole_is_a_decode_error():
+    collector = HelloCollector()
+    assert collector.feed(_record(b"\x01\x00\x01\x00")) is None
+    with pytest.raises(DecodeError, match="type 23"):
+        collector.feed(_record(b"data", 23))
+
+
+def test_a_psk_server_refuses_a_huge_hello_with_an_alert_and_holds_nothing():
+    server_ctx = psk_context(SSL.TLS_SERVER_METHOD, SHA256_SUITES)
+    picked: list[bytes] = []
+
+    def select(hello: bytes):
+        picked.append(hello)
+        raise UnknownPSKIdentityError("unreachable")
+
+    server = HandshakeEngine(server_ctx, Role.SERVER, select_context=select)
+    server.receive_data(_record(b"\x01\xff\xff\xff" + b"\0" * 16380))  # declares 16 MiB
+    event = server.next_event()
+    assert isinstance(event, HandshakeFailed) and event.error.status == errno.EACCES
+    assert "over the" in str(event.error)
+    assert server.data_to_send() == ALERT_ILLEGAL_PARAMETER and picked == []
+    assert len(server._held) == 0
 
 
 # --- keyrings ------------------------------------------------------------------------------

@@ -1110,3 +1110,35 @@ def test_log_success_false_keeps_failures_only(
     peer.finish()
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("handshake ")]
     assert len(lines) == 1 and "status=110" in lines[0]
+
+
+def test_a_streamed_huge_client_hello_costs_one_record(rig: Rig, requests: Callable[...,
+                                                                                   Request]
+                                                       ) -> None:
+    """The hostile PSK client of the hardening issue: 16 KiB records of a ClientHello that
+    declares 2^24-1 bytes. The worker refuses it at the first record (illegal_parameter,
+    EACCES) instead of buffering and re-parsing megabytes."""
+    req = requests(MsgType.SERVERHELLO, AuthMode.PSK)
+    record = bytes([22, 3, 3, 0x40, 0x00]) + b"\x01\xff\xff\xff" + b"\0" * (16384 - 4)
+    sent: list[int] = [0]
+
+    def stream() -> None:
+        with contextlib.suppress(OSError):
+            for _ in range(600):  # 9.8 MB, as in the report
+                req.peer.sendall(record)
+                sent[0] += len(record)
+
+    thread = threading.Thread(target=stream, daemon=True)
+    thread.start()
+    rig.upcall.ready(req.reply)
+    cpu = time.process_time()
+    rig.run_until_done()
+    cpu_ms = (time.process_time() - cpu) * 1000
+    req.peer.settimeout(WAIT_S)
+    alert = req.peer.recv(7)
+    req.peer.shutdown(socket.SHUT_RDWR)
+    thread.join(WAIT_S)
+    print(f"hostile_hello_cpu_ms={cpu_ms:.1f} peer_sent_bytes={sent[0]}")
+    assert rig.upcall.dones[0].status == errno.EACCES
+    assert alert == bytes([21, 3, 3, 0, 2, 2, 47])  # illegal_parameter
+    assert rig.upcall.sockopts == []

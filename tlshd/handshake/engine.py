@@ -76,7 +76,7 @@ from tlshd.handshake.events import (
     NeedData,
     SessionResult,
 )
-from tlshd.handshake.hello import client_hello_message
+from tlshd.handshake.hello import HelloCollector, HelloTooLargeError
 
 __all__ = ["HandshakeEngine", "Role", "route_keylog_line"]
 
@@ -157,6 +157,7 @@ ConnectionHook = Callable[[SSL.Connection], None]
 ContextSelector = Callable[[bytes], tuple[SSL.Context, ConnectionHook | None]]
 # RFC 8446 §6: alert(21), TLS 1.2 record version, length 2, fatal(2), unknown_psk_identity(115)
 ALERT_UNKNOWN_PSK_IDENTITY = bytes([21, 3, 3, 0, 2, 2, 115])
+ALERT_ILLEGAL_PARAMETER = bytes([21, 3, 3, 0, 2, 2, 47])  # OpenSSL's for an excessive size
 
 
 def _check_context(context: SSL.Context) -> None:
@@ -208,6 +209,7 @@ class HandshakeEngine:
         self._inbuf = bytearray()
         self._outbuf = bytearray()
         self._held = bytearray()  # whole records held until the ClientHello is complete
+        self._hello = HelloCollector()
         self._secrets: dict[bytes, bytes] = {}
         self._result: HandshakeComplete | HandshakeFailed | None = None
         self._peername = peername
@@ -300,7 +302,12 @@ class HandshakeEngine:
         assert self._select is not None
         self._held += record
         try:
-            hello = client_hello_message(bytes(self._held))
+            hello = self._hello.feed(record)
+        except HelloTooLargeError as exc:
+            self._held.clear()
+            self._outbuf += ALERT_ILLEGAL_PARAMETER
+            self._fail(PeerProtocolError(str(exc)))
+            return
         except DecodeError:
             hello = b""  # not a ClientHello: the fallback context's OpenSSL will say why
         if hello is None:

@@ -5,6 +5,10 @@ before OpenSSL picks a cipher suite: OpenSSL chooses the suite first and then
 ignores a PSK whose hash differs. The engine holds the first records until
 the ClientHello is whole and hands it to the server's context selector, which
 reads the ``pre_shared_key`` identities (RFC 8446 §4.2.11) with this module.
+
+The records are collected one at a time (:class:`HelloCollector`): each byte is copied once,
+and a ClientHello that declares more than ``MAX_CLIENT_HELLO`` bytes is refused as soon as
+its header says so, so a peer can make the agent neither buffer nor re-read more than that.
 """
 
 from __future__ import annotations
@@ -13,26 +17,54 @@ import struct
 
 from tlshd.errors import DecodeError
 
+MAX_CLIENT_HELLO = 64 * 1024  # a post-quantum hello is 1-3 KiB; OpenSSL's own cap is 128 KiB
 EXT_PRE_SHARED_KEY = 41
 HANDSHAKE_CLIENT_HELLO = 1
 CONTENT_HANDSHAKE = 22
 
 
+class HelloTooLargeError(DecodeError):
+    """The ClientHello declares more than the limit (OpenSSL: excessive message size)."""
+
+
+class HelloCollector:
+    """The ClientHello from the first handshake records, fed one whole record at a time."""
+
+    def __init__(self, limit: int = MAX_CLIENT_HELLO) -> None:
+        self._payload = bytearray()
+        self._limit = limit
+        self._total: int | None = None
+
+    def feed(self, record: bytes) -> bytes | None:
+        """The whole ClientHello once it is complete, else None; DecodeError if these are not
+        the records of a ClientHello, HelloTooLargeError if it is over the limit."""
+        if record[0] != CONTENT_HANDSHAKE:
+            raise DecodeError(f"a record of type {record[0]} before the ClientHello was whole")
+        self._payload += record[5:]
+        if self._total is None and len(self._payload) >= 4:
+            if self._payload[0] != HANDSHAKE_CLIENT_HELLO:
+                raise DecodeError("first handshake message is not a ClientHello")
+            self._total = 4 + int.from_bytes(self._payload[1:4], "big")
+            if self._total > self._limit:
+                raise HelloTooLargeError(f"ClientHello of {self._total} bytes: over the "
+                                         f"{self._limit}-byte limit")
+        if self._total is not None and len(self._payload) >= self._total:
+            return bytes(self._payload[: self._total])
+        return None
+
+
 def client_hello_message(records: bytes) -> bytes | None:
     """The whole ClientHello from the first handshake records, None while incomplete."""
-    payload, offset = b"", 0
+    collector, offset = HelloCollector(), 0
     while offset + 5 <= len(records):
-        content_type, length = records[offset], struct.unpack_from(">H", records, offset + 3)[0]
-        if content_type != CONTENT_HANDSHAKE:
-            break
-        payload += records[offset + 5 : offset + 5 + length]
-        offset += 5 + length
-    if len(payload) < 4:
-        return None
-    if payload[0] != HANDSHAKE_CLIENT_HELLO:
-        raise DecodeError("first handshake message is not a ClientHello")
-    total = 4 + int.from_bytes(payload[1:4], "big")
-    return payload[:total] if len(payload) >= total else None
+        end = offset + 5 + struct.unpack_from(">H", records, offset + 3)[0]
+        if end > len(records):
+            return None
+        hello = collector.feed(records[offset:end])
+        if hello is not None:
+            return hello
+        offset = end
+    return None
 
 
 def offered_identities(hello: bytes) -> list[bytes]:
