@@ -88,14 +88,33 @@ def next_client_psk(serials: Sequence[int]) -> tuple[PSK, tuple[int, ...]]:
     raise errors[0]
 
 
+MAX_IDENTITY = 4095  # a key description's limit (KEY_MAX_DESC_SIZE 4096, with its NUL)
+
+
+def key_description(identity: bytes) -> str | None:
+    """The key description an offered identity names, or None if no key can have it: a
+    description is a C string, so an identity with a NUL would be looked up cut short (and
+    find another identity's key); over-long and non-UTF-8 ones name nothing either."""
+    if not identity or len(identity) > MAX_IDENTITY or b"\0" in identity:
+        return None
+    try:
+        return identity.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
 def find_server_psk(identities: Iterable[bytes], keyrings: Sequence[int]) -> PSK | None:
-    """The first offered identity that names a key in ``keyrings`` (psk, then user type)."""
+    """The first offered identity that names a key in ``keyrings`` (psk, then user type),
+    exactly: see ``key_description``."""
     for identity in identities:
+        description = key_description(identity)
+        if description is None:
+            continue
         for ring in keyrings:
             for key_type in KEY_TYPES:
                 try:
-                    serial = keyring.search_key(ring, key_type, identity.decode("utf-8"))
-                except (KeyNotFoundError, UnicodeDecodeError):
+                    serial = keyring.search_key(ring, key_type, description)
+                except KeyNotFoundError:
                     continue
                 except CredentialError:
                     continue  # unknown key type on this kernel, or a keyring we cannot search

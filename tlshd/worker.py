@@ -63,6 +63,7 @@ from tlshd.ktls import install_ktls, ktls_params_from_secrets, suite_from_openss
 from tlshd.netlink.messages import AcceptReply
 from tlshd.netlink.spec import AuthMode, MsgType
 from tlshd.psk import PSK, find_server_psk, next_client_psk
+from tlshd.untrusted import show, show_all
 from tlshd.upcall import BrokenAcceptError, Upcall
 
 log = logging.getLogger("tlshd")
@@ -86,7 +87,7 @@ class PSKChoice:
     def describe(self) -> str:
         if self.psk is None:
             return ""
-        return f" psk={self.psk.serial}:{self.psk.identity.decode(errors='replace')!r}"
+        return f" psk={self.psk.serial}:{show(self.psk.identity)}"
 
 
 @dataclass(eq=False)
@@ -218,7 +219,7 @@ def _subject(der: bytes | None) -> str:
         text = x509.load_der_x509_certificate(der).subject.rfc4514_string()
     except ValueError:
         return " subject=(unparsable)"
-    return " subject=" + repr(text[:200])
+    return " subject=" + show(text, 200)
 
 
 def netns_label() -> str:
@@ -443,7 +444,7 @@ class Worker:
             identities = offered_identities(hello)
             psk = choice.psk = find_server_psk(identities, keyrings)
             if psk is None:
-                offered = ", ".join(repr(i.decode(errors="replace")) for i in identities)
+                offered = show_all(identities)
                 raise UnknownPSKIdentityError(f"no PSK key for identity {offered or '(none)'}")
             return contexts.psk_server[psk.hash_alg], lambda conn: _psk.attach(
                 conn, psk.identity, psk.key, psk.suite)

@@ -31,7 +31,7 @@ from tlshd.handshake.hello import (
     offered_identities,
 )
 from tlshd.handshake.secrets import HashAlg
-from tlshd.psk import find_server_psk, hash_for, load_psk, next_client_psk
+from tlshd.psk import find_server_psk, hash_for, key_description, load_psk, next_client_psk
 
 SHA256_SUITES = "TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_CCM_SHA256"
 SHA384_SUITES = "TLS_AES_256_GCM_SHA384"
@@ -280,3 +280,12 @@ def test_server_finds_the_offered_identity_in_its_keyrings(ring):
     found = find_server_psk([b"unknown", b"NVMe0R01 host sub"], [ring])
     assert found is not None and found.serial == serial
     assert find_server_psk([b"nobody"], [ring]) is None
+
+
+def test_an_identity_is_looked_up_exactly(ring):
+    """A key description is a C string: "<known>\\0junk" must not find <known>'s key."""
+    keyring.add_key("user", "NVMe0R01 host sub", os.urandom(32), ring)
+    for offered in (b"NVMe0R01 host sub\0junk", b"NVMe0R01 host sub\xff", b"",
+                    b"NVMe0R01 host sub" + b"x" * 5000):
+        assert find_server_psk([offered], [ring]) is None, offered[:40]
+    assert key_description(b"NVMe0R01 host sub") == "NVMe0R01 host sub"

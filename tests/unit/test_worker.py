@@ -1142,3 +1142,41 @@ def test_a_streamed_huge_client_hello_costs_one_record(rig: Rig, requests: Calla
     assert rig.upcall.dones[0].status == errno.EACCES
     assert alert == bytes([21, 3, 3, 0, 2, 2, 47])  # illegal_parameter
     assert rig.upcall.sockopts == []
+
+
+def _hello_offering(identities: list[bytes]) -> bytes:
+    """ClientHello records (hand-built: OpenSSL will not send such identities) whose
+    pre_shared_key extension offers ``identities``."""
+    ids = b"".join(len(i).to_bytes(2, "big") + i + b"\0\0\0\0" for i in identities)
+    binders = b"\x00\x21\x20" + b"\0" * 32
+    psk_ext = len(ids).to_bytes(2, "big") + ids + binders
+    extensions = (b"\x00\x2b\x00\x03\x02\x03\x04"  # supported_versions: TLS 1.3
+                  + b"\x00\x29" + len(psk_ext).to_bytes(2, "big") + psk_ext)
+    body = (b"\x03\x03" + b"\x11" * 32 + b"\x00" + b"\x00\x02\x13\x01" + b"\x01\x00"
+            + len(extensions).to_bytes(2, "big") + extensions)
+    message = b"\x01" + len(body).to_bytes(3, "big") + body
+    return b"".join(bytes([22, 3, 3]) + len(chunk).to_bytes(2, "big") + chunk
+                    for chunk in (message[i:i + 16384] for i in range(0, len(message), 16384)))
+
+
+@pytest.mark.parametrize("identities", [[b"i" * 60_000], [b"id%d" % n for n in range(1000)],
+                                        [b"NVMe0R01 a b\nhandshake status=0 forged"]],
+                         ids=["60000-byte identity", "1000 identities", "newline"])
+def test_offered_identities_reach_the_log_escaped_and_bounded(
+    rig: Rig, requests: Callable[..., Request], caplog: pytest.LogCaptureFixture,
+    identities: list[bytes]
+) -> None:
+    req = requests(MsgType.SERVERHELLO, AuthMode.PSK)
+    req.peer.sendall(_hello_offering(identities))
+    rig.upcall.ready(req.reply)
+    with caplog.at_level(logging.INFO, logger="tlshd"):
+        rig.run_until_done()
+    req.peer.settimeout(WAIT_S)
+    assert req.peer.recv(7) == bytes([21, 3, 3, 0, 2, 2, 115])  # unknown_psk_identity
+    assert rig.upcall.dones[0].status == errno.EKEYREJECTED
+    lines = [r.getMessage() for r in caplog.records]
+    longest = max(len(line) for line in lines)
+    print(f"longest_log_line={longest} identities={len(identities)}")
+    assert longest < 800, max(lines, key=len)[:300]
+    assert all("\n" not in line for line in lines)
+    assert any("no PSK key for identity" in line for line in lines)

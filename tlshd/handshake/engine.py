@@ -77,6 +77,7 @@ from tlshd.handshake.events import (
     SessionResult,
 )
 from tlshd.handshake.hello import HelloCollector, HelloTooLargeError
+from tlshd.untrusted import show
 
 __all__ = ["HandshakeEngine", "Role", "route_keylog_line"]
 
@@ -480,10 +481,21 @@ def _expect_peername(conn: SSL.Connection, peername: str) -> None:
         _openssl.set_verify_ip(conn, address.packed)  # RFC 6066 3: no SNI for IPs
         return
     host = name.rstrip(".")
-    if not host or not host.isascii() or any(c.isspace() or c == "\0" for c in host):
-        raise UnsupportedRequestError(f"peer name {peername!r} is not a DNS name or IP address")
+    if not _usable_host_name(host):
+        raise UnsupportedRequestError(f"peer name {show(peername)} is not a DNS name or IP "
+                                      "address that fits in SNI")
     conn.set_tlsext_host_name(host.encode("ascii"))
     _openssl.set_verify_host(conn, host.encode("ascii"))
+
+
+def _usable_host_name(host: str) -> bool:
+    """What SNI and the certificate name check can carry (RFC 1035 2.3.4: 253 characters,
+    labels of 1 to 63); anything else is the kernel side's mistake, EINVAL, not ours."""
+    if not host or len(host) > 253 or not host.isascii():
+        return False
+    if any(c.isspace() or c == "\0" for c in host):
+        return False
+    return all(0 < len(label) <= 63 for label in host.split("."))
 
 
 class _CryptographyPeerView(Protocol):

@@ -818,9 +818,17 @@ def test_events_after_the_end_are_stable(pki: PKI) -> None:
 
 def test_bad_peername_is_refused(pki: PKI) -> None:
     ctx = credentials.client_context(pki.ca)
-    for bad in ("", "bad name", "caf\u00e9.test"):
-        with pytest.raises(UnsupportedRequestError):
+    for bad in ("", "bad name", "caf\u00e9.test", "a" * 60_000, "x" * 300 + ".test",
+                "a..test", "a" * 64 + ".test", "a.b\0c"):
+        with pytest.raises(UnsupportedRequestError) as caught:
             HandshakeEngine(ctx, Role.CLIENT, peername=bad)
+        assert caught.value.status == errno.EINVAL  # the kernel side's mistake, not EIO
+        assert len(str(caught.value)) < 200
+
+
+def test_the_longest_usable_peername_is_accepted(pki: PKI) -> None:
+    name = ".".join(["a" * 63] * 3 + ["b" * 61])  # 253 characters
+    HandshakeEngine(credentials.client_context(pki.ca), Role.CLIENT, peername=name)
 
 
 def test_context_without_keylog_callback_is_refused() -> None:
