@@ -48,7 +48,7 @@ _KNOWN: dict[str, tuple[str, ...]] = {
     "authenticate.client": _X509_KEYS + _PQ_KEYS,
     "authenticate.server": _X509_KEYS + _PQ_KEYS,
     "agent": ("workers", "max_inflight", "handshake_timeout_ms", "require_client_cert", "upcall",
-              "log_success",
+              "log_success", "cn_fallback",
               "metrics", "control_socket"),
 }
 _GROUP_RE = re.compile(r"^\[([^\[\]]+)\]$")
@@ -84,6 +84,7 @@ class Config:
     handshake_timeout_ms: int = 10_000
     require_client_cert: bool = False
     log_success: bool = True  # a line per successful handshake (failures are always logged)
+    cn_fallback: bool = False  # a server certificate's subject CN may carry its name
     upcall: str = "auto"
     metrics: str = ""  # HOST:PORT of the Prometheus endpoint; off when empty
     control_socket: str = "tlshd/control"  # abstract Unix name, per network namespace
@@ -144,6 +145,7 @@ def parse_config(text: str, path: Path | None = None) -> Config:
                                   (1, 3_600_000)),
         require_client_cert=_bool(groups, "agent", "require_client_cert", where),
         log_success=_bool(groups, "agent", "log_success", where, default=True),
+        cn_fallback=_bool(groups, "agent", "cn_fallback", where),
         upcall=_upcall(groups, where),
         metrics=_metrics(groups, where),
         control_socket=_name(groups, "agent", "control_socket", where, "tlshd/control"),

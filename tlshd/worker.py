@@ -280,6 +280,7 @@ class Worker:
         debug_io: bool = False,
         delay_done_s: float = 0.0,
         log_success: bool = True,
+        cn_fallback: bool = False,
     ) -> None:
         self.upcall = upcall
         self._contexts = contexts
@@ -293,6 +294,7 @@ class Worker:
         # in its per-request process; here the loop goes on serving the others meanwhile)
         self._delay_done_s = delay_done_s
         self._log_success = log_success  # [agent] log_success: failures are always logged
+        self._cn_fallback = cn_fallback  # [agent] cn_fallback: CN-only server certificates
         self._held: list[tuple[float, socket.socket, int, tuple[int, ...],
                                AcceptReply | None]] = []
         self.netns = netns_label()
@@ -422,7 +424,7 @@ class Worker:
         context = self._contexts(reply)
         role = Role.CLIENT if client else Role.SERVER
         peername = reply.peername if client else None
-        return HandshakeEngine(context, role, peername=peername)
+        return HandshakeEngine(context, role, peername=peername, cn_fallback=self._cn_fallback)
 
     def _psk_client(self, reply: AcceptReply, choice: PSKChoice) -> HandshakeEngine:
         choice.psk, choice.untried = next_client_psk(reply.peer_identities)

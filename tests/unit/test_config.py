@@ -157,6 +157,8 @@ def test_comments_blank_lines_and_indentation_are_ignored(tmp_path: Path) -> Non
         ("agent", "require_client_cert", "1", "require_client_cert", True),
         ("agent", "require_client_cert", "false", "require_client_cert", False),
         ("agent", "require_client_cert", "0", "require_client_cert", False),
+        ("agent", "cn_fallback", "true", "cn_fallback", True),
+        ("agent", "cn_fallback", "false", "cn_fallback", False),
         ("agent", "upcall", "auto", "upcall", "auto"),
         ("agent", "upcall", "netlink", "upcall", "netlink"),
         ("agent", "upcall", "kernel-sim", "upcall", "kernel-sim"),

@@ -1180,3 +1180,23 @@ def test_offered_identities_reach_the_log_escaped_and_bounded(
     assert longest < 800, max(lines, key=len)[:300]
     assert all("\n" not in line for line in lines)
     assert any("no PSK key for identity" in line for line in lines)
+
+
+@pytest.mark.parametrize("cn_fallback, status", [(False, errno.EACCES), (True, 0)])
+def test_cn_fallback_decides_for_a_cn_only_server_certificate(
+    rig_factory: Callable[..., Rig], requests: Callable[..., Request], pki: PKI,
+    tmp_path: Path, cn_fallback: bool, status: int
+) -> None:
+    from tests.pki import issue_leaf, write_issued
+
+    files = write_issued(tmp_path, "cn-only", issue_leaf(pki.ca_issued, "localhost"))
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+    ctx.use_certificate_file(str(files.cert))
+    ctx.use_privatekey_file(str(files.key))
+    rig = rig_factory(cn_fallback=cn_fallback)
+    req = requests()  # peer name "localhost"
+    req.start_peer(ctx, server=True)
+    rig.upcall.ready(req.reply)
+    rig.run_until_done()
+    assert rig.upcall.dones[0].status == status

@@ -84,9 +84,14 @@ def _verify_param(conn: SSL.Connection) -> Any:
     return param
 
 
-def set_verify_host(conn: SSL.Connection, host: bytes) -> None:
-    """Require the peer certificate to match DNS name ``host`` (SAN dNSName)."""
-    if _lib.X509_VERIFY_PARAM_set1_host(_verify_param(conn), host, len(host)) != 1:
+def set_verify_host(conn: SSL.Connection, host: bytes, *, cn_fallback: bool = False) -> None:
+    """Require the peer certificate to match DNS name ``host`` (SAN dNSName). OpenSSL would
+    fall back to the subject CN of a certificate without DNS names; only ``cn_fallback``
+    lets it (X509_CHECK_FLAG_NEVER_CHECK_SUBJECT otherwise)."""
+    param = _verify_param(conn)
+    if not cn_fallback:
+        _lib.X509_VERIFY_PARAM_set_hostflags(param, _lib.X509_CHECK_FLAG_NEVER_CHECK_SUBJECT)
+    if _lib.X509_VERIFY_PARAM_set1_host(param, host, len(host)) != 1:
         raise ValueError("OpenSSL rejected the host name for verification")
 
 

@@ -197,10 +197,13 @@ class HandshakeEngine:
         role: Role,
         *,
         peername: str | None = None,
+        cn_fallback: bool = False,
         on_connection: ConnectionHook | None = None,
         select_context: ContextSelector | None = None,
     ) -> None:
-        """``on_connection`` runs on the new ``SSL.Connection`` before any byte is made
+        """``cn_fallback`` (client): a server certificate without subjectAltName may match
+        ``peername`` by its subject CN; off by default (RFC 9525 6.3, RFC 9289 5.2).
+        ``on_connection`` runs on the new ``SSL.Connection`` before any byte is made
         (e.g. to attach a PSK). ``select_context`` (server) sees the whole ClientHello
         first and returns the context and hook to use; ``context`` is then the fallback
         for input that is not a ClientHello. It may raise ``UnknownPSKIdentityError``:
@@ -214,6 +217,7 @@ class HandshakeEngine:
         self._secrets: dict[bytes, bytes] = {}
         self._result: HandshakeComplete | HandshakeFailed | None = None
         self._peername = peername
+        self._cn_fallback = cn_fallback
         self._fallback = context
         self._select = select_context if role is Role.SERVER else None
         self._connection: SSL.Connection | None = None  # None: held for the ClientHello
@@ -230,7 +234,7 @@ class HandshakeEngine:
         if self._role is Role.CLIENT:
             self._conn.set_connect_state()
             if self._peername is not None:
-                _expect_peername(self._conn, self._peername)
+                _expect_peername(self._conn, self._peername, self._cn_fallback)
             self._step(started=False)  # writes the ClientHello
         else:
             self._conn.set_accept_state()
@@ -468,8 +472,9 @@ def _local_failure(exc: SSL.Error) -> TlshdError:
     return CredentialError(f"cannot start a TLS handshake with this context: {_reason(exc)}")
 
 
-def _expect_peername(conn: SSL.Connection, peername: str) -> None:
-    """SNI plus the in-handshake name check (DNS SAN, or IP SAN for literals)."""
+def _expect_peername(conn: SSL.Connection, peername: str, cn_fallback: bool = False) -> None:
+    """SNI plus the in-handshake name check (DNS SAN, or IP SAN for literals; the subject CN
+    only with ``cn_fallback``)."""
     name = peername.strip()
     if name.startswith("[") and name.endswith("]"):
         name = name[1:-1]
@@ -485,7 +490,7 @@ def _expect_peername(conn: SSL.Connection, peername: str) -> None:
         raise UnsupportedRequestError(f"peer name {show(peername)} is not a DNS name or IP "
                                       "address that fits in SNI")
     conn.set_tlsext_host_name(host.encode("ascii"))
-    _openssl.set_verify_host(conn, host.encode("ascii"))
+    _openssl.set_verify_host(conn, host.encode("ascii"), cn_fallback=cn_fallback)
 
 
 def _usable_host_name(host: str) -> bool:

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from OpenSSL import SSL
 
-from tests.pki import PKI, write_pki
+from tests.pki import PKI, issue_leaf, write_issued, write_pki
 from tlshd.errors import (
     PeerAuthenticationError,
     PeerClosedError,
@@ -392,6 +392,35 @@ def test_peername_matches_dns_or_ip_san(pki: PKI, peername: str) -> None:
     client, server = anon_client(pki, peername=peername), engine_server(pki)
     run(client, server)
     assert_matching_sessions(client.session, server.session)
+
+
+def _cn_only_server(pki: PKI, tmp_path: Path) -> EngineEnd:
+    """A server whose certificate names server.test in its subject CN and nowhere else."""
+    files = write_issued(tmp_path, "cn-only", issue_leaf(pki.ca_issued, "server.test"))
+    ctx = credentials.server_context(files.cert, files.key, pki.ca, False)
+    return EngineEnd(HandshakeEngine(ctx, Role.SERVER))
+
+
+def test_a_cn_only_server_certificate_does_not_match_by_default(pki: PKI,
+                                                                tmp_path: Path) -> None:
+    """RFC 9525 6.3 and RFC 9289 5.2: the name is in the subjectAltName; OpenSSL's own host
+    check would fall back to the CN of a certificate without DNS names."""
+    client = anon_client(pki, peername="server.test")
+    run(client, _cn_only_server(pki, tmp_path))
+    assert client.error.status == errno.EACCES
+    assert "hostname mismatch" in str(client.error)
+
+
+def test_cn_fallback_lets_a_legacy_cn_only_server_certificate_match(pki: PKI,
+                                                                    tmp_path: Path) -> None:
+    ctx = credentials.client_context(pki.ca)
+    client = EngineEnd(HandshakeEngine(ctx, Role.CLIENT, peername="server.test",
+                                       cn_fallback=True))
+    run(client, _cn_only_server(pki, tmp_path))
+    assert client.session.peer_certificate_der is not None
+    wrong = EngineEnd(HandshakeEngine(ctx, Role.CLIENT, peername="other.test", cn_fallback=True))
+    run(wrong, _cn_only_server(pki, tmp_path))
+    assert wrong.error.status == errno.EACCES  # the CN still has to be the name
 
 
 def test_hybrid_post_quantum_group_is_negotiated_by_default(pki: PKI) -> None:
