@@ -60,9 +60,7 @@ def run_worker(config: Config, contexts: Contexts, stop: _Stop,
     if events is not None:
         events("ready", {})
     try:
-        while not stop.requested:
-            worker.run_once()
-        worker.drain(DRAIN_GRACE_S)
+        worker.serve(lambda: stop.requested, DRAIN_GRACE_S)
     finally:
         worker.close()
     return 0

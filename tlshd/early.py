@@ -134,6 +134,7 @@ def _hold_netlink() -> Held:
                          NETLINK_GENERIC)
     try:
         sock.bind((0, 0))
+        sock.connect((0, 0))  # only the kernel may unicast to us (tlshd/upcall.py)
         sock.settimeout(TIMEOUT_S)
         sock.send(_get_family("handshake"))
         _family_id, groups = _family_reply(sock.recv(65536))

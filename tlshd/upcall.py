@@ -35,6 +35,7 @@ import errno
 import itertools
 import logging
 import os
+import select
 import socket
 import struct
 from collections.abc import Sequence
@@ -115,6 +116,10 @@ class _GenlUpcall:
     def _join(self, group_id: int) -> None:
         raise NotImplementedError
 
+    def _closed(self, sock: socket.socket) -> bool:
+        """After an empty read: did the other side close? Netlink has no end of stream."""
+        return False
+
     def _recv(self) -> tuple[bytes, list[int]]:
         data = self._request.recv(RECV_SIZE)
         return data, []
@@ -139,7 +144,9 @@ class _GenlUpcall:
                     return count + 1
                 raise TransportError(f"notification socket: {exc.strerror}") from exc
             if not data:
-                raise TransportError("notification socket closed by the kernel side")
+                if self._closed(self._notify):
+                    raise TransportError("notification socket closed by the kernel side")
+                continue  # an empty datagram: nothing to read in it
             with contextlib.suppress(DecodeError):
                 messages = codec.decode(data, self.family.family_id)
                 count += sum(isinstance(m, Ready) for m in messages)
@@ -163,7 +170,9 @@ class _GenlUpcall:
                 raise TransportError(f"{what}: {exc.strerror}") from exc
             if not data:
                 _close_fds(got_fds)
-                raise TransportError(f"{what}: the kernel side closed the connection")
+                if self._closed(self._request):
+                    raise TransportError(f"{what}: the kernel side closed the connection")
+                continue  # an empty datagram: nothing to read in it
             try:
                 messages = codec.decode(data, self._family_id)
             except DecodeError:
@@ -279,8 +288,18 @@ class NetlinkUpcall(_GenlUpcall):
 
 
 def _netlink_socket() -> socket.socket:
+    """A generic netlink socket that only the kernel can unicast to: connected to port 0,
+    so the kernel refuses (ECONNREFUSED) a datagram any other socket sends to our port
+    (af_netlink.c, netlink_getsockbyportid). Without it, any local process could forge an
+    ACCEPT reply whose SOCKFD names an fd this worker already holds, or an empty or
+    malformed reply."""
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_GENERIC)
-    sock.bind((0, 0))
+    try:
+        sock.bind((0, 0))
+        sock.connect((0, 0))
+    except OSError:
+        sock.close()
+        raise
     return sock
 
 
@@ -297,6 +316,9 @@ class SimUpcall(_GenlUpcall):
             notify.close()
             request.close()
             raise
+
+    def _closed(self, sock: socket.socket) -> bool:
+        return seqpacket_closed(sock)
 
     def _recv(self) -> tuple[bytes, list[int]]:
         fds = array.array("i")
@@ -398,6 +420,13 @@ def endpoint_owner(sock: socket.socket) -> int:
 def trusted_uids() -> frozenset[int]:
     """Who may serve this agent's kernel-sim endpoint: root and the agent's own user."""
     return frozenset((0, os.geteuid()))
+
+
+def seqpacket_closed(sock: socket.socket) -> bool:
+    """A SOCK_SEQPACKET read of b"" is an empty message or the end: poll tells which."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN | select.POLLRDHUP)
+    return any(events & (select.POLLHUP | select.POLLRDHUP) for _, events in poller.poll(0))
 
 
 def _nla(attr_type: int, payload: bytes) -> bytes:

@@ -642,6 +642,20 @@ class Worker:
         for hs in [h for h in self.inflight.values() if h.deadline <= now]:
             self._end(hs, HandshakeTimeoutError("the request's time budget ran out"))
 
+    def serve(self, stop: Callable[[], bool], grace_s: float) -> None:
+        """Run until ``stop()``, then drain. If the worker cannot go on (an ACCEPT no retry
+        can cure, a lost channel), it still drains first: the handshakes it holds finish or
+        get their DONE before the error ends the process."""
+        try:
+            while not stop():
+                self.run_once()
+        except TlshdError as exc:
+            log.error("worker stops: %s; finishing %d handshake(s) in flight", exc,
+                      len(self.inflight))
+            self.drain(grace_s)
+            raise
+        self.drain(grace_s)
+
     # --- shutdown ----------------------------------------------------------------------
 
     def drain(self, grace_s: float) -> None:

@@ -8,6 +8,7 @@ runs against kernel-sim, which carries the same netlink bytes.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -495,3 +496,80 @@ def test_accept_after_a_broken_reply_still_works(
     assert reply is not None
     assert cookie(reply.sockfd) == cookie(second.fileno())
     os.close(reply.sockfd)
+
+
+def _port_of(sock: socket.socket) -> int:
+    return int(sock.getsockname()[0])
+
+
+def test_only_the_kernel_can_send_to_the_agent_s_netlink_sockets() -> None:
+    """Another process's forged reply (an ACCEPT naming an fd we hold, an empty datagram) is
+    refused by the kernel: the agent's sockets are connected to port 0."""
+    from tlshd import upcall
+
+    agent = upcall._netlink_socket()
+    plain = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 16)
+    plain.bind((0, 0))
+    forger = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 16)
+    try:
+        forged = struct.pack("=IHHII", 16, 0x22, 0, 1, 0)
+        with pytest.raises(ConnectionRefusedError):
+            forger.sendto(forged, (_port_of(agent), 0))
+        forger.sendto(forged, (_port_of(plain), 0))  # an unconnected socket would take it
+        plain.settimeout(WAIT_S)
+        assert plain.recv(64) == forged
+        # the kernel still answers: nlctrl's reply to a family lookup
+        from tlshd.netlink import codec
+
+        agent.send(codec.encode_get_family("nlctrl", 7))
+        agent.settimeout(WAIT_S)
+        assert agent.recv(65536)[:4] != b""
+    finally:
+        for sock in (agent, plain, forger):
+            sock.close()
+
+
+def test_the_early_listener_is_connected_to_the_kernel_too(monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    from tlshd import early
+
+    connected: list[object] = []
+    real = early.socket.socket
+
+    class Spy(real):  # type: ignore[misc, valid-type]
+        def connect(self, address: object) -> None:
+            connected.append(address)
+            super().connect(address)
+
+    monkeypatch.setattr(early.socket, "socket", Spy)
+    with contextlib.suppress(ValueError):  # no handshake family on this host
+        early._hold_netlink()
+    assert connected == [(0, 0)]
+
+
+def test_an_empty_kernel_sim_message_is_not_the_end_of_the_connection() -> None:
+    from tlshd.upcall import seqpacket_closed
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours:
+        theirs.send(b"")
+        assert ours.recv(64) == b"" and not seqpacket_closed(ours)  # an empty message
+        theirs.close()
+        assert ours.recv(64) == b"" and seqpacket_closed(ours)  # the end
+
+
+def test_an_empty_notification_leaves_the_agent_serving(agent: SimUpcall) -> None:
+    """The worker used to die on it ("notification socket closed by the kernel side")."""
+    real = agent._notify
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    agent._notify = ours  # a notification connection whose other end we control
+    try:
+        theirs.send(b"")
+        assert agent.drain_notifications() == 0
+        theirs.close()
+        with pytest.raises(TransportError, match="closed"):
+            agent.drain_notifications()
+    finally:
+        agent._notify = real
+        ours.close()

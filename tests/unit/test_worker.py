@@ -1200,3 +1200,22 @@ def test_cn_fallback_decides_for_a_cn_only_server_certificate(
     rig.upcall.ready(req.reply)
     rig.run_until_done()
     assert rig.upcall.dones[0].status == status
+
+
+def test_a_worker_that_must_stop_still_finishes_its_handshakes(
+    rig: Rig, requests: Callable[..., Request], pki: PKI
+) -> None:
+    """ACCEPT answered with EINVAL: the worker stops, but the three handshakes it holds
+    complete (or fail) with a DONE each instead of leaving their consumers to time out."""
+    held = [requests() for _ in range(3)]
+    rig.upcall.ready(*(req.reply for req in held))
+    rig.worker.run_once(max_wait=0.01)  # all three accepted, their ClientHellos sent
+    assert len(rig.worker.inflight) == 3
+    for req in held:
+        req.start_peer(server_peer_context(pki), server=True)
+    rig.upcall.ready(NetlinkError(errno.EINVAL, "ACCEPT"))
+    with pytest.raises(NetlinkError):
+        rig.worker.serve(lambda: False, grace_s=WAIT_S)
+    assert sorted(done.fd for done in rig.upcall.dones) == sorted(r.reply.sockfd for r in held)
+    assert [done.status for done in rig.upcall.dones] == [0, 0, 0]
+    assert rig.worker.inflight == {}
