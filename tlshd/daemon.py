@@ -39,7 +39,9 @@ log = logging.getLogger("tlshd")
 DRAIN_GRACE_S = 30.0
 # tlshd(8) of ktls-utils 1.4: "SIGHUP or SIGUSR1 reloads" (src/tlshd/netlink.c, signalfd)
 RELOAD_SIGNALS = (signal.SIGHUP, signal.SIGUSR1)
-RESTART_BACKOFF_S = 0.5
+RESTART_BACKOFF_S = 0.5  # the first restart's delay; it doubles with each quick death
+RESTART_BACKOFF_MAX_S = 30.0
+STABLE_S = 10.0  # a worker that lived this long resets the back-off
 
 
 class _Stop:
@@ -127,6 +129,10 @@ class Supervisor:
         self._wake_r, self._wake_w = socket.socketpair()
         self._signals: list[int] = []
         self._children: dict[int, int] = {}  # pid -> generation number
+        self._born: dict[int, float] = {}  # pid -> when it was forked
+        self._restarts: list[float] = []  # when to fork a replacement, for this generation
+        self._quick_deaths = 0  # workers in a row that died before STABLE_S
+        self._fatal: dict[int, str] = {}  # pid -> why it gave up (its "fatal" event)
         self._ready: set[int] = set()
         self._notified_ready = False
         self._stopping = False
@@ -141,9 +147,11 @@ class Supervisor:
         log.info("tlshd serving with %d worker process(es), upcall=%s",
                  self.generation.size, self.generation.config.upcall)
         while self._children or not self._stopping:
-            for key, _ in self._sel.select(timeout=1.0):
+            for key, _ in self._sel.select(timeout=self._select_timeout()):
                 key.data()
             self._reap()
+            self._respawn_due()
+            self._check_recovered()
             if self._stopping and not self._children:
                 break
         sdnotify.notify("STOPPING=1")
@@ -188,6 +196,7 @@ class Supervisor:
             log.info("tlshd stopping: draining %d worker(s)", len(self._children))
             sdnotify.notify("STOPPING=1")
         self._stopping = True
+        self._restarts.clear()
         _signal_all(set(self._children), signal.SIGTERM)
 
     # --- workers -----------------------------------------------------------------------
@@ -203,6 +212,7 @@ class Supervisor:
         if pid == 0:
             self._become_worker()
         self._children[pid] = self.generation.number
+        self._born[pid] = time.monotonic()
         self.stats.workers = sorted(self._children)
 
     def _become_worker(self) -> None:
@@ -218,8 +228,14 @@ class Supervisor:
                 sock.close()
             if self._held is not None:  # the supervisor's to close: no copy may outlive it
                 self._held.close()
-            code = run_worker(self.generation.config, self.generation.contexts, stop,
-                              _event_sender(self._events_w))
+            events = _event_sender(self._events_w)
+            try:
+                code = run_worker(self.generation.config, self.generation.contexts, stop, events)
+            except TlshdError as exc:  # cannot serve (no capability, no endpoint): one line,
+                # and only for a new cause: the supervisor says the rest once
+                (log.debug if self.stats.worker_problem else log.error)(
+                    "worker cannot serve: %s", exc)
+                events("fatal", {"reason": str(exc)[:300]})
         except BaseException:  # the child must never return into the supervisor's code
             log.exception("worker failed")
         finally:
@@ -239,14 +255,52 @@ class Supervisor:
 
     def _child_exited(self, pid: int, status: int) -> None:
         number = self._children.pop(pid, None)
+        lived = time.monotonic() - self._born.pop(pid, time.monotonic())
         self._ready.discard(pid)
         self.stats.worker_gone(pid)
         self.stats.workers = sorted(self._children)
+        self._on_events()  # its last word ("fatal") was sent before it exited
+        reason = self._fatal.pop(pid, "") or _describe(status)
         if self._stopping or number != self.generation.number:
             return  # drained on purpose (stop, or an older generation after a reload)
-        log.error("worker %d died (%s); restarting", pid, _describe(status))
-        time.sleep(RESTART_BACKOFF_S)
-        self._spawn()
+        self._quick_deaths = self._quick_deaths + 1 if lived < STABLE_S else 1
+        delay = min(RESTART_BACKOFF_S * 2 ** (self._quick_deaths - 1), RESTART_BACKOFF_MAX_S)
+        self._restarts.append(time.monotonic() + delay)
+        self.stats.worker_restarts += 1
+        if reason != self.stats.worker_problem:  # said once per cause, not once per restart
+            log.error("worker %d died (%s); restarting in %.1f s, later ones back off up to "
+                      "%.0f s", pid, reason, delay, RESTART_BACKOFF_MAX_S)
+            sdnotify.notify(f"STATUS=workers cannot serve: {reason}")
+        self.stats.worker_problem = reason
+
+    def _check_recovered(self) -> None:
+        """The problem is over once the generation's workers all serve and have lived
+        STABLE_S (a worker can be ready and still die at its first ACCEPT)."""
+        if not self.stats.worker_problem or self._restarts:
+            return
+        now = time.monotonic()
+        current = [pid for pid, n in self._children.items() if n == self.generation.number]
+        if len(current) < self.generation.size or any(
+                pid not in self._ready or now - self._born.get(pid, now) < STABLE_S
+                for pid in current):
+            return
+        log.info("workers serve again (after %d restart(s))", self.stats.worker_restarts)
+        sdnotify.notify(f"STATUS=serving with {len(current)} worker(s)")
+        self.stats.worker_problem = ""
+        self._quick_deaths = 0
+
+    def _select_timeout(self) -> float:
+        if not self._restarts:
+            return 1.0
+        return max(0.0, min(1.0, min(self._restarts) - time.monotonic()))
+
+    def _respawn_due(self) -> None:
+        now = time.monotonic()
+        due = [at for at in self._restarts if at <= now]
+        self._restarts = [at for at in self._restarts if at > now]
+        for _ in due:
+            if not self._stopping:
+                self._spawn()
 
     # --- reload ------------------------------------------------------------------------
 
@@ -261,6 +315,7 @@ class Supervisor:
             sdnotify.notify("READY=1", f"STATUS=reload failed: {exc}")
             return
         old = [pid for pid, number in self._children.items() if number == self.generation.number]
+        self._restarts.clear()  # the new generation starts whole
         self.generation = new
         self.stats.config_path = str(new.config.path or "")
         self._spawn_generation()
@@ -292,6 +347,9 @@ class Supervisor:
     def _apply(self, event: dict[str, Any]) -> None:
         if event["t"] == "ready":
             self._worker_ready(event["pid"])
+            return
+        if event["t"] == "fatal":
+            self._fatal[event["pid"]] = str(event.get("reason", ""))[:300]
             return
         self.stats.apply(event, time.monotonic())
         if self.metrics is not None:

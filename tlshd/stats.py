@@ -37,7 +37,8 @@ def decode_event(data: bytes) -> dict[str, Any]:
         event = json.loads(data)
     except (ValueError, UnicodeDecodeError):
         raise DecodeError("worker event is not JSON") from None
-    if not isinstance(event, dict) or event.get("t") not in ("start", "done", "ready"):
+    if not isinstance(event, dict) or event.get("t") not in ("start", "done", "ready",
+                                                              "fatal"):
         raise DecodeError("worker event without a known type")
     if not isinstance(event.get("pid"), int):
         raise DecodeError("worker event without a pid")
@@ -64,6 +65,8 @@ class Stats:
     reload_failures: int = 0
     workers: list[int] = field(default_factory=list)
     config_path: str = ""
+    worker_problem: str = ""  # why workers keep dying, while they do ("" when they serve)
+    worker_restarts: int = 0
 
     def apply(self, event: dict[str, Any], now: float) -> None:
         pid = event["pid"]
@@ -93,6 +96,8 @@ class Stats:
             "done_statuses": dict(sorted(self.statuses.items())),
             "reloads": self.reloads,
             "reload_failures": self.reload_failures,
+            "worker_problem": self.worker_problem,
+            "worker_restarts": self.worker_restarts,
             "recent_failures": [{**f, "age_s": round(now - f.pop("at", now), 3)}
                                 for f in (dict(x) for x in self.failures)],
         }
@@ -107,6 +112,9 @@ def format_status(doc: dict[str, Any]) -> str:
         f"(failed {doc['reload_failures']})",
         "handshakes:",
     ]
+    if doc.get("worker_problem"):
+        lines.insert(2, f"WORKERS CANNOT SERVE: {doc['worker_problem']} "
+                        f"({doc.get('worker_restarts', 0)} restart(s))")
     lines += [f"  {h['role']:<7} {h['auth']:<7} {h['result']:<7} {h['count']}"
               for h in doc["handshakes"]] or ["  none yet"]
     lines.append("DONE statuses: " + (", ".join(f"{k} {v}" for k, v in

@@ -357,6 +357,9 @@ class Worker:
                 log.warning("upcall: %s", exc)
                 return
             except NetlinkError as exc:
+                if exc.errno == errno.EPERM:  # GENL_ADMIN_PERM on 6.12.117 and 7.3
+                    raise NetlinkError(exc.errno, "ACCEPT (the agent needs CAP_NET_ADMIN)"
+                                       ) from None
                 if exc.errno in FATAL_ACCEPT_ERRNOS:  # the agent cannot ACCEPT at all: say so
                     raise
                 # that request's trouble (EIO, ENOMEM, ...): the next one may be fine
@@ -650,8 +653,9 @@ class Worker:
             while not stop():
                 self.run_once()
         except TlshdError as exc:
-            log.error("worker stops: %s; finishing %d handshake(s) in flight", exc,
-                      len(self.inflight))
+            if self.inflight:
+                log.error("worker stops: %s; finishing %d handshake(s) in flight", exc,
+                          len(self.inflight))
             self.drain(grace_s)
             raise
         self.drain(grace_s)

@@ -67,8 +67,11 @@ class Agent:
     everything the pipe holds, which makes ``agent.log[-1]`` that request's line.
     """
 
-    def __init__(self, config: Path, netns: str | None = None) -> None:
+    def __init__(self, config: Path, netns: str | None = None, *,
+                 wrap: tuple[str, ...] = ()) -> None:
+        """``wrap``: a command the agent runs under (e.g. setpriv, to drop a capability)."""
         prefix = ["ip", "netns", "exec", netns] if netns else []
+        prefix += wrap
         # Readiness the way systemd sees it: READY=1 on a notification socket.
         # A path, not an abstract name: those are per network namespace. A test that
         # listens on NOTIFY_SOCKET itself keeps it (and does its own waiting for READY=1).
