@@ -48,7 +48,8 @@ _KNOWN: dict[str, tuple[str, ...]] = {
     "authenticate.client": _X509_KEYS + _PQ_KEYS,
     "authenticate.server": _X509_KEYS + _PQ_KEYS,
     "agent": ("workers", "max_inflight", "handshake_timeout_ms", "require_client_cert", "upcall",
-              "log_success", "cn_fallback",
+              "log_success", "cn_fallback", "first_flight_timeout_ms", "max_inflight_per_peer",
+              "max_waiting",
               "metrics", "control_socket"),
 }
 _GROUP_RE = re.compile(r"^\[([^\[\]]+)\]$")
@@ -85,6 +86,9 @@ class Config:
     require_client_cert: bool = False
     log_success: bool = True  # a line per successful handshake (failures are always logged)
     cn_fallback: bool = False  # a server certificate's subject CN may carry its name
+    first_flight_timeout_ms: int = 2_000  # the peer's first message must be whole by then
+    max_inflight_per_peer: int = 64  # server handshakes one client address may hold
+    max_waiting: int = 256  # server handshakes a worker holds while awaiting their hello
     upcall: str = "auto"
     metrics: str = ""  # HOST:PORT of the Prometheus endpoint; off when empty
     control_socket: str = "tlshd/control"  # abstract Unix name, per network namespace
@@ -146,6 +150,11 @@ def parse_config(text: str, path: Path | None = None) -> Config:
         require_client_cert=_bool(groups, "agent", "require_client_cert", where),
         log_success=_bool(groups, "agent", "log_success", where, default=True),
         cn_fallback=_bool(groups, "agent", "cn_fallback", where),
+        first_flight_timeout_ms=_int(groups, "agent", "first_flight_timeout_ms", where, 2_000,
+                                     (1, 3_600_000)),
+        max_inflight_per_peer=_int(groups, "agent", "max_inflight_per_peer", where, 64,
+                                   (1, 65_536)),
+        max_waiting=_int(groups, "agent", "max_waiting", where, 256, (1, 65_536)),
         upcall=_upcall(groups, where),
         metrics=_metrics(groups, where),
         control_socket=_name(groups, "agent", "control_socket", where, "tlshd/control"),

@@ -125,9 +125,15 @@ class Metrics:
                               registry=self.registry)
         self.reloads = Counter("tlshd_reloads", "Configuration reloads", ["result"],
                                registry=self.registry)
+        self.limits = Counter("tlshd_limit_hits", "Handshakes ended by a per-peer limit "
+                              "(first_flight: no first message in time; per_peer: too many "
+                              "from one address)", ["limit"], registry=self.registry)
 
     def observe(self, event: dict[str, Any], inflight: int) -> None:
         self.inflight.set(inflight)
+        if event["t"] == "limit":
+            self.limits.labels(str(event.get("limit", "?"))).inc()
+            return
         if event["t"] != "done":
             return
         result = "ok" if event["status"] == 0 else "failed"

@@ -58,7 +58,10 @@ def run_worker(config: Config, contexts: Contexts, stop: _Stop,
     worker = Worker(upcall, contexts, default_timeout_ms=config.handshake_timeout_ms,
                     max_inflight=config.max_inflight, events=events,
                     debug_io=config.tls_debug > 0, delay_done_s=float(config.delay_done),
-                    log_success=config.log_success, cn_fallback=config.cn_fallback)
+                    log_success=config.log_success, cn_fallback=config.cn_fallback,
+                    first_flight_timeout_ms=config.first_flight_timeout_ms,
+                    max_inflight_per_peer=config.max_inflight_per_peer,
+                    max_waiting=config.max_waiting)
     if events is not None:
         events("ready", {})
     try:

@@ -87,6 +87,13 @@ class LocalError(TlshdError):
     """Something on this host is wrong: configuration, keys, kernel."""
 
 
+class PeerLimitError(LocalError):
+    """A source address already holds as many server handshakes as it may
+    (``[agent] max_inflight_per_peer``): the new one is refused before any TLS."""
+
+    status = errno.EBUSY
+
+
 class UnsupportedRequestError(LocalError):
     """The kernel asked for something this agent cannot honour."""
 

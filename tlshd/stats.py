@@ -38,7 +38,7 @@ def decode_event(data: bytes) -> dict[str, Any]:
     except (ValueError, UnicodeDecodeError):
         raise DecodeError("worker event is not JSON") from None
     if not isinstance(event, dict) or event.get("t") not in ("start", "done", "ready",
-                                                              "fatal"):
+                                                              "fatal", "limit"):
         raise DecodeError("worker event without a known type")
     if not isinstance(event.get("pid"), int):
         raise DecodeError("worker event without a pid")
@@ -67,9 +67,13 @@ class Stats:
     config_path: str = ""
     worker_problem: str = ""  # why workers keep dying, while they do ("" when they serve)
     worker_restarts: int = 0
+    limits: Counter[str] = field(default_factory=Counter)  # limit name -> handshakes it ended
 
     def apply(self, event: dict[str, Any], now: float) -> None:
         pid = event["pid"]
+        if event["t"] == "limit":
+            self.limits[str(event.get("limit", "?"))] += 1
+            return
         if event["t"] == "start":
             self.inflight[pid] += 1
             return
@@ -96,6 +100,7 @@ class Stats:
             "done_statuses": dict(sorted(self.statuses.items())),
             "reloads": self.reloads,
             "reload_failures": self.reload_failures,
+            "limits": dict(sorted(self.limits.items())),
             "worker_problem": self.worker_problem,
             "worker_restarts": self.worker_restarts,
             "recent_failures": [{**f, "age_s": round(now - f.pop("at", now), 3)}
@@ -119,6 +124,8 @@ def format_status(doc: dict[str, Any]) -> str:
               for h in doc["handshakes"]] or ["  none yet"]
     lines.append("DONE statuses: " + (", ".join(f"{k} {v}" for k, v in
                                               doc["done_statuses"].items()) or "none"))
+    if doc.get("limits"):
+        lines.append("limits hit: " + ", ".join(f"{k} {v}" for k, v in doc["limits"].items()))
     lines.append("recent failures:")
     lines += [f"  {f['age_s']:.0f} s ago: {f['role']} {f['auth']} peer={f['peer']} "
               f"status={f['status']} ({status_name(f['status'])}) {f['what']}"

@@ -46,6 +46,7 @@ from tlshd.errors import (
     HandshakeTimeoutError,
     NetlinkError,
     PeerClosedError,
+    PeerLimitError,
     RemoteError,
     TlshdError,
     TransportError,
@@ -104,6 +105,8 @@ class Handshake:
     tls_s: float = 0.0  # time inside OpenSSL in earlier attempts (a PSK retry)
     nodelay: int = 0  # TCP_NODELAY as the consumer had it: restored before DONE
     addr: str = "-"  # the peer's address, for the log
+    first_deadline: float = float("inf")  # the peer's first message must be whole by then
+    source: str = ""  # a server handshake's client address, for the per-peer limit
 
     @property
     def role(self) -> str:
@@ -198,6 +201,22 @@ def _log_result(reply: AcceptReply, status: int, elapsed_ms: float, what: str,
              what)
 
 
+def _source(sock: socket.socket) -> str:
+    """The peer's address without its port: what the per-peer limit counts."""
+    try:
+        return str(sock.getpeername()[0])
+    except (OSError, IndexError, TypeError):
+        return ""
+
+
+def _silent(hs: Handshake, now: float) -> bool:
+    return hs.first_deadline <= now and not hs.engine.first_flight_in
+
+
+def _deadline_of(hs: Handshake) -> float:
+    return hs.deadline if hs.engine.first_flight_in else min(hs.deadline, hs.first_deadline)
+
+
 def _peer_address(sock: socket.socket) -> str:
     """The peer's address in presentation form (ktls-utils c0f034b), or "-"."""
     try:
@@ -281,6 +300,9 @@ class Worker:
         delay_done_s: float = 0.0,
         log_success: bool = True,
         cn_fallback: bool = False,
+        first_flight_timeout_ms: int = 2_000,
+        max_inflight_per_peer: int = 64,
+        max_waiting: int = 256,
     ) -> None:
         self.upcall = upcall
         self._contexts = contexts
@@ -295,6 +317,12 @@ class Worker:
         self._delay_done_s = delay_done_s
         self._log_success = log_success  # [agent] log_success: failures are always logged
         self._cn_fallback = cn_fallback  # [agent] cn_fallback: CN-only server certificates
+        # [agent] first_flight_timeout_ms, max_inflight_per_peer: a peer that connects and
+        # says nothing holds a slot that long at most, and one address only so many slots
+        self._first_flight_s = first_flight_timeout_ms / 1000
+        self._per_peer = max_inflight_per_peer
+        self._max_waiting = max_waiting
+        self.by_source: dict[str, int] = {}
         self._held: list[tuple[float, socket.socket, int, tuple[int, ...],
                                AcceptReply | None]] = []
         self.netns = netns_label()
@@ -322,12 +350,12 @@ class Worker:
                 self._service(key.data, events)
         self._expire()
         self._send_held(self._clock())
-        if self._full and len(self.inflight) < self._max_inflight and not self.draining:
+        if self._full and self._has_room() and not self.draining:
             self._accept_all()  # room again: the next queued request, without a READY
 
     def _wait_time(self, max_wait: float) -> float:
         now = self._clock()
-        soonest = min((h.deadline for h in self.inflight.values()), default=now + max_wait)
+        soonest = min((_deadline_of(h) for h in self.inflight.values()), default=now + max_wait)
         if self._held:
             soonest = min(soonest, self._held[0][0])
         return max(0.0, min(max_wait, soonest - now, self._next_sweep - now))
@@ -345,7 +373,7 @@ class Worker:
         self._full = False
         refused = 0
         while True:
-            if len(self.inflight) >= self._max_inflight:
+            if not self._has_room():
                 self._full = True  # requests may be waiting: refill as handshakes end
                 return
             try:
@@ -372,6 +400,30 @@ class Worker:
                 return
             self._start(reply)
 
+    def _has_room(self) -> bool:
+        """``max_inflight`` counts the handshakes that cost CPU: every client, and servers
+        that have their ClientHello. A server still waiting for it costs an fd and a
+        deadline (``first_flight_timeout_ms``) and waits beside the rest (up to
+        ``max_waiting``, see ``_make_waiting_room``), so silent connections cannot take the
+        slots of good ones."""
+        return len(self.inflight) - len(self._waiting()) < self._max_inflight
+
+    def _waiting(self) -> list[Handshake]:
+        return [h for h in self.inflight.values() if h.source and not h.engine.first_flight_in]
+
+    def _make_waiting_room(self) -> None:
+        """At ``max_waiting``, the server handshake that has waited longest for its
+        ClientHello goes (a good client sends it within milliseconds): new requests are
+        never shut out, and a flood of silent connections only ever evicts its own kind."""
+        waiting = self._waiting()
+        if len(waiting) < self._max_waiting:
+            return
+        oldest = min(waiting, key=lambda h: h.started)
+        self._events("limit", {"limit": "max_waiting"})
+        self._end(oldest, HandshakeTimeoutError(
+            f"no ClientHello yet, and {self._max_waiting} server handshakes wait for theirs "
+            "([agent] max_waiting): the oldest makes room"))
+
     def _answer_broken(self, broken: BrokenAcceptError) -> None:
         log.error("malformed ACCEPT reply: %s", broken.error)
         if broken.sockfd is not None:
@@ -393,8 +445,10 @@ class Worker:
                 os.close(reply.sockfd)
             return
         choice = PSKChoice()
+        source = _source(sock) if reply.message_type == MsgType.SERVERHELLO else ""
         try:
             _check_request(reply, sock)
+            self._check_source(source)
             engine = self._engine_for(reply, choice)
         except TlshdError as exc:
             self._finish_early(reply, sock, exc)
@@ -410,11 +464,21 @@ class Worker:
         timeout_s = reply.timeout_ms / 1000 if reply.timeout_ms else self._default_timeout_s
         hs = Handshake(reply, sock, engine, deadline=now + timeout_s, started=now,
                        file_flags=file_flags, psk=choice, nodelay=nodelay,
-                       addr=_peer_address(sock))
+                       addr=_peer_address(sock), first_deadline=now + self._first_flight_s,
+                       source=source)
+        if source:
+            self._make_waiting_room()
+            self.by_source[source] = self.by_source.get(source, 0) + 1
         hs.busy_s = time.perf_counter() - begun  # engine set-up (a ClientHello) counts too
         self.inflight[sock.fileno()] = hs
         self._sel.register(sock, selectors.EVENT_READ, hs)
         self._service(hs, 0)
+
+    def _check_source(self, source: str) -> None:
+        if source and self.by_source.get(source, 0) >= self._per_peer:
+            self._events("limit", {"limit": "per_peer"})
+            raise PeerLimitError(f"{source} already has {self._per_peer} handshakes in flight "
+                                 "([agent] max_inflight_per_peer)")
 
     def _engine_for(self, reply: AcceptReply, choice: PSKChoice) -> HandshakeEngine:
         if reply.message_type not in (MsgType.CLIENTHELLO, MsgType.SERVERHELLO):
@@ -595,6 +659,12 @@ class Worker:
                      f"{what}{hs.psk.describe()} busy={busy_ms:.2f}ms tls={tls_ms:.2f}ms",
                      tls_ms, cipher, addr=hs.addr)
         self.inflight.pop(hs.sock.fileno(), None)
+        if hs.source:
+            left = self.by_source.get(hs.source, 1) - 1
+            if left > 0:
+                self.by_source[hs.source] = left
+            else:
+                self.by_source.pop(hs.source, None)
         self._sel.unregister(hs.sock)
         with contextlib.suppress(OSError):
             fcntl.fcntl(hs.sock.fileno(), fcntl.F_SETFL, hs.file_flags)
@@ -644,6 +714,12 @@ class Worker:
         now = self._clock()
         for hs in [h for h in self.inflight.values() if h.deadline <= now]:
             self._end(hs, HandshakeTimeoutError("the request's time budget ran out"))
+        for hs in [h for h in self.inflight.values() if _silent(h, now)]:
+            self._events("limit", {"limit": "first_flight"})
+            what = "ClientHello" if hs.source else "reply from the server"
+            self._end(hs, HandshakeTimeoutError(
+                f"no {what} within {self._first_flight_s * 1000:.0f} ms "
+                "([agent] first_flight_timeout_ms)"))
 
     def serve(self, stop: Callable[[], bool], grace_s: float) -> None:
         """Run until ``stop()``, then drain. If the worker cannot go on (an ACCEPT no retry

@@ -1219,3 +1219,98 @@ def test_a_worker_that_must_stop_still_finishes_its_handshakes(
     assert sorted(done.fd for done in rig.upcall.dones) == sorted(r.reply.sockfd for r in held)
     assert [done.status for done in rig.upcall.dones] == [0, 0, 0]
     assert rig.worker.inflight == {}
+
+
+# --- a peer that holds a slot for nothing (slot exhaustion) ------------------------------
+
+
+@pytest.mark.parametrize("says", [b"", bytes([22, 3, 1, 0, 200]), bytes([22, 3, 1, 0, 8])
+                                  + b"\x01\x00\x01\x00\x03\x03\x00\x00"],
+                         ids=["nothing", "a record header", "a record of a partial hello"])
+def test_a_server_peer_without_a_whole_client_hello_gets_the_first_flight_deadline(
+    rig_factory: Callable[..., Rig], requests: Callable[..., Request], says: bytes
+) -> None:
+    rig = rig_factory(default_timeout_ms=10_000, first_flight_timeout_ms=300)
+    req = requests(MsgType.SERVERHELLO, AuthMode.X509)
+    req.peer.sendall(says)
+    started = time.monotonic()
+    rig.upcall.ready(req.reply)
+    rig.run_until_done(timeout=5)
+    [done] = rig.upcall.dones
+    assert done.status == errno.ETIMEDOUT
+    assert 0.28 <= done.at - started < 1.5
+
+
+def test_a_client_whose_server_says_nothing_gets_the_first_flight_deadline(
+    rig_factory: Callable[..., Rig], requests: Callable[..., Request]
+) -> None:
+    rig = rig_factory(default_timeout_ms=10_000, first_flight_timeout_ms=300)
+    req = requests()
+    started = time.monotonic()
+    rig.upcall.ready(req.reply)
+    rig.run_until_done(timeout=5)
+    assert rig.upcall.dones[0].status == errno.ETIMEDOUT
+    assert rig.upcall.dones[0].at - started < 1.5
+
+
+def test_a_peer_that_sent_its_hello_has_the_whole_deadline(
+    rig_factory: Callable[..., Rig], requests: Callable[..., Request], pki: PKI
+) -> None:
+    """The first-flight deadline is for silence only: a slow but speaking peer keeps the
+    request's own deadline."""
+    rig = rig_factory(first_flight_timeout_ms=200)
+    req = requests(MsgType.SERVERHELLO, AuthMode.X509, timeout_ms=900)
+    client = SSL.Connection(client_peer_context(pki, cert=False), None)
+    client.set_connect_state()
+    with contextlib.suppress(SSL.WantReadError):
+        client.do_handshake()
+    req.peer.sendall(client.bio_read(65536))  # the ClientHello, and then nothing
+    started = time.monotonic()
+    rig.upcall.ready(req.reply)
+    rig.run_until_done(timeout=5)
+    assert rig.upcall.dones[0].status == errno.ETIMEDOUT
+    assert rig.upcall.dones[0].at - started >= 0.85
+
+
+def test_one_address_holds_at_most_max_inflight_per_peer_server_handshakes(
+    rig_factory: Callable[..., Rig], requests: Callable[..., Request]
+) -> None:
+    rig = rig_factory(max_inflight_per_peer=2)
+    held = [requests(MsgType.SERVERHELLO, AuthMode.X509) for _ in range(3)]
+    rig.upcall.ready(*(req.reply for req in held))
+    rig.worker.run_once(max_wait=0.01)
+    [refused] = rig.upcall.dones
+    assert refused.fd == held[2].reply.sockfd and refused.status == errno.EBUSY
+    assert rig.worker.by_source == {"127.0.0.1": 2}
+    rig.worker.drain(grace_s=0)
+    assert rig.worker.by_source == {}  # every slot given back
+
+
+def test_the_per_peer_limit_does_not_count_client_handshakes(
+    rig_factory: Callable[..., Rig], requests: Callable[..., Request]
+) -> None:
+    """Many mounts of one server are many client handshakes to one address: no limit."""
+    rig = rig_factory(max_inflight_per_peer=1)
+    held = [requests() for _ in range(3)]
+    rig.upcall.ready(*(req.reply for req in held))
+    rig.worker.run_once(max_wait=0.01)
+    assert rig.upcall.dones == [] and len(rig.worker.inflight) == 3
+
+
+def test_silent_server_handshakes_wait_beside_the_slots_of_the_rest(
+    rig_factory: Callable[..., Rig], requests: Callable[..., Request], pki: PKI
+) -> None:
+    rig = rig_factory(max_inflight=1, max_waiting=2)
+    silent = [requests(MsgType.SERVERHELLO, AuthMode.X509) for _ in range(3)]
+    rig.upcall.ready(*(req.reply for req in silent))
+    rig.worker.run_once(max_wait=0.01)
+    # max_waiting: the third one in made the oldest silent one go
+    [evicted] = rig.upcall.dones
+    assert evicted.fd == silent[0].reply.sockfd and evicted.status == errno.ETIMEDOUT
+    assert len(rig.worker.inflight) == 2
+    good = requests()
+    good.start_peer(server_peer_context(pki), server=True)
+    rig.upcall.ready(good.reply)
+    rig.run_until_done(2)
+    assert [d.status for d in rig.upcall.dones] == [errno.ETIMEDOUT, 0]  # served beside them
+    assert len(rig.worker.inflight) == 2

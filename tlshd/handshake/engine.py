@@ -214,6 +214,7 @@ class HandshakeEngine:
         self._outbuf = bytearray()
         self._held = bytearray()  # whole records held until the ClientHello is complete
         self._hello = HelloCollector()
+        self._first_flight = False  # the peer's first message is whole (see first_flight_in)
         self._secrets: dict[bytes, bytes] = {}
         self._result: HandshakeComplete | HandshakeFailed | None = None
         self._peername = peername
@@ -299,8 +300,32 @@ class HandshakeEngine:
             if self._connection is None:
                 self._hold(record)
                 continue
+            if not self._first_flight and not self._watch_first_flight(record):
+                return
             self._conn.bio_write(record)
             self._step(started=True)
+
+    @property
+    def first_flight_in(self) -> bool:
+        """The peer has sent its first message whole: a server has the ClientHello, a client
+        the first record of the server's reply. Until then a peer holds a slot for nothing
+        (the worker gives it a shorter deadline)."""
+        return self._first_flight
+
+    def _watch_first_flight(self, record: bytes) -> bool:
+        """Note when the first message is whole; False if it was refused (over the limit)."""
+        if self._role is Role.CLIENT:
+            self._first_flight = True
+            return True
+        try:
+            self._first_flight = self._hello.feed(record) is not None
+        except HelloTooLargeError as exc:
+            self._outbuf += ALERT_ILLEGAL_PARAMETER
+            self._fail(PeerProtocolError(str(exc)))
+            return False
+        except DecodeError:
+            self._first_flight = True  # not a ClientHello: OpenSSL's verdict comes at once
+        return True
 
     def _hold(self, record: bytes) -> None:
         """Server with a context selector: keep records until the ClientHello is whole."""
@@ -317,6 +342,7 @@ class HandshakeEngine:
             hello = b""  # not a ClientHello: the fallback context's OpenSSL will say why
         if hello is None:
             return
+        self._first_flight = True
         try:
             context, hook = self._select(hello) if hello else (self._fallback, None)
         except UnknownPSKIdentityError as exc:
