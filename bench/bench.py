@@ -47,11 +47,11 @@ from OpenSSL import SSL
 
 from bench.bench_agent import one_pair
 from kernel_sim.consumer import TLSConsumer
+from kernel_sim.demo import write_demo_config, write_demo_pki
 from kernel_sim.kernel import Kernel
 from kernel_sim.nvme import NVMeHost, NVMeKeyring, NVMeTarget, psk_identity
 from tlshd.config import parse_config
 from tlshd.contexts import Contexts
-from tlshd.demo import write_demo_config, write_demo_pki
 from tlshd.netlink.messages import AcceptReply, Header
 from tlshd.netlink.spec import AuthMode, MsgType
 
@@ -213,7 +213,7 @@ def percentile(values: list[float], p: float) -> float:
 
 def agent_figures(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
     endpoint = f"tlshd-bench-{os.getpid()}"
-    from tlshd.demo import start_agent
+    from kernel_sim.demo import start_agent
 
     pki = write_demo_pki(tmp)
     config = write_demo_config(tmp, pki, endpoint, workers=args.workers)

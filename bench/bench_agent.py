@@ -24,8 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernel_sim.consumer import TLSConsumer
+from kernel_sim.demo import start_agent, write_demo_config, write_demo_pki
 from kernel_sim.kernel import Kernel
-from tlshd.demo import start_agent, write_demo_config, write_demo_pki
 
 
 def one_pair(kernel: Kernel) -> float:

@@ -89,9 +89,18 @@ def main(argv: Sequence[str] | None = None, *, held: Held | None = None) -> int:
     """``held``: the group membership tlshd.early took before this module was imported; the
     supervisor keeps it until its workers listen, and it goes with the process on failure."""
     args = build_parser().parse_args(argv)
-    if args.command == "demo" or (args.command == "run" and not _kernel_has_family()):
-        from tlshd.demo import run_demo
-
+    if args.command == "run" and not _kernel_has_family():
+        print("tlshd run: this kernel has no 'handshake' netlink family (CONFIG_NET_HANDSHAKE, "
+              "Linux 6.4+), so nothing could reach an agent: running the kernel-sim demo "
+              "instead", file=sys.stderr, flush=True)
+        args.command = "demo"
+    if args.command == "demo":
+        try:
+            from kernel_sim.demo import run_demo  # the one way into the simulator from here
+        except ImportError:
+            print("tlshd demo: kernel-sim is not installed (pip install ./kernel-sim)",
+                  file=sys.stderr)
+            return 1
         return run_demo()
     if args.command == "install":
         from tlshd.install import install, this_executable

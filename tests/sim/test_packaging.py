@@ -45,7 +45,7 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copytree(ROOT, tree, ignore=NOT_SOURCE)
     run(sys.executable, "-m", "venv", env_dir, timeout=120)
     run(env_dir / "bin" / "python", "-m", "pip", "install", "--quiet", "--no-deps", tree,
-        timeout=300)
+        tree / "kernel-sim", timeout=300)
     return env_dir
 
 
@@ -60,7 +60,36 @@ def test_pip_install_puts_tlshd_on_the_path(venv: Path) -> None:
     assert shutil.which("tlshd", path=env["PATH"]) == str(venv / "bin" / "tlshd")
     out = run("tlshd", "--version", timeout=60, env=env, stderr=True)  # as ktls-utils: stderr
     assert out.startswith(f"tlshd, built from tlshd {tlshd.__version__} (Python ")
-    assert (venv / "bin" / "kernel-sim").exists()
+
+
+def test_kernel_sim_is_its_own_distribution_with_a_working_command(venv: Path) -> None:
+    env = _path_env(venv)
+    assert "demo" in run("kernel-sim", "--help", timeout=60, env=env)
+    python = venv / "bin" / "python"
+    files = run(python, "-c", "import importlib.metadata as m; "
+                "print(sorted({f.parts[0] for f in m.files('tlshd')}))", timeout=60)
+    assert "kernel_sim" not in files  # the agent's distribution does not carry the simulator
+
+
+def test_tlshd_demo_works_after_a_clean_install(venv: Path) -> None:
+    """Both distributions as installed above; their dependencies (not what is tested here)
+    are borrowed from the test environment with a .pth line after the venv's own packages."""
+    import site
+
+    deps = next(p for p in site.getsitepackages() if p.endswith("site-packages"))
+    (_site_packages(venv) / "zz-test-deps.pth").write_text(deps + "\n")
+    try:
+        out = run("tlshd", "demo", timeout=120, env=_path_env(venv))
+    finally:
+        (_site_packages(venv) / "zz-test-deps.pth").unlink()
+    assert out.count("client status=0") == 2, out
+    assert str(venv) in run(venv / "bin" / "python", "-c",
+                            "import kernel_sim, tlshd; print(kernel_sim.__file__, "
+                            "tlshd.__file__)", timeout=60, env=_path_env(venv))
+
+
+def _site_packages(venv: Path) -> Path:
+    return next((venv / "lib").glob("python3*/site-packages"))
 
 
 def test_pip_install_installs_the_man_pages(venv: Path) -> None:

@@ -1,9 +1,9 @@
-"""``tlshd demo``: kernel-sim plus the agent, doing real handshakes, and saying what happened.
+"""``kernel-sim demo`` (and ``tlshd demo``): kernel-sim plus an agent, doing real handshakes.
 
 For a machine whose kernel has no ``handshake`` family: it starts kernel-sim
 in this process, writes a throwaway CA and certificates and a configuration
-in the reference agent's format, starts the agent (``python -m tlshd``) as a
-separate process on the simulator's endpoint, and runs an NFS-style client
+in the reference agent's format, starts the agent (``python -m tlshd``, or any
+command given) as a separate process on the simulator's endpoint, and runs an NFS-style client
 and server consumer over loopback: an ``xprtsec=tls`` mount, an
 ``xprtsec=mtls`` mount, and RPC calls over the kTLS record layer.
 """
@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
@@ -97,9 +98,14 @@ control_socket=tlshd-demo/{endpoint}
     return path
 
 
-def start_agent(config: Path, *extra: str, stderr: IO[str] | None = None
-                ) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "tlshd", "-s", "-c", str(config), *extra],
+DEFAULT_AGENT = (sys.executable, "-m", "tlshd")
+
+
+def start_agent(config: Path, *extra: str, stderr: IO[str] | None = None,
+                agent: Sequence[str] = DEFAULT_AGENT) -> subprocess.Popen[bytes]:
+    """The agent under test as its own process: it shares nothing with kernel-sim but the
+    endpoint (it is told with ``-c``, in the reference agent's option syntax)."""
+    return subprocess.Popen([*agent, "-s", "-c", str(config), *extra],
                             stdin=subprocess.DEVNULL, stderr=stderr)
 
 
@@ -135,7 +141,7 @@ def _mount(kernel: Kernel, xprtsec: str, calls: int) -> str:
             f"{len(replies)} RPC NULL calls answered over kTLS")
 
 
-def run_demo() -> int:
+def run_demo(agent: Sequence[str] = DEFAULT_AGENT) -> int:
     from kernel_sim.kernel import Kernel
 
     endpoint = f"tlshd-demo-{os.getpid()}"
@@ -143,7 +149,7 @@ def run_demo() -> int:
         k.add_netns(None)
         config = write_demo_config(Path(tmp), write_demo_pki(Path(tmp)), endpoint)
         print(f"kernel-sim: endpoint {endpoint!r}; agent config {config}", flush=True)
-        agent = start_agent(config)
+        proc = start_agent(config, agent=agent)
         try:
             ns = k.netns_of(socket.socket())
             if not k.wait_for(lambda: k.listeners(ns) > 0, timeout=20):
@@ -153,7 +159,7 @@ def run_demo() -> int:
                 print(_mount(k, xprtsec, calls=3), flush=True)
             time.sleep(0.2)
         finally:
-            agent.terminate()
-            agent.wait(timeout=40)
-        print(f"agent stopped with status {agent.returncode}")
+            proc.terminate()
+            proc.wait(timeout=40)
+        print(f"agent stopped with status {proc.returncode}")
     return 0
