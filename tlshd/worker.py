@@ -56,10 +56,16 @@ from tlshd.errors import (
     UnsupportedRequestError,
 )
 from tlshd.handshake import _psk
-from tlshd.handshake.engine import ConnectionHook, HandshakeEngine, Role
-from tlshd.handshake.events import HandshakeComplete, HandshakeFailed, NeedData, SessionResult
-from tlshd.handshake.hello import offered_identities
+from tlshd.handshake.engine import HandshakeEngine, Role
+from tlshd.handshake.events import (
+    HandshakeComplete,
+    HandshakeFailed,
+    NeedData,
+    NeedServerCredentials,
+    SessionResult,
+)
 from tlshd.handshake.secrets import HashAlg
+from tlshd.keylog import KEYLOG
 from tlshd.ktls import install_ktls, ktls_params_from_secrets, suite_from_openssl_name
 from tlshd.netlink.messages import AcceptReply
 from tlshd.netlink.spec import AuthMode, MsgType
@@ -322,6 +328,9 @@ class Worker:
         self._first_flight_s = first_flight_timeout_ms / 1000
         self._per_peer = max_inflight_per_peer
         self._max_waiting = max_waiting
+        # what the engines may not do themselves: read the clock, write SSLKEYLOGFILE
+        self._engine_io: dict[str, Any] = {
+            "timer": time.perf_counter, "keylog": KEYLOG.write if KEYLOG.path else None}
         self.by_source: dict[str, int] = {}
         self._held: list[tuple[float, socket.socket, int, tuple[int, ...],
                                AcceptReply | None]] = []
@@ -491,7 +500,8 @@ class Worker:
         context = self._contexts(reply)
         role = Role.CLIENT if client else Role.SERVER
         peername = reply.peername if client else None
-        return HandshakeEngine(context, role, peername=peername, cn_fallback=self._cn_fallback)
+        return HandshakeEngine(context, role, peername=peername, cn_fallback=self._cn_fallback,
+                               **self._engine_io)
 
     def _psk_client(self, reply: AcceptReply, choice: PSKChoice) -> HandshakeEngine:
         choice.psk, choice.untried = next_client_psk(reply.peer_identities)
@@ -500,26 +510,33 @@ class Worker:
     def _psk_client_engine(self, psk: PSK) -> HandshakeEngine:
         return HandshakeEngine(self._contexts.psk_client[psk.hash_alg], Role.CLIENT,
                                on_connection=lambda conn: _psk.attach(conn, psk.identity,
-                                                                      psk.key, psk.suite))
+                                                                      psk.key, psk.suite),
+                               **self._engine_io)
 
     def _psk_server(self, reply: AcceptReply, choice: PSKChoice) -> HandshakeEngine:
-        contexts = self._contexts
+        """The engine asks (NeedServerCredentials) once the ClientHello is whole:
+        ``_server_psk`` answers."""
+        return HandshakeEngine(self._contexts.psk_server[HashAlg.SHA256], Role.SERVER,
+                               await_credentials=True, **self._engine_io)
+
+    def _server_psk(self, hs: Handshake, asked: NeedServerCredentials) -> None:
         # This request's keyring, then the session keyring (where the configured keyrings and
         # .nvme are linked). Never the whole process keyring: it also holds the keyrings the
         # kernel linked for the other requests this worker is serving right now.
-        keyrings = [k for k in (reply.keyring, keyring.KEY_SPEC_SESSION_KEYRING) if k]
-
-        def select(hello: bytes) -> tuple[SSL.Context, ConnectionHook]:
-            identities = offered_identities(hello)
-            psk = choice.psk = find_server_psk(identities, keyrings)
-            if psk is None:
-                offered = show_all(identities)
-                raise UnknownPSKIdentityError(f"no PSK key for identity {offered or '(none)'}")
-            return contexts.psk_server[psk.hash_alg], lambda conn: _psk.attach(
-                conn, psk.identity, psk.key, psk.suite)
-
-        fallback = contexts.psk_server[HashAlg.SHA256]
-        return HandshakeEngine(fallback, Role.SERVER, select_context=select)
+        keyrings = [k for k in (hs.reply.keyring, keyring.KEY_SPEC_SESSION_KEYRING) if k]
+        try:
+            psk = find_server_psk(asked.identities, keyrings)
+        except TlshdError as exc:  # the key is there but revoked, unreadable, ...
+            hs.engine.refuse(exc)
+            return
+        if psk is None:
+            offered = show_all(asked.identities)
+            hs.engine.refuse(UnknownPSKIdentityError(
+                f"no PSK key for identity {offered or '(none)'}"))
+            return
+        hs.psk.psk = psk
+        hs.engine.use_credentials(self._contexts.psk_server[psk.hash_alg], lambda conn: (
+            _psk.attach(conn, psk.identity, psk.key, psk.suite)))
 
     def _finish_early(self, reply: AcceptReply, sock: socket.socket, exc: TlshdError) -> None:
         if reply.message_type == MsgType.SERVERHELLO and isinstance(exc, CredentialError):
@@ -567,6 +584,9 @@ class Worker:
         hs.engine.receive_data(data)
 
     def _pump(self, hs: Handshake) -> None:
+        asked = hs.engine.next_event()
+        if isinstance(asked, NeedServerCredentials):
+            self._server_psk(hs, asked)
         hs.out += hs.engine.data_to_send()
         self._flush(hs)
         event = hs.engine.next_event()

@@ -22,7 +22,7 @@ from tlshd.handshake.engine import (
     HandshakeEngine,
     Role,
 )
-from tlshd.handshake.events import HandshakeComplete, HandshakeFailed
+from tlshd.handshake.events import HandshakeComplete, HandshakeFailed, NeedServerCredentials
 from tlshd.handshake.hello import (
     MAX_CLIENT_HELLO,
     HelloCollector,
@@ -124,13 +124,17 @@ def _pair(client_key: bytes, server_key: bytes | None, suites: str, suite: bytes
     client = HandshakeEngine(client_ctx, Role.CLIENT,
                              on_connection=lambda c: _psk.attach(c, identity, client_key, suite))
 
-    def select(hello: bytes):
-        if server_key is None or offered_identities(hello) != [identity]:
-            raise UnknownPSKIdentityError("unknown")
-        return server_ctx, lambda c: _psk.attach(c, identity, server_key, suite)
+    def answer(engine: HandshakeEngine, asked: NeedServerCredentials) -> None:
+        assert asked.identities == tuple(offered_identities(asked.hello))
+        if server_key is None or asked.identities != (identity,):
+            engine.refuse(UnknownPSKIdentityError("unknown"))
+            return
+        engine.use_credentials(server_ctx, lambda c: _psk.attach(c, identity, server_key,
+                                                                 suite))
 
-    server = HandshakeEngine(server_ctx, Role.SERVER, select_context=select)
-    return drive(client, server), server
+    # no keyring, socket or clock: the test is the worker that answers the engine's question
+    server = HandshakeEngine(server_ctx, Role.SERVER, await_credentials=True)
+    return drive(client, server, answer=answer), server
 
 
 @pytest.mark.parametrize("suites, suite, key_len, cipher", [
@@ -164,11 +168,12 @@ def test_unknown_identity_sends_unknown_psk_identity_and_the_client_says_ekeyrej
     client = HandshakeEngine(client_ctx, Role.CLIENT, on_connection=lambda c: _psk.attach(
         c, b"who", os.urandom(32), _psk.SUITE_SHA256))
 
-    def select(hello: bytes):
-        raise UnknownPSKIdentityError("no PSK key for identity 'who'")
-
-    server = HandshakeEngine(server_ctx, Role.SERVER, select_context=select)
+    server = HandshakeEngine(server_ctx, Role.SERVER, await_credentials=True)
     server.receive_data(client.data_to_send())
+    asked = server.next_event()
+    assert isinstance(asked, NeedServerCredentials) and asked.identities == (b"who",)
+    assert server.data_to_send() == b""  # nothing is said before the answer
+    server.refuse(UnknownPSKIdentityError("no PSK key for identity 'who'"))
     event = server.next_event()
     assert isinstance(event, HandshakeFailed) and event.error.status == errno.EKEYREJECTED
     alert = server.data_to_send()
@@ -222,18 +227,12 @@ def test_a_record_of_another_type_before_the_hello_is_whole_is_a_decode_error():
 
 def test_a_psk_server_refuses_a_huge_hello_with_an_alert_and_holds_nothing():
     server_ctx = psk_context(SSL.TLS_SERVER_METHOD, SHA256_SUITES)
-    picked: list[bytes] = []
-
-    def select(hello: bytes):
-        picked.append(hello)
-        raise UnknownPSKIdentityError("unreachable")
-
-    server = HandshakeEngine(server_ctx, Role.SERVER, select_context=select)
+    server = HandshakeEngine(server_ctx, Role.SERVER, await_credentials=True)
     server.receive_data(_record(b"\x01\xff\xff\xff" + b"\0" * 16380))  # declares 16 MiB
-    event = server.next_event()
+    event = server.next_event()  # failed, never asked
     assert isinstance(event, HandshakeFailed) and event.error.status == errno.EACCES
     assert "over the" in str(event.error)
-    assert server.data_to_send() == ALERT_ILLEGAL_PARAMETER and picked == []
+    assert server.data_to_send() == ALERT_ILLEGAL_PARAMETER
     assert len(server._held) == 0
 
 

@@ -1314,3 +1314,29 @@ def test_silent_server_handshakes_wait_beside_the_slots_of_the_rest(
     rig.run_until_done(2)
     assert [d.status for d in rig.upcall.dones] == [errno.ETIMEDOUT, 0]  # served beside them
     assert len(rig.worker.inflight) == 2
+
+
+def test_sslkeylogfile_is_wired_from_the_worker_into_its_engines(
+    rig_factory: Callable[..., Rig], requests: Callable[..., Request], pki: PKI,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tlshd import worker as worker_module
+    from tlshd.keylog import KeyLogFile
+
+    path = tmp_path / "keys.log"
+    monkeypatch.setattr(worker_module, "KEYLOG", KeyLogFile({"SSLKEYLOGFILE": str(path)}))
+    rig = rig_factory()
+    req = requests()
+    req.start_peer(server_peer_context(pki), server=True)
+    rig.upcall.ready(req.reply)
+    rig.run_until_done()
+    assert rig.upcall.dones[0].status == 0
+    assert b"CLIENT_TRAFFIC_SECRET_0" in path.read_bytes()
+
+
+def test_without_sslkeylogfile_the_engines_get_no_key_log_sink(rig: Rig) -> None:
+    assert rig.worker._engine_io["keylog"] is None or worker_keylog_set()
+
+
+def worker_keylog_set() -> bool:
+    return bool(os.environ.get("SSLKEYLOGFILE"))

@@ -48,9 +48,7 @@ from __future__ import annotations
 import enum
 import errno
 import ipaddress
-import os
 import re
-import time
 from collections.abc import Callable
 from typing import Literal, Protocol, cast
 
@@ -74,9 +72,10 @@ from tlshd.handshake.events import (
     HandshakeComplete,
     HandshakeFailed,
     NeedData,
+    NeedServerCredentials,
     SessionResult,
 )
-from tlshd.handshake.hello import HelloCollector, HelloTooLargeError
+from tlshd.handshake.hello import HelloCollector, HelloTooLargeError, offered_identities
 from tlshd.untrusted import show
 
 __all__ = ["HandshakeEngine", "Role", "route_keylog_line"]
@@ -110,29 +109,6 @@ def route_keylog_line(conn: SSL.Connection, line: bytes) -> None:
         engine._remember_secret(line)
 
 
-class KeyLogFile:
-    """``SSLKEYLOGFILE``: GnuTLS appends each session's secrets to the file that variable
-    names, so the ktls-utils agent does too; here OpenSSL's key-log lines (the NSS format)
-    go there. Opened on first use with O_APPEND and mode 0600; a write that fails is dropped
-    (this runs inside OpenSSL's callback and must not raise)."""
-
-    def __init__(self, environ: dict[str, str] | os._Environ[str] = os.environ) -> None:
-        self.path = environ.get("SSLKEYLOGFILE") or None
-        self._fd: int | None = None
-
-    def write(self, line: bytes) -> None:
-        if self.path is None:
-            return
-        try:
-            if self._fd is None:
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT
-                                   | os.O_CLOEXEC, 0o600)
-            os.write(self._fd, line + b"\n")
-        except OSError:
-            return
-
-
-KEYLOG = KeyLogFile()
 
 
 def parse_record_header(header: bytes) -> tuple[int, int]:
@@ -155,7 +131,6 @@ def count_records(data: bytes) -> int:
 
 
 ConnectionHook = Callable[[SSL.Connection], None]
-ContextSelector = Callable[[bytes], tuple[SSL.Context, ConnectionHook | None]]
 # RFC 8446 §6: alert(21), TLS 1.2 record version, length 2, fatal(2), unknown_psk_identity(115)
 ALERT_UNKNOWN_PSK_IDENTITY = bytes([21, 3, 3, 0, 2, 2, 115])
 ALERT_ILLEGAL_PARAMETER = bytes([21, 3, 3, 0, 2, 2, 47])  # OpenSSL's for an excessive size
@@ -199,15 +174,20 @@ class HandshakeEngine:
         peername: str | None = None,
         cn_fallback: bool = False,
         on_connection: ConnectionHook | None = None,
-        select_context: ContextSelector | None = None,
+        await_credentials: bool = False,
+        timer: Callable[[], float] | None = None,
+        keylog: Callable[[bytes], None] | None = None,
     ) -> None:
         """``cn_fallback`` (client): a server certificate without subjectAltName may match
         ``peername`` by its subject CN; off by default (RFC 9525 6.3, RFC 9289 5.2).
         ``on_connection`` runs on the new ``SSL.Connection`` before any byte is made
-        (e.g. to attach a PSK). ``select_context`` (server) sees the whole ClientHello
-        first and returns the context and hook to use; ``context`` is then the fallback
-        for input that is not a ClientHello. It may raise ``UnknownPSKIdentityError``:
-        the client then gets an ``unknown_psk_identity`` alert."""
+        (e.g. to attach a PSK). ``await_credentials`` (server): once the ClientHello is
+        whole, :meth:`next_event` is :class:`NeedServerCredentials` until the caller
+        answers with :meth:`use_credentials` or :meth:`refuse`; ``context`` is then only the
+        fallback for input that is not a ClientHello. ``timer`` (e.g. ``time.perf_counter``)
+        measures the time spent inside OpenSSL (``tls_seconds``); ``keylog`` receives each
+        NSS key-log line (``SSLKEYLOGFILE``). The engine itself reads no clock, file,
+        keyring or socket."""
         _check_context(context)
         self._role = role
         self._inbuf = bytearray()
@@ -220,10 +200,13 @@ class HandshakeEngine:
         self._peername = peername
         self._cn_fallback = cn_fallback
         self._fallback = context
-        self._select = select_context if role is Role.SERVER else None
+        self._awaiting = await_credentials and role is Role.SERVER
+        self._pending: NeedServerCredentials | None = None  # asked, not yet answered
+        self._timer = timer
+        self._keylog = keylog
         self._connection: SSL.Connection | None = None  # None: held for the ClientHello
         self.tls_seconds = 0.0  # time inside OpenSSL (do_handshake): the rest is ours
-        if self._select is None:
+        if not self._awaiting:
             self._connect(context, on_connection)
 
     def _connect(self, context: SSL.Context, hook: ConnectionHook | None) -> None:
@@ -267,7 +250,29 @@ class HandshakeEngine:
     def next_event(self) -> Event:
         if self._result is not None:
             return self._result
+        if self._pending is not None:
+            return self._pending
         return NeedData(self._bytes_to_record_end())
+
+    def use_credentials(self, context: SSL.Context, hook: ConnectionHook | None = None) -> None:
+        """The answer to :class:`NeedServerCredentials`: go on with ``context`` (and
+        ``hook`` on the new connection, e.g. to attach the PSK found)."""
+        if self._pending is None:
+            raise RuntimeError("use_credentials without NeedServerCredentials")
+        self._pending = None
+        self._start_held(context, hook)
+        self._feed_records()  # what the client sent meanwhile
+
+    def refuse(self, error: TlshdError) -> None:
+        """The other answer: the handshake fails with ``error``; an unknown PSK identity
+        gets the ``unknown_psk_identity`` alert (RFC 8446 4.2.11), anything else none."""
+        if self._pending is None:
+            raise RuntimeError("refuse without NeedServerCredentials")
+        self._pending = None
+        self._held.clear()
+        if isinstance(error, UnknownPSKIdentityError):
+            self._outbuf += ALERT_UNKNOWN_PSK_IDENTITY
+        self._fail(error)
 
     @property
     def trailing_data(self) -> bytes:
@@ -285,7 +290,8 @@ class HandshakeEngine:
         return RECORD_HEADER_LEN + length - len(self._inbuf)
 
     def _feed_records(self) -> None:
-        while self._result is None and len(self._inbuf) >= RECORD_HEADER_LEN:
+        while (self._result is None and self._pending is None
+               and len(self._inbuf) >= RECORD_HEADER_LEN):
             header = bytes(self._inbuf[:RECORD_HEADER_LEN])
             try:
                 _, length = parse_record_header(header)
@@ -328,8 +334,7 @@ class HandshakeEngine:
         return True
 
     def _hold(self, record: bytes) -> None:
-        """Server with a context selector: keep records until the ClientHello is whole."""
-        assert self._select is not None
+        """Server awaiting credentials: keep records until the ClientHello is whole."""
         self._held += record
         try:
             hello = self._hello.feed(record)
@@ -343,15 +348,16 @@ class HandshakeEngine:
         if hello is None:
             return
         self._first_flight = True
+        if not hello:
+            self._start_held(self._fallback, None)
+            return
         try:
-            context, hook = self._select(hello) if hello else (self._fallback, None)
-        except UnknownPSKIdentityError as exc:
-            self._outbuf += ALERT_UNKNOWN_PSK_IDENTITY
-            self._fail(exc)
-            return
-        except TlshdError as exc:
-            self._fail(exc)
-            return
+            identities = tuple(offered_identities(hello))
+        except DecodeError:
+            identities = ()  # OpenSSL will judge the hello once a context is chosen
+        self._pending = NeedServerCredentials(hello, identities)
+
+    def _start_held(self, context: SSL.Context, hook: ConnectionHook | None) -> None:
         self._connect(context, hook)
         self._conn.bio_write(bytes(self._held))
         self._held.clear()
@@ -374,20 +380,24 @@ class HandshakeEngine:
     # -- driving OpenSSL -----------------------------------------------------------
 
     def _step(self, *, started: bool) -> None:
-        begun = time.perf_counter()
+        begun = self._timer() if self._timer else 0.0
         try:
             self._conn.do_handshake()
         except SSL.WantReadError:
-            self.tls_seconds += time.perf_counter() - begun
+            self._timed(begun)
             self._outbuf += self._drain_bio()
             return
         except SSL.Error as exc:
-            self.tls_seconds += time.perf_counter() - begun
+            self._timed(begun)
             self._outbuf += self._drain_bio()
             self._fail(self._classify(exc) if started else _local_failure(exc))
             return
-        self.tls_seconds += time.perf_counter() - begun
+        self._timed(begun)
         self._complete()
+
+    def _timed(self, begun: float) -> None:
+        if self._timer is not None:
+            self.tls_seconds += self._timer() - begun
 
     def _drain_bio(self) -> bytes:
         out = bytearray()
@@ -424,7 +434,8 @@ class HandshakeEngine:
     # -- results ----------------------------------------------------------------
 
     def _remember_secret(self, line: bytes) -> None:
-        KEYLOG.write(line)
+        if self._keylog is not None:
+            self._keylog(line)
         fields = line.split(b" ")
         if len(fields) == 3 and fields[0] in (_CLIENT_SECRET, _SERVER_SECRET):
             try:

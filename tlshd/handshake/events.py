@@ -65,6 +65,17 @@ class SessionResult:
 
 
 @dataclass(frozen=True)
+class NeedServerCredentials:
+    """A server engine made with ``await_credentials`` has the whole ClientHello and waits
+    for :meth:`~tlshd.handshake.engine.HandshakeEngine.use_credentials` or ``refuse``:
+    the caller, not the engine, looks up keys. ``identities`` are the PSK identities the
+    client offers, in its order (empty when it offers none or the hello is malformed)."""
+
+    hello: bytes = field(repr=False)
+    identities: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True)
 class HandshakeComplete:
     session: SessionResult
 
@@ -74,4 +85,4 @@ class HandshakeFailed:
     error: TlshdError
 
 
-Event = NeedData | HandshakeComplete | HandshakeFailed
+Event = NeedData | NeedServerCredentials | HandshakeComplete | HandshakeFailed

@@ -902,12 +902,14 @@ def test_sslkeylogfile_gets_the_nss_key_log_lines_of_both_sides(
     pki: PKI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """SSLKEYLOGFILE, as GnuTLS honours it for ktls-utils: a capture can be decrypted."""
-    from tlshd.handshake import engine as engine_module
+    from tlshd.keylog import KeyLogFile
 
     path = tmp_path / "keys.log"
-    monkeypatch.setattr(engine_module, "KEYLOG",
-                        engine_module.KeyLogFile({"SSLKEYLOGFILE": str(path)}))
-    client, server = anon_client(pki), engine_server(pki)
+    keylog = KeyLogFile({"SSLKEYLOGFILE": str(path)})
+    client = EngineEnd(HandshakeEngine(credentials.client_context(pki.ca), Role.CLIENT,
+                                       peername="server.test", keylog=keylog.write))
+    server = EngineEnd(HandshakeEngine(credentials.server_context(
+        pki.server.cert, pki.server.key, pki.ca, False), Role.SERVER, keylog=keylog.write))
     run(client, server)
     lines = path.read_bytes().splitlines()
     labels = sorted({line.split(b" ")[0] for line in lines})
@@ -920,7 +922,7 @@ def test_sslkeylogfile_gets_the_nss_key_log_lines_of_both_sides(
 
 
 def test_without_sslkeylogfile_nothing_is_written() -> None:
-    from tlshd.handshake.engine import KeyLogFile
+    from tlshd.keylog import KeyLogFile
 
     keylog = KeyLogFile({})
     keylog.write(b"CLIENT_TRAFFIC_SECRET_0 00 11")
