@@ -71,9 +71,6 @@ def run_worker(config: Config, contexts: Contexts, stop: _Stop,
     return 0
 
 
-KERNEL_KEYRINGS = (".nvme", ".nfs", ".nfsd")
-
-
 def link_keyrings(names: tuple[str, ...], where: str = "") -> list[tuple[str, int]]:
     """Link the kernel's keyrings that exist and the configured ones into our session keyring,
     so PSK searches find their keys (under systemd the service has a session keyring of its
@@ -81,7 +78,7 @@ def link_keyrings(names: tuple[str, ...], where: str = "") -> list[tuple[str, in
     ktls-utils does (src/tlshd/keyring.c, tlshd_keyring_link_session): ``.nvme`` appears
     only when the nvme module loads, perhaps after the agent; ``tlshd doctor`` reports it."""
     linked = []
-    for name in dict.fromkeys((*KERNEL_KEYRINGS, *names)):
+    for name in dict.fromkeys((*keyring.KERNEL_KEYRINGS, *names)):
         try:
             serial = keyring.find_keyring(name)
         except KeyNotFoundError:
@@ -157,7 +154,7 @@ class Supervisor:
             self._check_recovered()
             if self._stopping and not self._children:
                 break
-        sdnotify.notify("STOPPING=1")
+        sdnotify.notify(sdnotify.STOPPING)
         return 0
 
     def _open_endpoints(self, config: Config) -> None:
@@ -197,7 +194,7 @@ class Supervisor:
     def _stop(self) -> None:
         if not self._stopping:
             log.info("tlshd stopping: draining %d worker(s)", len(self._children))
-            sdnotify.notify("STOPPING=1")
+            sdnotify.notify(sdnotify.STOPPING)
         self._stopping = True
         self._restarts.clear()
         _signal_all(set(self._children), signal.SIGTERM)
@@ -273,7 +270,7 @@ class Supervisor:
         if reason != self.stats.worker_problem:  # said once per cause, not once per restart
             log.error("worker %d died (%s); restarting in %.1f s, later ones back off up to "
                       "%.0f s", pid, reason, delay, RESTART_BACKOFF_MAX_S)
-            sdnotify.notify(f"STATUS=workers cannot serve: {reason}")
+            sdnotify.notify(sdnotify.status(f"workers cannot serve: {reason}"))
         self.stats.worker_problem = reason
 
     def _check_recovered(self) -> None:
@@ -288,7 +285,7 @@ class Supervisor:
                 for pid in current):
             return
         log.info("workers serve again (after %d restart(s))", self.stats.worker_restarts)
-        sdnotify.notify(f"STATUS=serving with {len(current)} worker(s)")
+        sdnotify.notify(sdnotify.status(f"serving with {len(current)} worker(s)"))
         self.stats.worker_problem = ""
         self._quick_deaths = 0
 
@@ -308,14 +305,14 @@ class Supervisor:
     # --- reload ------------------------------------------------------------------------
 
     def _reload(self) -> None:
-        sdnotify.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        sdnotify.notify(sdnotify.RELOADING, sdnotify.monotonic_usec())
         try:
             new = _build_generation(self.generation.number + 1, self._load(), self.generation)
         except TlshdError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
             self.stats.reload_failures += 1
             self._count_reload("failed")
-            sdnotify.notify("READY=1", f"STATUS=reload failed: {exc}")
+            sdnotify.notify(sdnotify.READY, sdnotify.status(f"reload failed: {exc}"))
             return
         old = [pid for pid, number in self._children.items() if number == self.generation.number]
         self._restarts.clear()  # the new generation starts whole
@@ -367,7 +364,8 @@ class Supervisor:
             if self._held is not None:  # the workers are the listeners now
                 self._held.close()
                 self._held = None
-            sdnotify.notify("READY=1", f"STATUS=serving with {len(self._ready)} worker(s)")
+            sdnotify.notify(sdnotify.READY,
+                            sdnotify.status(f"serving with {len(self._ready)} worker(s)"))
 
     def _serve_control(self, listener: socket.socket) -> None:
         with contextlib.suppress(BlockingIOError):

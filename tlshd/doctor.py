@@ -36,9 +36,9 @@ from OpenSSL import SSL, crypto
 from tlshd import keyring
 from tlshd.config import DEFAULT_PATHS, Config, X509Side, load_config
 from tlshd.contexts import Contexts, file_notices
-from tlshd.daemon import KERNEL_KEYRINGS
 from tlshd.errors import ConfigError, CredentialError, KeyNotFoundError, NetlinkError, TlshdError
 from tlshd.handshake.credentials import SYSTEM_CA_BUNDLES, X509Credentials
+from tlshd.keyring import KERNEL_KEYRINGS
 from tlshd.upcall import DEFAULT_SIM_ENDPOINT, NetlinkUpcall, SimUpcall
 
 EXPIRY_WARN_DAYS = 30

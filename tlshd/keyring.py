@@ -25,6 +25,9 @@ KEY_SPEC_THREAD_KEYRING = -1
 KEY_SPEC_PROCESS_KEYRING = -2
 KEY_SPEC_SESSION_KEYRING = -3
 KEY_SPEC_USER_KEYRING = -4
+# The keyrings the kernel consumers create and search (nvme-keyring.ko, NFS client and server):
+# linked into the agent's session keyring at start when they exist (tlshd/daemon.py).
+KERNEL_KEYRINGS = (".nvme", ".nfs", ".nfsd")
 
 
 @cache

@@ -5,7 +5,7 @@ Theory of operation: systemd (or any manager speaking the protocol) passes
 (``/run/systemd/notify``) or an abstract name written ``@name``. A notification
 is one datagram of newline-separated ``KEY=VALUE`` fields: ``READY=1`` once
 the service can serve, ``RELOADING=1`` / ``STOPPING=1`` around a reload or a
-stop, ``STATUS=...`` free text for ``systemctl status``, ``WATCHDOG=1`` pings.
+stop, ``STATUS=...`` free text for ``systemctl status``.
 The manager learns the sender from the kernel's SCM_CREDENTIALS, so with
 ``NotifyAccess=main`` only the supervisor's messages count.
 
@@ -27,7 +27,6 @@ log = logging.getLogger("tlshd")
 READY = "READY=1"
 RELOADING = "RELOADING=1"
 STOPPING = "STOPPING=1"
-WATCHDOG = "WATCHDOG=1"
 
 
 def notify(*fields: str) -> bool:
@@ -54,20 +53,6 @@ def monotonic_usec() -> str:
     """A ``MONOTONIC_USEC=`` field: CLOCK_MONOTONIC now, which systemd wants with
     ``RELOADING=1`` (required by ``Type=notify-reload``, harmless before systemd 253)."""
     return f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
-
-
-def watchdog_interval_s() -> float | None:
-    """The watchdog period the manager expects pings within (``WatchdogSec=``), or None.
-
-    As sd_watchdog_enabled(3): ``$WATCHDOG_USEC`` must be a positive integer, and
-    ``$WATCHDOG_PID``, when set, must be this process (a forked worker inherits the
-    variables but is not the one being watched)."""
-    usec, pid = os.environ.get("WATCHDOG_USEC", ""), os.environ.get("WATCHDOG_PID", "")
-    if not usec.isdigit() or int(usec) == 0:
-        return None
-    if pid and (not pid.isdigit() or int(pid) != os.getpid()):
-        return None
-    return int(usec) / 1_000_000
 
 
 def _address(value: str) -> str | bytes | None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import time
 import uuid
@@ -100,37 +99,3 @@ def test_a_stream_socket_is_a_send_error(tmp_path: Path,
         listener.listen()
         monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "stream"))
         assert sdnotify.notify(sdnotify.READY) is False
-
-
-def test_watchdog_interval_for_this_process(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("WATCHDOG_USEC", "30000000")
-    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
-    assert sdnotify.watchdog_interval_s() == 30.0
-
-
-def test_watchdog_without_pid_means_us(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("WATCHDOG_USEC", "1500000")
-    monkeypatch.delenv("WATCHDOG_PID", raising=False)
-    assert sdnotify.watchdog_interval_s() == 1.5
-
-
-def test_watchdog_of_another_process_is_not_ours(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("WATCHDOG_USEC", "30000000")
-    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid() + 1))
-    assert sdnotify.watchdog_interval_s() is None
-
-
-@pytest.mark.parametrize("usec", [None, "", "0", "-5", "abc", "1.5"])
-def test_watchdog_off_or_malformed(usec: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("WATCHDOG_PID", raising=False)
-    if usec is None:
-        monkeypatch.delenv("WATCHDOG_USEC", raising=False)
-    else:
-        monkeypatch.setenv("WATCHDOG_USEC", usec)
-    assert sdnotify.watchdog_interval_s() is None
-
-
-def test_watchdog_malformed_pid(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("WATCHDOG_USEC", "1000000")
-    monkeypatch.setenv("WATCHDOG_PID", "self")
-    assert sdnotify.watchdog_interval_s() is None

@@ -58,7 +58,6 @@ class _Attached:
     key: bytes = field(repr=False)
     suite: bytes
     identity_buf: Any = None  # keeps the identity alive while OpenSSL points at it
-    used: bool = False
 
 
 _registry: dict[int, _Attached] = {}
@@ -132,7 +131,6 @@ def _use_session(ssl: Any, md: Any, idp: Any, idlenp: Any, sessp: Any) -> int:
         return 0
     att.identity_buf = ffi.new("unsigned char[]", att.identity)
     idp[0], idlenp[0], sessp[0] = att.identity_buf, len(att.identity), sess
-    att.used = True
     return 1
 
 
@@ -146,7 +144,6 @@ def _find_session(ssl: Any, identity: Any, identity_len: int, sessp: Any) -> int
     if sess == ffi.NULL:
         return 0
     sessp[0] = sess
-    att.used = True
     return 1
 
 
@@ -167,11 +164,6 @@ def enable_server_psk(ctx: SSL.Context) -> None:
 def attach(conn: SSL.Connection, identity: bytes, key: bytes, suite: bytes) -> None:
     """Give this handshake its PSK (client: the one to offer; server: the one to accept)."""
     _registry[_address(conn._ssl)] = _Attached(identity, key, suite)
-
-
-def was_used(conn: SSL.Connection) -> bool:
-    att = _registry.get(_address(conn._ssl))
-    return att is not None and att.used
 
 
 def detach(conn: SSL.Connection) -> None:

@@ -45,8 +45,7 @@ it. Only the two application traffic secrets are kept.
 
 from __future__ import annotations
 
-import enum
-import errno
+import contextlib
 import ipaddress
 import re
 from collections.abc import Callable
@@ -76,6 +75,7 @@ from tlshd.handshake.events import (
     SessionResult,
 )
 from tlshd.handshake.hello import HelloCollector, HelloTooLargeError, offered_identities
+from tlshd.handshake.secrets import Role, SecretCollector
 from tlshd.untrusted import show
 
 __all__ = ["HandshakeEngine", "Role", "route_keylog_line"]
@@ -87,16 +87,9 @@ MAX_RECORD_BODY_LEN = 2**14 + 256
 TLS_CONTENT_TYPES = frozenset({20, 21, 22, 23})
 _BIO_CHUNK = 65536
 
-_CLIENT_SECRET = b"CLIENT_TRAFFIC_SECRET_0"
-_SERVER_SECRET = b"SERVER_TRAFFIC_SECRET_0"
 # OpenSSL reasons for a received alert: "sslv3 alert handshake failure",
 # "tlsv1 alert unknown ca", "tlsv13 alert certificate required", ...
 _ALERT_REASON = re.compile(r"\balert (?P<name>[a-z0-9 ]+)")
-
-
-class Role(enum.Enum):
-    CLIENT = "client"
-    SERVER = "server"
 
 
 def route_keylog_line(conn: SSL.Connection, line: bytes) -> None:
@@ -195,7 +188,7 @@ class HandshakeEngine:
         self._held = bytearray()  # whole records held until the ClientHello is complete
         self._hello = HelloCollector()
         self._first_flight = False  # the peer's first message is whole (see first_flight_in)
-        self._secrets: dict[bytes, bytes] = {}
+        self._secrets = SecretCollector()
         self._result: HandshakeComplete | HandshakeFailed | None = None
         self._peername = peername
         self._cn_fallback = cn_fallback
@@ -426,7 +419,7 @@ class HandshakeEngine:
         if self._connection is not None:
             self._connection.set_app_data(None)  # break the engine <-> connection cycle
             _psk.detach(self._connection)
-        self._secrets.clear()
+        self._secrets = SecretCollector()  # the secrets live on in the result only
 
     def _fail(self, error: TlshdError) -> None:
         self._finish(HandshakeFailed(error))
@@ -436,30 +429,21 @@ class HandshakeEngine:
     def _remember_secret(self, line: bytes) -> None:
         if self._keylog is not None:
             self._keylog(line)
-        fields = line.split(b" ")
-        if len(fields) == 3 and fields[0] in (_CLIENT_SECRET, _SERVER_SECRET):
-            try:
-                self._secrets[fields[0]] = bytes.fromhex(fields[2].decode("ascii"))
-            except ValueError:
-                return
+        # inside OpenSSL's callback: must not raise (OpenSSL's own lines are well formed)
+        with contextlib.suppress(DecodeError):
+            self._secrets.add_line(line)
 
     def _session_result(self, dropped: int) -> SessionResult:
         protocol = self._conn.get_protocol_version_name()
         if protocol != "TLSv1.3":
             raise PeerProtocolError(f"negotiated {protocol}, only TLSv1.3 is allowed")
-        mine, theirs = (
-            (_CLIENT_SECRET, _SERVER_SECRET)
-            if self._role is Role.CLIENT
-            else (_SERVER_SECRET, _CLIENT_SECRET)
-        )
-        if mine not in self._secrets or theirs not in self._secrets:
-            raise TlshdError("OpenSSL did not log the traffic secrets", status=errno.EIO)
+        tx_secret, rx_secret = self._secrets.application_secrets(self._role)  # or EIO
         leaf, chain = _peer_certificates(self._conn)
         return SessionResult(
             cipher_name=self._conn.get_cipher_name() or "",
             protocol=protocol,
-            tx_secret=self._secrets[mine],
-            rx_secret=self._secrets[theirs],
+            tx_secret=tx_secret,
+            rx_secret=rx_secret,
             peer_certificate_der=leaf,
             peer_chain_der=chain,
             dropped_post_handshake_records=dropped,

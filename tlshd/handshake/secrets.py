@@ -83,7 +83,7 @@ class HashAlg(enum.Enum):
 
 
 class Role(enum.Enum):
-    """Which end of the TLS connection this agent plays."""
+    """Which end of the TLS connection this agent plays (the engine's role too)."""
 
     CLIENT = "client"
     SERVER = "server"
