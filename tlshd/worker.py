@@ -473,7 +473,10 @@ class Worker:
         timeout_s = reply.timeout_ms / 1000 if reply.timeout_ms else self._default_timeout_s
         hs = Handshake(reply, sock, engine, deadline=now + timeout_s, started=now,
                        file_flags=file_flags, psk=choice, nodelay=nodelay,
-                       addr=_peer_address(sock), first_deadline=now + self._first_flight_s,
+                       addr=_peer_address(sock),
+                       # a server's client must speak first and soon; a client waits on a
+                       # server its consumer chose, under the request's own deadline
+                       first_deadline=now + self._first_flight_s if source else float("inf"),
                        source=source)
         if source:
             self._make_waiting_room()
@@ -736,9 +739,8 @@ class Worker:
             self._end(hs, HandshakeTimeoutError("the request's time budget ran out"))
         for hs in [h for h in self.inflight.values() if _silent(h, now)]:
             self._events("limit", {"limit": "first_flight"})
-            what = "ClientHello" if hs.source else "reply from the server"
             self._end(hs, HandshakeTimeoutError(
-                f"no {what} within {self._first_flight_s * 1000:.0f} ms "
+                f"no ClientHello within {self._first_flight_s * 1000:.0f} ms "
                 "([agent] first_flight_timeout_ms)"))
 
     def serve(self, stop: Callable[[], bool], grace_s: float) -> None:

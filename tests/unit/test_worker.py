@@ -1241,16 +1241,18 @@ def test_a_server_peer_without_a_whole_client_hello_gets_the_first_flight_deadli
     assert 0.28 <= done.at - started < 1.5
 
 
-def test_a_client_whose_server_says_nothing_gets_the_first_flight_deadline(
+def test_a_client_waits_for_its_server_under_the_request_s_deadline_only(
     rig_factory: Callable[..., Rig], requests: Callable[..., Request]
 ) -> None:
-    rig = rig_factory(default_timeout_ms=10_000, first_flight_timeout_ms=300)
-    req = requests()
+    """The server is the one the consumer chose (a busy NFS server, a target under load):
+    the first-flight deadline is for the clients of our servers."""
+    rig = rig_factory(default_timeout_ms=10_000, first_flight_timeout_ms=100)
+    req = requests(timeout_ms=700)
     started = time.monotonic()
     rig.upcall.ready(req.reply)
     rig.run_until_done(timeout=5)
     assert rig.upcall.dones[0].status == errno.ETIMEDOUT
-    assert rig.upcall.dones[0].at - started < 1.5
+    assert rig.upcall.dones[0].at - started >= 0.65
 
 
 def test_a_peer_that_sent_its_hello_has_the_whole_deadline(
