@@ -50,7 +50,7 @@ from tlshd.errors import (
     TransportTimeoutError,
 )
 from tlshd.ktls import KernelSockopt
-from tlshd.netlink import codec
+from tlshd.netlink import codec, spec
 from tlshd.netlink.messages import AcceptReply, ErrorReply, FamilyInfo, Ready
 
 SOL_NETLINK = 270
@@ -63,10 +63,7 @@ RECV_SIZE = 65536
 MSG_CMSG_CLOEXEC = 0x40000000
 
 # The simulator's private family (kernel-sim/kernel_sim/kernel.py; docs/kernel-sim.md).
-KSIM_FAMILY_NAME = "kernel_sim"
-KSIM_CMD_ADD_MEMBERSHIP = 1
-KSIM_CMD_SETSOCKOPT = 3
-KSIM_A_GROUP, KSIM_A_SOCKFD, KSIM_A_LEVEL, KSIM_A_OPTNAME, KSIM_A_OPTVAL = 1, 2, 3, 4, 5
+KSIM_FAMILY_NAME = spec.KSIM_FAMILY_NAME
 DEFAULT_SIM_ENDPOINT = "kernel-sim"
 nl_log = logging.getLogger("tlshd.netlink")  # [debug] nl > 0
 
@@ -346,11 +343,6 @@ class SimUpcall(_GenlUpcall):
             _link_request_keyring(reply.keyring)
         return replace(reply, sockfd=fds[0])
 
-    def _ksim(self, cmd: int, attrs: bytes, what: str) -> None:
-        seq = next(self._seq)
-        family_id = self._ksim_family_id()
-        self._request.send(_genl_request(family_id, cmd, seq, attrs))
-        self._replies(seq, what)
 
     def _ksim_family_id(self) -> int:
         if not hasattr(self, "_ksim_id"):
@@ -366,8 +358,7 @@ class SimUpcall(_GenlUpcall):
     def _join(self, group_id: int) -> None:
         # Sent on the notify connection: membership belongs to that "socket".
         seq = next(self._seq)
-        msg = _genl_request(self._ksim_family_id(), KSIM_CMD_ADD_MEMBERSHIP, seq,
-                            _nla_u32(KSIM_A_GROUP, group_id))
+        msg = codec.encode_ksim_membership(self._ksim_family_id(), seq, group_id)
         self._sim_notify.sendall(msg)
         self._sim_notify.settimeout(REQUEST_TIMEOUT_S)
         data = self._sim_notify.recv(RECV_SIZE)
@@ -376,10 +367,11 @@ class SimUpcall(_GenlUpcall):
                 raise NetlinkError(message.errno, "join group")
 
     def setsockopt(self, fd: int, level: int, optname: int, value: bytes) -> None:
-        attrs = (_nla_s32(KSIM_A_SOCKFD, fd) + _nla_u32(KSIM_A_LEVEL, level)
-                 + _nla_u32(KSIM_A_OPTNAME, optname) + _nla(KSIM_A_OPTVAL, value))
+        seq = next(self._seq)
         try:
-            self._ksim(KSIM_CMD_SETSOCKOPT, attrs, "setsockopt")
+            self._request.send(codec.encode_ksim_setsockopt(self._ksim_family_id(), seq, fd,
+                                                            level, optname, value))
+            self._replies(seq, "setsockopt")
         except NetlinkError as exc:
             raise OSError(exc.errno, os.strerror(exc.errno)) from None
 
@@ -427,24 +419,6 @@ def seqpacket_closed(sock: socket.socket) -> bool:
     poller = select.poll()
     poller.register(sock, select.POLLIN | select.POLLRDHUP)
     return any(events & (select.POLLHUP | select.POLLRDHUP) for _, events in poller.poll(0))
-
-
-def _nla(attr_type: int, payload: bytes) -> bytes:
-    length = 4 + len(payload)
-    return struct.pack("=HH", length, attr_type) + payload + b"\0" * (-length % 4)
-
-
-def _nla_u32(attr_type: int, value: int) -> bytes:
-    return _nla(attr_type, struct.pack("=I", value))
-
-
-def _nla_s32(attr_type: int, value: int) -> bytes:
-    return _nla(attr_type, struct.pack("=i", value))
-
-
-def _genl_request(family_id: int, cmd: int, seq: int, attrs: bytes) -> bytes:
-    body = struct.pack("=BBH", cmd, 1, 0) + attrs
-    return struct.pack("=IHHII", 16 + len(body), family_id, 0x1 | 0x4, seq, 0) + body
 
 
 def open_upcall(mode: str, *, join: bool = True) -> Upcall:

@@ -519,12 +519,31 @@ def encode_done(
     )
 
 
+def encode_ksim_membership(family_id: int, seq: int, group_id: int) -> bytes:
+    """kernel-sim: join multicast group ``group_id`` (setsockopt NETLINK_ADD_MEMBERSHIP)."""
+    _check_family_id(family_id)
+    return _encode(spec.KsimMsg, nlmsg=(family_id, spec.NLM_F_REQUEST | spec.NLM_F_ACK, seq),
+                   genl=(spec.KsimCmd.ADD_MEMBERSHIP, 1),
+                   attrs=[("KSIM_A_GROUP", group_id)])
+
+
+def encode_ksim_setsockopt(family_id: int, seq: int, sockfd: int, level: int, optname: int,
+                           value: bytes) -> bytes:
+    """kernel-sim: setsockopt(``sockfd``, ``level``, ``optname``, ``value``) on the socket
+    the simulator passed us (kTLS: TCP_ULP, TLS_TX, TLS_RX)."""
+    _check_family_id(family_id)
+    return _encode(spec.KsimMsg, nlmsg=(family_id, spec.NLM_F_REQUEST | spec.NLM_F_ACK, seq),
+                   genl=(spec.KsimCmd.SETSOCKOPT, 1),
+                   attrs=[("KSIM_A_SOCKFD", sockfd), ("KSIM_A_LEVEL", level),
+                          ("KSIM_A_OPTNAME", optname), ("KSIM_A_OPTVAL", bytes(value))])
+
+
 def _encode(
     cls: Any,
     *,
     nlmsg: tuple[int, int, int],
     genl: tuple[int, int],
-    attrs: Sequence[tuple[str, int | str]],
+    attrs: Sequence[tuple[str, int | str | bytes]],
 ) -> bytes:
     """``nlmsg`` is (type, flags, seq), ``genl`` is (cmd, version)."""
     msg_type, flags, seq = nlmsg

@@ -227,6 +227,37 @@ class DoneMsg(genlmsg):  # type: ignore[misc]
     multi_attrs = frozenset({DoneAttr.REMOTE_AUTH})
 
 
+# kernel-sim's private family (docs/kernel-sim.md): what a real kernel does with
+# setsockopt(2) (group membership, kTLS keys) goes to the simulator as these requests.
+KSIM_FAMILY_NAME: Final = "kernel_sim"
+
+
+class KsimCmd(IntEnum):
+    ADD_MEMBERSHIP = 1
+    SETSOCKOPT = 3
+
+
+class KsimAttr(IntEnum):
+    GROUP = 1
+    SOCKFD = 2
+    LEVEL = 3
+    OPTNAME = 4
+    OPTVAL = 5
+
+
+class KsimMsg(genlmsg):  # type: ignore[misc]
+    """kernel-sim's ADD_MEMBERSHIP and SETSOCKOPT requests."""
+
+    __slots__ = ()
+    nla_map = (
+        (KsimAttr.GROUP, "KSIM_A_GROUP", "uint32"),
+        (KsimAttr.SOCKFD, "KSIM_A_SOCKFD", "int32"),
+        (KsimAttr.LEVEL, "KSIM_A_LEVEL", "uint32"),
+        (KsimAttr.OPTNAME, "KSIM_A_OPTNAME", "uint32"),
+        (KsimAttr.OPTVAL, "KSIM_A_OPTVAL", "cdata"),
+    )
+
+
 class McastGrpNla(nla):  # type: ignore[misc]
     """One entry of ``CTRL_ATTR_MCAST_GROUPS``."""
 

@@ -24,6 +24,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tlshd.errors import DecodeError, NetlinkError
+from tlshd.netlink import codec
 from tlshd.netlink.codec import (
     AcceptDecodeError,
     decode,
@@ -594,3 +595,24 @@ def test_every_single_byte_mutation_raises_nothing_but_decode_error(name: str) -
         for value in {0, 0xFF, (byte + 4) & 0xFF} | {byte ^ bit for bit in (1, 4, 0x40, 0x80)}:
             mutated = data[:offset] + bytes([value]) + data[offset + 1 :]
             _decodes_or_raises_decode_error(mutated, FAMILY)
+
+
+def _nla(attr_type: int, payload: bytes) -> bytes:
+    length = 4 + len(payload)
+    return struct.pack("=HH", length, attr_type) + payload + b"\0" * (-length % 4)
+
+
+def _genl(family_id: int, cmd: int, seq: int, attrs: bytes) -> bytes:
+    body = struct.pack("=BBH", cmd, 1, 0) + attrs
+    return struct.pack("=IHHII", 16 + len(body), family_id, 0x1 | 0x4, seq, 0) + body
+
+
+def test_kernel_sim_requests_are_the_bytes_its_family_expects() -> None:
+    """Written out by hand from docs/kernel-sim.md (the layout SimUpcall used to build
+    itself): the codec is now the one encoder."""
+    assert codec.encode_ksim_membership(0x20, 7, 3) == _genl(
+        0x20, 1, 7, _nla(1, struct.pack("=I", 3)))
+    value = b"\x04\x03\x34\x00" + b"k" * 37  # an odd length: padded
+    assert codec.encode_ksim_setsockopt(0x20, 8, 12, 282, 1, value) == _genl(
+        0x20, 3, 8, _nla(2, struct.pack("=i", 12)) + _nla(3, struct.pack("=I", 282))
+        + _nla(4, struct.pack("=I", 1)) + _nla(5, value))
