@@ -21,7 +21,6 @@ import errno
 import os
 import re
 import socket
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -30,14 +29,14 @@ from pathlib import Path
 from typing import TextIO
 
 from cryptography import x509
-from cryptography.utils import CryptographyDeprecationWarning
 from OpenSSL import SSL, crypto
 
 from tlshd import keyring
 from tlshd.config import DEFAULT_PATHS, Config, X509Side, load_config
 from tlshd.contexts import Contexts, file_notices
 from tlshd.errors import ConfigError, CredentialError, KeyNotFoundError, NetlinkError, TlshdError
-from tlshd.handshake.credentials import SYSTEM_CA_BUNDLES, X509Credentials
+from tlshd.handshake import trust
+from tlshd.handshake.credentials import X509Credentials
 from tlshd.keyring import KERNEL_KEYRINGS
 from tlshd.upcall import DEFAULT_SIM_ENDPOINT, NetlinkUpcall, SimUpcall
 
@@ -50,7 +49,6 @@ KERNEL_KEYRING_USERS = {".nvme": "NVMe/TCP with TLS (the nvme-keyring module cre
                         ".nfs": "NFS clients with keyring-held TLS keys (newer kernels)",
                         ".nfsd": "NFS servers with keyring-held TLS keys (newer kernels)"}
 _PROBE_DESCRIPTION = "tlshd-doctor:no-such-key"
-_HASHED_NAME = re.compile(r"[0-9a-f]{8}\.[0-9]+")  # OpenSSL's <subject hash>.<n>
 
 
 class Level(Enum):
@@ -497,9 +495,9 @@ def load_trust_store(role: str, path: Path | None
         if path is None:
             anchors, where = _system_store()
         elif path.is_dir():
-            anchors, where = _hashed_dir(path), f"{path} (hashed directory)"
+            anchors, where = trust.anchors(path), f"{path} (hashed directory)"
         else:
-            anchors, where = _pem_bundle(path), str(path)
+            anchors, where = trust.anchors(path), str(path)
     except CredentialError as exc:
         if path is None:
             return None, [_warn(check, f"not set, and {exc}",
@@ -510,59 +508,18 @@ def load_trust_store(role: str, path: Path | None
 
 
 def _system_store() -> tuple[list[x509.Certificate], str]:
-    """Where tlshd.handshake.credentials finds the system store: OpenSSL's variables first."""
-    for variable in ("SSL_CERT_FILE", "SSL_CERT_DIR"):
-        if value := os.environ.get(variable, "").split(":")[0]:
-            store = _hashed_dir(Path(value)) if Path(value).is_dir() else _pem_bundle(Path(value))
-            return store, f"{value} (${variable})"
-    for bundle in map(Path, SYSTEM_CA_BUNDLES):
-        if bundle.is_file():
-            return _pem_bundle(bundle), str(bundle)
-    raise CredentialError(f"no system CA bundle ({', '.join(SYSTEM_CA_BUNDLES)})")
-
-
-def _read(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise CredentialError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
-
-
-def _pem_bundle(path: Path) -> list[x509.Certificate]:
-    try:
-        return _load_pems(_read(path, "trust store"))
-    except ValueError:
-        raise CredentialError(f"trust store {path} holds no PEM certificates") from None
-
-
-def _load_pems(data: bytes) -> list[x509.Certificate]:
-    with warnings.catch_warnings():  # system stores hold a few pre-RFC 5280 roots
-        warnings.simplefilter("ignore", CryptographyDeprecationWarning)
-        return x509.load_pem_x509_certificates(data)
-
-
-def _hashed_dir(path: Path) -> list[x509.Certificate]:
-    """OpenSSL looks certificates up as ``<subject hash>.<n>``; nothing else in it counts."""
-    try:
-        entries = sorted(p for p in path.iterdir() if _HASHED_NAME.fullmatch(p.name))
-    except OSError as exc:
-        raise CredentialError(f"cannot read trust store directory {path}: "
-                              f"{exc.strerror or exc}") from None
-    certs: list[x509.Certificate] = []
-    for entry in entries:
-        try:
-            certs += _load_pems(entry.read_bytes())
-        except (OSError, ValueError):
-            continue
-    if not certs:
-        raise CredentialError(f"trust store directory {path} has no <subject hash>.0 entries")
-    return certs
+    """The store the agent loads when x509.truststore is not set (tlshd.handshake.trust)."""
+    store = trust.system_store()
+    if store.bundle is not None:
+        return trust.pem_bundle(store.bundle), f"{store.bundle} ({store.source})"
+    assert store.directory is not None
+    return trust.anchors(store.directory), f"{store.directory} ({store.source})"
 
 
 def check_crl(role: str, path: Path, now: datetime.datetime) -> list[Verdict]:
     check = f"{role} CRL"
     try:
-        crls = _read_crls(path)
+        crls = trust.read_crls(path)
     except CredentialError as exc:
         return [_fail(check, str(exc), "x509.crl must name a readable PEM or DER CRL file")]
     return [crl_verdict(check, path, crl, now) for crl in crls]
@@ -580,16 +537,6 @@ def crl_verdict(check: str, path: Path, crl: x509.CertificateRevocationList,
     until = f"next update {_date(next_update)}" if next_update else "no nextUpdate"
     return _ok(check, f"{path}: {issuer}, {_plural(len(crl), 'revoked certificate')}, "
                       f"{until}; peers whose issuer has no CRL here fail")
-
-
-def _read_crls(path: Path) -> list[x509.CertificateRevocationList]:
-    data, marker = _read(path, "CRL"), b"-----BEGIN X509 CRL-----"
-    try:
-        if marker in data:
-            return [x509.load_pem_x509_crl(marker + block) for block in data.split(marker)[1:]]
-        return [x509.load_der_x509_crl(data)]
-    except ValueError:
-        raise CredentialError(f"CRL {path}: not a PEM or DER X.509 CRL") from None
 
 
 def check_contexts(config: Config) -> Verdict:

@@ -36,8 +36,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from OpenSSL import SSL, crypto
 
 from tlshd.errors import ConfigError, CredentialError
-from tlshd.handshake import _openssl
+from tlshd.handshake import _openssl, trust
 from tlshd.handshake.engine import route_keylog_line
+from tlshd.handshake.trust import SYSTEM_CA_BUNDLES, read_file
 
 __all__ = [
     "SYSTEM_CA_BUNDLES",
@@ -67,11 +68,6 @@ _TLS_KEY_TYPES = (
 # only falls back when it recognises those exact paths. Load the
 # distribution's bundle explicitly (Debian first), unless the administrator
 # pointed OpenSSL elsewhere with SSL_CERT_FILE / SSL_CERT_DIR.
-SYSTEM_CA_BUNDLES: tuple[str, ...] = (
-    "/etc/ssl/certs/ca-certificates.crt",  # Debian, Ubuntu
-    "/etc/pki/tls/certs/ca-bundle.crt",  # Fedora, RHEL
-    "/etc/ssl/ca-bundle.pem",  # openSUSE
-)
 
 _SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
@@ -103,8 +99,10 @@ class X509Credentials:
     @classmethod
     def from_files(cls, certificate: Path, private_key: Path) -> X509Credentials:
         """Load a PEM (or DER) certificate chain file and private key file."""
-        chain = _parse_certificates(_read(certificate, "certificate"), f"certificate {certificate}")
-        key = _parse_private_key(_read(private_key, "private key"), f"private key {private_key}")
+        chain = _parse_certificates(read_file(certificate, "certificate"),
+                                    f"certificate {certificate}")
+        key = _parse_private_key(read_file(private_key, "private key"),
+                                 f"private key {private_key}")
         return cls(chain, key, source=f"{certificate} / {private_key}")
 
     @classmethod
@@ -244,7 +242,7 @@ def _load_trust(ctx: SSL.Context, truststore: Path | None) -> None:
             raise CredentialError(f"cannot read trust store directory {truststore}")
         ctx.load_verify_locations(None, str(truststore))
     else:
-        _read(truststore, "trust store")  # a clear error if missing or unreadable
+        read_file(truststore, "trust store")  # a clear error if missing or unreadable
         try:
             ctx.load_verify_locations(str(truststore))
         except SSL.Error:
@@ -252,22 +250,18 @@ def _load_trust(ctx: SSL.Context, truststore: Path | None) -> None:
 
 
 def _load_system_trust(ctx: SSL.Context) -> None:
-    if "SSL_CERT_FILE" not in os.environ and "SSL_CERT_DIR" not in os.environ:
-        for bundle in SYSTEM_CA_BUNDLES:
-            if os.path.isfile(bundle):
-                ctx.load_verify_locations(bundle)
-                return
-    ctx.set_default_verify_paths()
+    try:
+        store = trust.system_store()
+    except CredentialError:
+        ctx.set_default_verify_paths()  # OpenSSL's own idea, the last resort
+        return
+    if store.source == "the distribution's bundle":
+        ctx.load_verify_locations(str(store.bundle))
+    else:
+        ctx.set_default_verify_paths()  # OpenSSL honours $SSL_CERT_FILE / $SSL_CERT_DIR
 
 
 # -- parsing -------------------------------------------------------------------------
-
-
-def _read(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise CredentialError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
 
 
 def _parse_certificates(data: bytes, where: str) -> tuple[x509.Certificate, ...]:
@@ -301,30 +295,13 @@ def load_crl(ctx: SSL.Context, path: Path) -> None:
     of a certificate whose issuer has no CRL in the file with "unable to get certificate CRL":
     a configured CRL file must cover the CAs it is used with.
     """
-    data = _read(path, "CRL")
-    try:
-        if b"-----BEGIN X509 CRL-----" in data:
-            crls = [x509.load_pem_x509_crl(block) for block in _pem_blocks(data, b"X509 CRL")]
-        else:
-            crls = [x509.load_der_x509_crl(data)]
-    except ValueError:
-        raise CredentialError(f"CRL {path}: not a PEM or DER X.509 CRL") from None
+    crls = trust.read_crls(path)
     store = ctx.get_cert_store()
     if store is None:
         raise CredentialError(f"CRL {path}: context has no certificate store")
     for crl in crls:
         store.add_crl(crl)
     store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
-
-
-def _pem_blocks(data: bytes, label: bytes) -> list[bytes]:
-    begin, end = b"-----BEGIN " + label + b"-----", b"-----END " + label + b"-----"
-    blocks, offset = [], 0
-    while (start := data.find(begin, offset)) >= 0:
-        stop = data.index(end, start) + len(end)
-        blocks.append(data[start:stop])
-        offset = stop
-    return blocks
 
 
 def psk_context(method: int, ciphersuites: str) -> SSL.Context:
@@ -346,8 +323,8 @@ def add_pq_credentials(ctx: SSL.Context, certificate: Path, private_key: Path) -
     signature algorithms allow. pyOpenSSL cannot wrap ML-DSA keys, so the files are loaded
     by OpenSSL itself. An OpenSSL without the algorithm fails here, at start.
     """
-    _read(certificate, "post-quantum certificate")
-    _read(private_key, "post-quantum private key")
+    read_file(certificate, "post-quantum certificate")
+    read_file(private_key, "post-quantum private key")
     try:
         ctx.use_certificate_chain_file(str(certificate))
         ctx.use_privatekey_file(str(private_key))
