@@ -23,6 +23,7 @@ import socket
 import struct
 from typing import Any
 
+from tlshd.agent_events import Done, Limit, WorkerEvent
 from tlshd.config import parse_listen
 from tlshd.errors import ConfigError, TransportError
 from tlshd.stats import DURATION_BUCKETS_S, status_name
@@ -129,17 +130,17 @@ class Metrics:
                               "(first_flight: no first message in time; per_peer: too many "
                               "from one address)", ["limit"], registry=self.registry)
 
-    def observe(self, event: dict[str, Any], inflight: int) -> None:
+    def observe(self, event: WorkerEvent, inflight: int) -> None:
         self.inflight.set(inflight)
-        if event["t"] == "limit":
-            self.limits.labels(str(event.get("limit", "?"))).inc()
+        if isinstance(event, Limit):
+            self.limits.labels(event.limit).inc()
             return
-        if event["t"] != "done":
+        if not isinstance(event, Done):
             return
-        result = "ok" if event["status"] == 0 else "failed"
-        self.handshakes.labels(event["role"], event["auth"], result).inc()
-        self.statuses.labels(status_name(event["status"])).inc()
-        self.duration.labels(event["role"], event["auth"]).observe(event["ms"] / 1000)
+        result = "ok" if event.status == 0 else "failed"
+        self.handshakes.labels(event.role, event.auth, result).inc()
+        self.statuses.labels(status_name(event.status)).inc()
+        self.duration.labels(event.role, event.auth).observe(event.ms / 1000)
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest

@@ -13,6 +13,7 @@ way to take them back); their consumers time out, as with the reference.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import selectors
@@ -23,17 +24,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
 
 from tlshd import keyring, sdnotify
+from tlshd.agent_events import MAX_EVENT, EventSink, Fatal, Ready, WorkerEvent
+from tlshd.agent_events import decode as decode_event
+from tlshd.agent_events import encode as encode_event
 from tlshd.config import Config
 from tlshd.contexts import Contexts
 from tlshd.control import Metrics, answer_control, answer_http, control_listener, metrics_listener
 from tlshd.early import Held
 from tlshd.errors import CredentialError, DecodeError, KeyNotFoundError, TlshdError
-from tlshd.stats import MAX_EVENT, Stats, decode_event, encode_event
+from tlshd.stats import Stats
 from tlshd.upcall import open_upcall
-from tlshd.worker import EventSink, Worker
+from tlshd.worker import Worker
 
 log = logging.getLogger("tlshd")
 DRAIN_GRACE_S = 30.0
@@ -63,7 +66,7 @@ def run_worker(config: Config, contexts: Contexts, stop: _Stop,
                     max_inflight_per_peer=config.max_inflight_per_peer,
                     max_waiting=config.max_waiting)
     if events is not None:
-        events("ready", {})
+        events(Ready())
     try:
         worker.serve(lambda: stop.requested, DRAIN_GRACE_S)
     finally:
@@ -235,7 +238,7 @@ class Supervisor:
                 # and only for a new cause: the supervisor says the rest once
                 (log.debug if self.stats.worker_problem else log.error)(
                     "worker cannot serve: %s", exc)
-                events("fatal", {"reason": str(exc)[:300]})
+                events(Fatal(str(exc)[:300]))
         except BaseException:  # the child must never return into the supervisor's code
             log.exception("worker failed")
         finally:
@@ -344,12 +347,12 @@ class Supervisor:
                 continue
             self._apply(event)
 
-    def _apply(self, event: dict[str, Any]) -> None:
-        if event["t"] == "ready":
-            self._worker_ready(event["pid"])
+    def _apply(self, event: WorkerEvent) -> None:
+        if isinstance(event, Ready):
+            self._worker_ready(event.pid)
             return
-        if event["t"] == "fatal":
-            self._fatal[event["pid"]] = str(event.get("reason", ""))[:300]
+        if isinstance(event, Fatal):
+            self._fatal[event.pid] = event.reason[:300]
             return
         self.stats.apply(event, time.monotonic())
         if self.metrics is not None:
@@ -401,9 +404,9 @@ def _event_sender(sock: socket.socket) -> EventSink:
     sock.setblocking(False)
     pid = os.getpid()
 
-    def send(kind: str, fields: dict[str, Any]) -> None:
+    def send(event: WorkerEvent) -> None:
         with contextlib.suppress(OSError):  # a full queue loses a statistic, never a request
-            sock.send(encode_event(kind, pid, **fields))
+            sock.send(encode_event(dataclasses.replace(event, pid=pid)))
 
     return send
 

@@ -6,48 +6,22 @@ duration). The supervisor folds them into ``Stats``, which answers
 ``tlshd status`` (a JSON document) and the Prometheus endpoint. Events carry
 no key material: only names, numbers and error descriptions.
 
-This module is pure: ``encode_event``/``decode_event`` are bytes <-> dicts,
-``Stats.apply`` takes a decoded event and a timestamp.
+This module is pure: ``Stats.apply`` takes a decoded event (tlshd/agent_events.py) and a
+timestamp.
 """
 
 from __future__ import annotations
 
 import errno
-import json
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from tlshd.errors import DecodeError
+from tlshd.agent_events import Done, Limit, Start
 
-MAX_EVENT = 4096
 RECENT_FAILURES = 50
 DURATION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-_DONE_FIELDS = {"role": str, "auth": str, "peer": str, "cipher": str, "status": int,
-                "ms": float, "what": str, "netns": str}
-
-
-def encode_event(kind: str, pid: int, **fields: Any) -> bytes:
-    data = json.dumps({"t": kind, "pid": pid, **fields}, separators=(",", ":")).encode()
-    return data[:MAX_EVENT]
-
-
-def decode_event(data: bytes) -> dict[str, Any]:
-    try:
-        event = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        raise DecodeError("worker event is not JSON") from None
-    if not isinstance(event, dict) or event.get("t") not in ("start", "done", "ready",
-                                                              "fatal", "limit"):
-        raise DecodeError("worker event without a known type")
-    if not isinstance(event.get("pid"), int):
-        raise DecodeError("worker event without a pid")
-    if event["t"] == "done":
-        for name, kind in _DONE_FIELDS.items():
-            value = event.get(name)
-            if not isinstance(value, kind) and not (kind is float and isinstance(value, int)):
-                raise DecodeError(f"worker event field {name!r} missing or mistyped")
-    return event
+_DONE_FIELDS = ("role", "auth", "peer", "cipher", "status", "ms", "what", "netns")
 
 
 def status_name(status: int) -> str:
@@ -69,20 +43,19 @@ class Stats:
     worker_restarts: int = 0
     limits: Counter[str] = field(default_factory=Counter)  # limit name -> handshakes it ended
 
-    def apply(self, event: dict[str, Any], now: float) -> None:
-        pid = event["pid"]
-        if event["t"] == "limit":
-            self.limits[str(event.get("limit", "?"))] += 1
+    def apply(self, event: Start | Done | Limit, now: float) -> None:
+        if isinstance(event, Limit):
+            self.limits[event.limit] += 1
             return
-        if event["t"] == "start":
-            self.inflight[pid] += 1
+        if isinstance(event, Start):
+            self.inflight[event.pid] += 1
             return
-        self.inflight[pid] = max(0, self.inflight[pid] - 1)
-        result = "ok" if event["status"] == 0 else "failed"
-        self.handshakes[(event["role"], event["auth"], result)] += 1
-        self.statuses[status_name(event["status"])] += 1
-        if event["status"]:
-            self.failures.append({"at": now, **{k: event[k] for k in _DONE_FIELDS}})
+        self.inflight[event.pid] = max(0, self.inflight[event.pid] - 1)
+        result = "ok" if event.status == 0 else "failed"
+        self.handshakes[(event.role, event.auth, result)] += 1
+        self.statuses[status_name(event.status)] += 1
+        if event.status:
+            self.failures.append({"at": now, **{k: getattr(event, k) for k in _DONE_FIELDS}})
 
     def worker_gone(self, pid: int) -> None:
         """A worker exited: what it had in flight is no longer in flight (for us)."""

@@ -41,6 +41,7 @@ from cryptography import x509
 from OpenSSL import SSL
 
 from tlshd import keyring
+from tlshd.agent_events import Done, EventSink, Limit, Start
 from tlshd.errors import (
     CredentialError,
     HandshakeTimeoutError,
@@ -263,7 +264,6 @@ def netns_label() -> str:
 
 
 PeerIdentity = Callable[[SessionResult], int]
-EventSink = Callable[[str, dict[str, Any]], None]  # ("start" | "done" | "ready", fields)
 
 
 def peer_identity_key(session: SessionResult) -> int:
@@ -316,7 +316,7 @@ class Worker:
         self._max_inflight = max_inflight
         self._peer_identity = peer_identity
         self._clock = clock
-        self._events = events or (lambda kind, fields: None)
+        self._events: EventSink = events or (lambda event: None)
         self._debug_io = debug_io
         # [debug] delay_done: each DONE is held this long (ktls-utils src/tlshd/netlink.c sleeps
         # in its per-request process; here the loop goes on serving the others meanwhile)
@@ -428,7 +428,7 @@ class Worker:
         if len(waiting) < self._max_waiting:
             return
         oldest = min(waiting, key=lambda h: h.started)
-        self._events("limit", {"limit": "max_waiting"})
+        self._events(Limit("max_waiting"))
         self._end(oldest, HandshakeTimeoutError(
             f"no ClientHello yet, and {self._max_waiting} server handshakes wait for theirs "
             "([agent] max_waiting): the oldest makes room"))
@@ -444,7 +444,7 @@ class Worker:
 
     def _start(self, reply: AcceptReply) -> None:
         now, begun = self._clock(), time.perf_counter()
-        self._events("start", {})
+        self._events(Start())
         try:
             sock = socket.socket(fileno=reply.sockfd)
         except OSError as exc:
@@ -488,7 +488,7 @@ class Worker:
 
     def _check_source(self, source: str) -> None:
         if source and self.by_source.get(source, 0) >= self._per_peer:
-            self._events("limit", {"limit": "per_peer"})
+            self._events(Limit("per_peer"))
             raise PeerLimitError(f"{source} already has {self._per_peer} handshakes in flight "
                                  "([agent] max_inflight_per_peer)")
 
@@ -721,11 +721,10 @@ class Worker:
         # ktls-utils src/tlshd/log.c, tlshd_log_completion: only with [debug] loglevel set
         log.debug("Handshake with '%s' (%s) %s", reply.peername or addr, addr,
                   "failed" if status else "succeeded")
-        self._events("done", {
-            "role": _role(reply), "auth": _auth_name(reply), "peer": reply.peername or "-",
-            "cipher": cipher, "status": status, "ms": round(elapsed_ms, 3), "what": what[:300],
-            "netns": self.netns, "tls_ms": round(tls_ms, 3),
-        })
+        self._events(Done(role=_role(reply), auth=_auth_name(reply),
+                          peer=reply.peername or "-", cipher=cipher, status=status,
+                          ms=round(elapsed_ms, 3), what=what[:300], netns=self.netns,
+                          tls_ms=round(tls_ms, 3)))
 
     def _done(self, fd: int, status: int, remote: tuple[int, ...]) -> None:
         try:
@@ -738,7 +737,7 @@ class Worker:
         for hs in [h for h in self.inflight.values() if h.deadline <= now]:
             self._end(hs, HandshakeTimeoutError("the request's time budget ran out"))
         for hs in [h for h in self.inflight.values() if _silent(h, now)]:
-            self._events("limit", {"limit": "first_flight"})
+            self._events(Limit("first_flight"))
             self._end(hs, HandshakeTimeoutError(
                 f"no ClientHello within {self._first_flight_s * 1000:.0f} ms "
                 "([agent] first_flight_timeout_ms)"))
