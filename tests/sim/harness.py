@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import random
 import select
 import signal
 import socket
@@ -21,7 +22,7 @@ import termios
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,19 +201,49 @@ def tcp_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
         server.close()
 
 
+def _ephemeral_range() -> range:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return range(int(low), int(high) + 1)
+    except (OSError, ValueError):
+        return range(32768, 61000)
+
+
 def free_port() -> int:
+    """A port nothing listens on, outside the ephemeral range: an outgoing connection
+    elsewhere in the run cannot take it before the peer binds it (gnutls-serv then
+    listens on IPv6 only and 127.0.0.1 never answers)."""
+    ephemeral = _ephemeral_range()
+    for _ in range(200):
+        port = random.randrange(20000, 65535)
+        if port in ephemeral:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def wait_port(port: int, timeout: float = 10.0) -> None:
+def wait_port(port: int, timeout: float = 10.0,
+              proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Wait until something accepts on 127.0.0.1:port; give up early if `proc` exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
             return
+        if proc is not None and proc.poll() is not None:
+            raise PeerExitedError(f"the peer exited ({proc.returncode}) before port {port}")
         time.sleep(0.05)
     raise TimeoutError(f"nothing listens on port {port}")
+
+
+class PeerExitedError(OSError):
+    """A peer server process ended before it listened (its port was taken, for example)."""
 
 
 @dataclass
@@ -251,11 +282,25 @@ def start_peer(argv: list[str], port: int | None = None) -> Peer:
     peer = Peer(proc)
     if port is not None:
         try:
-            wait_port(port)
-        except TimeoutError:
+            wait_port(port, proc=proc)
+        except (TimeoutError, PeerExitedError) as exc:
+            output = peer.read_until(b"\0", timeout=0.2) if proc.poll() is not None else b""
             peer.close()
-            raise
+            raise type(exc)(f"{exc}: {argv[0]} said {output[-400:]!r}") from None
     return peer
+
+
+def start_server(argv_for: Callable[[int], list[str]], attempts: int = 3) -> tuple[Peer, int]:
+    """Start a peer server on a free port; another port is tried when the chosen one
+    was taken between free_port() and the peer's bind (the peer exits at once)."""
+    for attempt in range(attempts):
+        port = free_port()
+        try:
+            return start_peer(argv_for(port), port), port
+        except (PeerExitedError, TimeoutError):
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def recv_app_data(consumer: TLSConsumer, size: int, timeout: float = 10.0) -> tuple[bytes, int]:

@@ -20,10 +20,10 @@ from tests.pki import PKI
 from tests.sim.harness import (
     Peer,
     client_handshake,
-    free_port,
     recv_app_data,
     start_agent,
     start_peer,
+    start_server,
     unique_endpoint,
     write_config,
 )
@@ -32,10 +32,9 @@ pytestmark = pytest.mark.sim
 
 
 def _s_server(pki: PKI, cert: Path, key: Path, *extra: str) -> tuple[Peer, int]:
-    port = free_port()
-    argv = ["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-cert", str(cert),
-            "-key", str(key), "-rev", "-num_tickets", "0", *extra]
-    return start_peer(argv, port), port
+    return start_server(lambda port: [
+        "openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-cert", str(cert),
+        "-key", str(key), "-rev", "-num_tickets", "0", *extra])
 
 
 @pytest.fixture(scope="module")

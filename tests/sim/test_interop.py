@@ -14,9 +14,9 @@ from tests.pki import PKI
 from tests.sim.harness import (
     Agent,
     client_handshake,
-    free_port,
     recv_app_data,
     start_peer,
+    start_server,
 )
 
 pytestmark = pytest.mark.sim
@@ -37,10 +37,10 @@ def _gnutls_priority(cipher: str) -> str:
 @pytest.mark.parametrize("tickets", [0, 2])
 def test_agent_client_against_openssl_server(kernel: Kernel, agent: Agent, pki: PKI,
                                              suite: str, tickets: int) -> None:
-    port = free_port()
-    peer = start_peer(["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-tls1_3",
-                       "-ciphersuites", suite, "-cert", str(pki.server.cert), "-key",
-                       str(pki.server.key), "-rev", "-num_tickets", str(tickets)], port)
+    peer, port = start_server(lambda port: [
+        "openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-tls1_3",
+        "-ciphersuites", suite, "-cert", str(pki.server.cert), "-key",
+        str(pki.server.key), "-rev", "-num_tickets", str(tickets)])
     try:
         consumer, outcome, sock = client_handshake(kernel, port, "localhost")
         assert outcome.status == 0, agent.log[-5:]
@@ -85,10 +85,10 @@ def test_agent_server_against_openssl_client(kernel: Kernel, agent: Agent, pki: 
 @pytest.mark.parametrize("suite", SUITES)
 def test_agent_client_against_gnutls_server(kernel: Kernel, agent: Agent, pki: PKI,
                                             suite: str) -> None:
-    port = free_port()
-    peer = start_peer(["gnutls-serv", "--echo", "-p", str(port), "--x509certfile",
-                       str(pki.server.cert), "--x509keyfile", str(pki.server.key),
-                       "--priority", _gnutls_priority(SUITES[suite])], port)
+    peer, port = start_server(lambda port: [
+        "gnutls-serv", "--echo", "-p", str(port), "--x509certfile",
+        str(pki.server.cert), "--x509keyfile", str(pki.server.key),
+        "--priority", _gnutls_priority(SUITES[suite])])
     try:
         consumer, outcome, sock = client_handshake(kernel, port, "server.test")
         assert outcome.status == 0, agent.log[-5:]

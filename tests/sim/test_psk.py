@@ -17,7 +17,7 @@ from kernel_sim import keys
 from kernel_sim.consumer import TLSConsumer
 from kernel_sim.kernel import Kernel
 from kernel_sim.nvme import NVMeHost, NVMeKeyring, NVMeTarget, psk_identity
-from tests.sim.harness import Agent, free_port, recv_app_data, start_peer
+from tests.sim.harness import Agent, recv_app_data, start_peer, start_server
 
 pytestmark = pytest.mark.sim
 
@@ -57,7 +57,7 @@ def _queue(kernel: Kernel, host: NVMeHost, target: NVMeTarget):
 @pytest.mark.parametrize("hmac, suite", [(1, "TLS_AES_128_GCM_SHA256"),
                                          (2, "TLS_AES_256_GCM_SHA384")])
 def test_agent_host_and_agent_target_over_nvme_queues(kernel, agent: Agent, nvme_keyring, hmac,
-                                                      suite):
+              suite):
     serial = nvme_keyring.add_psk(psk_identity(HOSTNQN, SUBNQN, hmac), os.urandom(KEY_LEN[hmac]))
     host = NVMeHost(kernel, hostnqn=HOSTNQN, subnqn=SUBNQN, keyring=nvme_keyring.serial)
     target = NVMeTarget(kernel, keyring=nvme_keyring.serial)
@@ -133,10 +133,10 @@ def test_psk_without_read_permission_is_eacces(kernel, agent, nvme_keyring):
 def test_agent_client_against_openssl_psk_server(kernel, agent, nvme_keyring):
     identity, key = "NVMe0R01 openssl-host openssl-subsys", os.urandom(32)
     serial = nvme_keyring.add_psk(identity, key)
-    port = free_port()
-    peer = start_peer(["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-tls1_3", "-nocert",
-                       "-psk_identity", identity, "-psk", key.hex(), "-rev",
-                       "-num_tickets", "0"], port)
+    peer, port = start_server(lambda port: [
+        "openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-tls1_3", "-nocert",
+        "-psk_identity", identity, "-psk", key.hex(), "-rev",
+        "-num_tickets", "0"])
     try:
         client = socket.create_connection(("127.0.0.1", port))
         consumer = TLSConsumer(kernel)
@@ -186,9 +186,9 @@ def test_agent_client_against_gnutls_psk_server(kernel, agent, nvme_keyring, tmp
     serial = nvme_keyring.add_psk(identity, key)
     passwd = tmp_path / "psk.passwd"
     passwd.write_text(f"{identity}:{key.hex()}\n")
-    port = free_port()
-    peer = start_peer(["gnutls-serv", "--echo", "-p", str(port), "--pskpasswd", str(passwd),
-                       "--priority", _gnutls_priority(hmac)], port)
+    peer, port = start_server(lambda port: [
+        "gnutls-serv", "--echo", "-p", str(port), "--pskpasswd", str(passwd),
+        "--priority", _gnutls_priority(hmac)])
     try:
         client = socket.create_connection(("127.0.0.1", port))
         consumer = TLSConsumer(kernel)
@@ -226,7 +226,7 @@ def test_agent_server_against_gnutls_psk_client(kernel, agent, nvme_keyring, hma
 
 
 def test_unknown_identity_from_an_independent_client_gets_the_alert(kernel, agent,
-                                                                    nvme_keyring):
+                            nvme_keyring):
     with socket.create_server(("127.0.0.1", 0)) as listener:
         port = listener.getsockname()[1]
         peer = subprocess.Popen(["openssl", "s_client", "-connect", f"127.0.0.1:{port}",
@@ -261,14 +261,14 @@ def write_psk_session(path, key: bytes, suite: bytes):
 @pytest.mark.parametrize("hmac, suite_id, suite", [
     (1, b"\x13\x01", "_SHA256"), (2, b"\x13\x02", "TLS_AES_256_GCM_SHA384")])
 def test_agent_client_against_openssl_psk_session_server(kernel, agent, nvme_keyring, tmp_path,
-                                                          hmac, suite_id, suite):
+                  hmac, suite_id, suite):
     identity, key = psk_identity("ossl-host", "ossl-subsys", hmac), os.urandom(KEY_LEN[hmac])
     serial = nvme_keyring.add_psk(identity, key)
     session = write_psk_session(tmp_path / "psk.pem", key, suite_id)
-    port = free_port()
-    peer = start_peer(["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-tls1_3", "-nocert",
-                       "-psk_identity", identity, "-psk_session", str(session), "-rev",
-                       "-num_tickets", "0"], port)
+    peer, port = start_server(lambda port: [
+        "openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-tls1_3", "-nocert",
+        "-psk_identity", identity, "-psk_session", str(session), "-rev",
+        "-num_tickets", "0"])
     try:
         client = socket.create_connection(("127.0.0.1", port))
         consumer = TLSConsumer(kernel)
@@ -287,7 +287,7 @@ def test_agent_client_against_openssl_psk_session_server(kernel, agent, nvme_key
 @pytest.mark.parametrize("hmac, suite_id, suite", [
     (1, b"\x13\x01", "_SHA256"), (2, b"\x13\x02", "TLS_AES_256_GCM_SHA384")])
 def test_agent_server_against_openssl_psk_session_client(kernel, agent, nvme_keyring, tmp_path,
-                                                          hmac, suite_id, suite):
+                  hmac, suite_id, suite):
     identity, key = psk_identity("ossl-host", "ossl-subsys", hmac), os.urandom(KEY_LEN[hmac])
     serial = nvme_keyring.add_psk(identity, key)
     session = write_psk_session(tmp_path / "psk.pem", key, suite_id)
@@ -322,7 +322,7 @@ def test_configured_keyrings_serve_a_kernel_without_the_keyring_attribute(pki, t
         with Kernel(endpoint=unique_endpoint(), profile=LINUX_6_12) as kernel:
             kernel.add_netns(None)
             agent = start_agent(kernel, write_config(tmp_path, pki, kernel.endpoint,
-                                                     keyrings=name))
+             keyrings=name))
             try:
                 host = NVMeHost(kernel, hostnqn=HOSTNQN, subnqn=SUBNQN, keyring=ring.serial)
                 target = NVMeTarget(kernel, keyring=ring.serial)  # not sent on 6.12
@@ -399,15 +399,15 @@ class Reconnecting(threading.Thread):
 
 
 def _openssl_psk_server(identity: str, key: bytes):
-    port = free_port()
-    peer = start_peer(["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-tls1_3",
-                       "-nocert", "-psk_identity", identity, "-psk", key.hex(), "-rev",
-                       "-num_tickets", "0"], port)
+    peer, port = start_server(lambda port: [
+        "openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-tls1_3",
+        "-nocert", "-psk_identity", identity, "-psk", key.hex(), "-rev",
+        "-num_tickets", "0"])
     return peer, port
 
 
 def test_a_refused_key_is_followed_by_the_next_on_the_same_connection(kernel, agent,
-                                                                     nvme_keyring):
+                             nvme_keyring):
     stale = nvme_keyring.add_psk("NVMe0R01 host-a subsys-old", os.urandom(32))
     identity, key = "NVMe0R01 host-a subsys-new", os.urandom(32)
     good = nvme_keyring.add_psk(identity, key)
