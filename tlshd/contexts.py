@@ -26,14 +26,16 @@ from pathlib import Path
 
 from OpenSSL import SSL
 
-from tlshd import keyring
+from tlshd import files
 from tlshd.config import Config, X509Side
 from tlshd.errors import CredentialError, TlshdError
+from tlshd.files import FileState
 from tlshd.handshake import credentials as creds
 from tlshd.handshake.secrets import HashAlg
 from tlshd.ktls import CipherSuite
 from tlshd.netlink.messages import AcceptReply
 from tlshd.netlink.spec import AuthMode, MsgType
+from tlshd.request_keys import LOCAL_KEYS, RequestKeys
 
 log = logging.getLogger("tlshd")
 
@@ -58,18 +60,6 @@ def _psk_contexts(method: int) -> dict[HashAlg, SSL.Context]:
     return {alg: creds.psk_context(method, suites) for alg, suites in PSK_SUITES.items()}
 
 
-FileState = tuple[int, ...]
-
-
-def file_state(path: Path) -> FileState:
-    """What a change to ``path`` changes: (dev, inode, size, mtime, ctime), or (errno,)."""
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        return (exc.errno or -1,)
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
 class CredentialSlot:
     """One configured context and the files it was built from."""
 
@@ -89,7 +79,7 @@ class CredentialSlot:
 
     def refresh(self) -> None:
         """Rebuild when a file changed since the last look; keep the old context on failure."""
-        states = tuple(file_state(path) for path in self.paths)
+        states = files.states(self.paths)
         if states == self._states:
             return
         self._states = states
@@ -202,6 +192,7 @@ class Contexts:
     server: CredentialSlot | None
     psk_client: dict[HashAlg, SSL.Context]
     psk_server: dict[HashAlg, SSL.Context]
+    keys: RequestKeys = LOCAL_KEYS  # where keyring-provisioned certificates are read
 
     @classmethod
     def from_config(cls, config: Config) -> Contexts:
@@ -239,9 +230,7 @@ class Contexts:
 
     def _from_keyring(self, reply: AcceptReply) -> SSL.Context:
         assert reply.certificate is not None
-        material = creds.X509Credentials.from_der(
-            keyring.read_key(reply.certificate.cert), keyring.read_key(reply.certificate.privkey)
-        )
+        material = creds.X509Credentials.from_der(*self.keys.x509(reply))
         if reply.message_type == MsgType.SERVERHELLO:
             ctx = creds.server_context_from_credentials(
                 material, self.config.server.truststore, self.config.require_client_cert,

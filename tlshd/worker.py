@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import logging
 import os
 import selectors
@@ -40,7 +39,6 @@ from typing import Any, Protocol
 from cryptography import x509
 from OpenSSL import SSL
 
-from tlshd import keyring
 from tlshd.agent_events import Done, EventSink, Limit, Start
 from tlshd.errors import (
     CredentialError,
@@ -70,7 +68,8 @@ from tlshd.keylog import KEYLOG
 from tlshd.ktls import install_ktls, ktls_params_from_secrets, suite_from_openssl_name
 from tlshd.netlink.messages import AcceptReply
 from tlshd.netlink.spec import AuthMode, MsgType
-from tlshd.psk import PSK, find_server_psk, next_client_psk
+from tlshd.psk import PSK
+from tlshd.request_keys import LOCAL_KEYS, RequestKeys
 from tlshd.untrusted import show, show_all
 from tlshd.upcall import BrokenAcceptError, Upcall
 
@@ -78,7 +77,6 @@ log = logging.getLogger("tlshd")
 io_log = logging.getLogger("tlshd.io")  # [debug] tls > 0
 
 SWEEP_INTERVAL_S = 1.0
-PEER_KEY_TIMEOUT_S = 600
 
 
 @dataclass(eq=False)
@@ -118,14 +116,6 @@ class Handshake:
     @property
     def role(self) -> str:
         return _role(self.reply)
-
-
-def _unlink_request_keyring(reply: AcceptReply) -> None:
-    """The kernel linked the request's keyring into our process keyring at ACCEPT; this
-    worker lives on, so drop the link: one request's keys are not the next one's."""
-    if reply.keyring:
-        with contextlib.suppress(TlshdError):
-            keyring.unlink_key(reply.keyring, keyring.KEY_SPEC_PROCESS_KEYRING)
 
 
 def _check_request(reply: AcceptReply, sock: socket.socket) -> None:
@@ -266,20 +256,10 @@ def netns_label() -> str:
 PeerIdentity = Callable[[SessionResult], int]
 
 
-def peer_identity_key(session: SessionResult) -> int:
-    """A key holding the verified peer certificate (DER); its serial goes in REMOTE_AUTH.
-
-    The NFS server needs a non-zero peer id to mark the peer authenticated
-    (XPT_PEER_AUTH); a real key lets a consumer inspect the certificate. The
-    key lives in this process's keyring and expires after ten minutes.
-    """
+def peer_identity_key(session: SessionResult, keys: RequestKeys = LOCAL_KEYS) -> int:
+    """The serial of a key holding the verified peer certificate, or 0 (no certificate)."""
     der = session.peer_certificate_der
-    if der is None:
-        return 0
-    description = "tlshd:peer:" + hashlib.sha256(der).hexdigest()[:32]
-    serial = keyring.add_key("user", description, der, keyring.KEY_SPEC_PROCESS_KEYRING)
-    keyring.set_key_timeout(serial, PEER_KEY_TIMEOUT_S)
-    return serial
+    return keys.peer_key(der) if der else 0
 
 
 # ACCEPT errors that no retry will cure (no CAP_NET_ADMIN, no such family or op): the worker
@@ -299,7 +279,8 @@ class Worker:
         *,
         default_timeout_ms: int = 10_000,
         max_inflight: int = 16,
-        peer_identity: PeerIdentity = peer_identity_key,
+        peer_identity: PeerIdentity | None = None,
+        keys: RequestKeys = LOCAL_KEYS,
         clock: Callable[[], float] = time.monotonic,
         events: EventSink | None = None,
         debug_io: bool = False,
@@ -314,7 +295,8 @@ class Worker:
         self._contexts = contexts
         self._default_timeout_s = default_timeout_ms / 1000
         self._max_inflight = max_inflight
-        self._peer_identity = peer_identity
+        self._keys = keys
+        self._peer_identity = peer_identity or (lambda session: peer_identity_key(session, keys))
         self._clock = clock
         self._events: EventSink = events or (lambda event: None)
         self._debug_io = debug_io
@@ -507,7 +489,7 @@ class Worker:
                                **self._engine_io)
 
     def _psk_client(self, reply: AcceptReply, choice: PSKChoice) -> HandshakeEngine:
-        choice.psk, choice.untried = next_client_psk(reply.peer_identities)
+        choice.psk, choice.untried = self._keys.client_psk(reply, reply.peer_identities)
         return self._psk_client_engine(choice.psk)
 
     def _psk_client_engine(self, psk: PSK) -> HandshakeEngine:
@@ -523,12 +505,8 @@ class Worker:
                                await_credentials=True, **self._engine_io)
 
     def _server_psk(self, hs: Handshake, asked: NeedServerCredentials) -> None:
-        # This request's keyring, then the session keyring (where the configured keyrings and
-        # .nvme are linked). Never the whole process keyring: it also holds the keyrings the
-        # kernel linked for the other requests this worker is serving right now.
-        keyrings = [k for k in (hs.reply.keyring, keyring.KEY_SPEC_SESSION_KEYRING) if k]
-        try:
-            psk = find_server_psk(asked.identities, keyrings)
+        try:  # where it is searched for: tlshd.request_keys
+            psk = self._keys.server_psk(hs.reply, asked.identities)
         except TlshdError as exc:  # the key is there but revoked, unreadable, ...
             hs.engine.refuse(exc)
             return
@@ -659,7 +637,7 @@ class Worker:
                 or isinstance(error, PeerClosedError) or not _discard_stale(hs.sock)):
             return False
         try:
-            psk, untried = next_client_psk(hs.psk.untried)
+            psk, untried = self._keys.client_psk(hs.reply, hs.psk.untried)
         except TlshdError:
             return False  # none of the rest can be read: the first failure stands
         refused = hs.psk.psk
@@ -703,7 +681,7 @@ class Worker:
         self._done(sock.fileno(), status, remote)
         sock.close()
         if reply is not None:
-            _unlink_request_keyring(reply)
+            self._keys.release(reply)
 
     def _send_held(self, now: float) -> None:
         while self._held and self._held[0][0] <= now:
@@ -711,7 +689,7 @@ class Worker:
             self._done(sock.fileno(), status, remote)
             sock.close()
             if reply is not None:
-                _unlink_request_keyring(reply)
+                self._keys.release(reply)
 
     def _report(self, reply: AcceptReply, status: int, elapsed_ms: float, what: str,
                 tls_ms: float = 0.0, cipher: str = "-", *, addr: str = "-") -> None:

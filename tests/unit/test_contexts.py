@@ -19,8 +19,9 @@ from OpenSSL import SSL
 
 from tests.pki import PKI
 from tlshd.config import Config, X509Side
-from tlshd.contexts import Contexts, CredentialSlot, file_state
+from tlshd.contexts import Contexts, CredentialSlot
 from tlshd.errors import CredentialError
+from tlshd.files import file_state
 from tlshd.netlink.messages import AcceptReply, Header
 from tlshd.netlink.spec import AuthMode, MsgType
 

@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from OpenSSL import SSL, crypto
 
+from tlshd import files
 from tlshd.errors import ConfigError, CredentialError
 from tlshd.handshake import _openssl, trust
 from tlshd.handshake.engine import route_keylog_line
@@ -244,8 +245,9 @@ def _load_trust(ctx: SSL.Context, truststore: Path | None) -> None:
     else:
         read_file(truststore, "trust store")  # a clear error if missing or unreadable
         try:
-            ctx.load_verify_locations(str(truststore))
-        except SSL.Error:
+            with files.openssl_path(truststore) as path:
+                ctx.load_verify_locations(path)
+        except (SSL.Error, OSError):
             raise CredentialError(f"trust store {truststore} holds no PEM certificates") from None
 
 
@@ -326,14 +328,15 @@ def add_pq_credentials(ctx: SSL.Context, certificate: Path, private_key: Path) -
     read_file(certificate, "post-quantum certificate")
     read_file(private_key, "post-quantum private key")
     try:
-        ctx.use_certificate_chain_file(str(certificate))
-        ctx.use_privatekey_file(str(private_key))
+        with files.openssl_path(certificate) as cert, files.openssl_path(private_key) as key:
+            ctx.use_certificate_chain_file(cert)
+            ctx.use_privatekey_file(key)
         ctx.check_privatekey()
-    except SSL.Error as exc:
+    except (SSL.Error, OSError) as exc:
         raise CredentialError(f"post-quantum credentials {certificate} / {private_key}: "
                               f"{_ssl_reason(exc)}") from None
 
 
-def _ssl_reason(exc: SSL.Error) -> str:
+def _ssl_reason(exc: SSL.Error | OSError) -> str:
     args = exc.args[0] if exc.args and isinstance(exc.args[0], list) else []
     return "; ".join(str(item[-1]) for item in args) or "rejected by OpenSSL"

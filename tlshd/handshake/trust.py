@@ -22,6 +22,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.utils import CryptographyDeprecationWarning
 
+from tlshd import files
 from tlshd.errors import CredentialError
 
 SYSTEM_CA_BUNDLES: tuple[str, ...] = (
@@ -56,7 +57,7 @@ def system_store(environ: dict[str, str] | os._Environ[str] = os.environ) -> Sys
 
 def read_file(path: Path, what: str) -> bytes:
     try:
-        return path.read_bytes()
+        return files.read(path)
     except OSError as exc:
         raise CredentialError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
 
