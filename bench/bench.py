@@ -131,7 +131,12 @@ def pss_kb(pids: list[int]) -> int:
 
 
 def children(pid: int) -> list[int]:
-    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    """Every descendant: the workers (monitors, with privilege separation) and their
+    handshake processes."""
+    out = []
+    for child in (int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()):
+        out += [child, *children(child)]
+    return out
 
 
 def cpu_s(pids: list[int]) -> float:

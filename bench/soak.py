@@ -37,8 +37,13 @@ from kernel_sim.kernel import Kernel
 
 
 def worker_pids(supervisor: int) -> list[int]:
+    """The supervisor's descendants: workers and, with privilege separation, their
+    handshake processes."""
     path = Path(f"/proc/{supervisor}/task/{supervisor}/children")
-    return [int(p) for p in path.read_text().split()]
+    out = []
+    for pid in (int(p) for p in path.read_text().split()):
+        out += [pid, *worker_pids(pid)]
+    return out
 
 
 def rss_kb(pid: int) -> int:

@@ -49,7 +49,7 @@ _KNOWN: dict[str, tuple[str, ...]] = {
     "authenticate.server": _X509_KEYS + _PQ_KEYS,
     "agent": ("workers", "max_inflight", "handshake_timeout_ms", "require_client_cert", "upcall",
               "log_success", "cn_fallback", "first_flight_timeout_ms", "max_inflight_per_peer",
-              "max_waiting",
+              "max_waiting", "privsep", "worker_user",
               "metrics", "control_socket"),
 }
 _GROUP_RE = re.compile(r"^\[([^\[\]]+)\]$")
@@ -89,6 +89,8 @@ class Config:
     first_flight_timeout_ms: int = 2_000  # the peer's first message must be whole by then
     max_inflight_per_peer: int = 64  # server handshakes one client address may hold
     max_waiting: int = 256  # server handshakes a worker holds while awaiting their hello
+    privsep: bool = True  # handshakes in a confined process (tlshd/privsep.py); root only
+    worker_user: str = "nobody"  # whom the confined handshake processes run as
     upcall: str = "auto"
     metrics: str = ""  # HOST:PORT of the Prometheus endpoint; off when empty
     control_socket: str = "tlshd/control"  # abstract Unix name, per network namespace
@@ -155,6 +157,8 @@ def parse_config(text: str, path: Path | None = None) -> Config:
         max_inflight_per_peer=_int(groups, "agent", "max_inflight_per_peer", where, 64,
                                    (1, 65_536)),
         max_waiting=_int(groups, "agent", "max_waiting", where, 256, (1, 65_536)),
+        privsep=_bool(groups, "agent", "privsep", where, default=True),
+        worker_user=_name(groups, "agent", "worker_user", where, "nobody"),
         upcall=_upcall(groups, where),
         metrics=_metrics(groups, where),
         control_socket=_name(groups, "agent", "control_socket", where, "tlshd/control"),

@@ -170,7 +170,11 @@ def build_info() -> dict[str, str]:
 def metrics_listener(value: str) -> socket.socket:
     host, port = parse_listen(value)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    except OSError as exc:  # RestrictAddressFamilies= of the unit, for one
+        raise ConfigError(f"cannot open a socket for {value}: {exc.strerror}",
+                          where="[agent] metrics") from None
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

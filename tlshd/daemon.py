@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 
-from tlshd import keyring, sdnotify
+from tlshd import files, keyring, privsep, sandbox, sdnotify
 from tlshd.agent_events import MAX_EVENT, EventSink, Fatal, Ready, WorkerEvent
 from tlshd.agent_events import decode as decode_event
 from tlshd.agent_events import encode as encode_event
@@ -33,9 +33,10 @@ from tlshd.config import Config
 from tlshd.contexts import Contexts
 from tlshd.control import Metrics, answer_control, answer_http, control_listener, metrics_listener
 from tlshd.early import Held
-from tlshd.errors import CredentialError, DecodeError, KeyNotFoundError, TlshdError
+from tlshd.errors import ConfigError, CredentialError, DecodeError, KeyNotFoundError, TlshdError
+from tlshd.request_keys import LOCAL_KEYS, RequestKeys
 from tlshd.stats import Stats
-from tlshd.upcall import open_upcall
+from tlshd.upcall import Upcall, open_upcall
 from tlshd.worker import Worker
 
 log = logging.getLogger("tlshd")
@@ -55,16 +56,43 @@ class _Stop:
 
 
 def run_worker(config: Config, contexts: Contexts, stop: _Stop,
-               events: EventSink | None = None) -> int:
-    """One worker process's life: serve until asked to stop, then drain."""
+               events: EventSink | None = None,
+               report: Callable[[TlshdError], None] | None = None) -> int:
+    """One worker process's life: serve until asked to stop, then drain. With privilege
+    separation the handshakes run in a confined child of this process (tlshd.privsep)."""
     upcall = open_upcall(config.upcall)
+    if separated(config):
+        user = sandbox.resolve_user(config.worker_user)
+        paths = privsep.credential_paths((config.client, config.server))
+
+        def serve_confined(client: privsep.MonitorClient) -> int:
+            files.use(client)
+            return _serve(client, dataclasses.replace(contexts, keys=client), config, stop,
+                          events, keys=client)
+
+        try:
+            return privsep.split(upcall, user, paths, lambda: stop.requested, serve_confined,
+                                 report or privsep.log_problem)
+        finally:
+            upcall.close()
+    return _serve(upcall, contexts, config, stop, events)
+
+
+def separated(config: Config) -> bool:
+    """Privilege separation is on unless configured off, or the agent is not root (then
+    there is nothing to give up that a confined process could not also hold)."""
+    return config.privsep and os.geteuid() == 0
+
+
+def _serve(upcall: Upcall, contexts: Contexts, config: Config, stop: _Stop,
+           events: EventSink | None, keys: RequestKeys = LOCAL_KEYS) -> int:
     worker = Worker(upcall, contexts, default_timeout_ms=config.handshake_timeout_ms,
                     max_inflight=config.max_inflight, events=events,
                     debug_io=config.tls_debug > 0, delay_done_s=float(config.delay_done),
                     log_success=config.log_success, cn_fallback=config.cn_fallback,
                     first_flight_timeout_ms=config.first_flight_timeout_ms,
                     max_inflight_per_peer=config.max_inflight_per_peer,
-                    max_waiting=config.max_waiting)
+                    max_waiting=config.max_waiting, keys=keys)
     if events is not None:
         events(Ready())
     try:
@@ -168,7 +196,12 @@ class Supervisor:
         control = control_listener(("\0" + config.control_socket).encode())
         self._listen(control, lambda: self._serve_control(control))
         if config.metrics:
-            metrics = metrics_listener(config.metrics)
+            try:
+                metrics = metrics_listener(config.metrics)
+            except ConfigError as exc:  # a missing extra must not stop the handshakes
+                log.error("%s; serving without the metrics endpoint (under the unit: "
+                          "RestrictAddressFamilies=AF_INET AF_INET6 in a drop-in)", exc)
+                return
             self._listen(metrics, lambda: self._serve_metrics(metrics))
 
     def _listen(self, sock: socket.socket, handler: Callable[[], None]) -> None:
@@ -232,13 +265,19 @@ class Supervisor:
             if self._held is not None:  # the supervisor's to close: no copy may outlive it
                 self._held.close()
             events = _event_sender(self._events_w)
-            try:
-                code = run_worker(self.generation.config, self.generation.contexts, stop, events)
-            except TlshdError as exc:  # cannot serve (no capability, no endpoint): one line,
-                # and only for a new cause: the supervisor says the rest once
+
+            def report(exc: TlshdError) -> None:
+                # cannot serve (no capability, no endpoint): one line, and only for a new
+                # cause: the supervisor says the rest once
                 (log.debug if self.stats.worker_problem else log.error)(
                     "worker cannot serve: %s", exc)
                 events(Fatal(str(exc)[:300]))
+
+            try:
+                code = run_worker(self.generation.config, self.generation.contexts, stop, events,
+                                  report)
+            except TlshdError as exc:
+                report(exc)
         except BaseException:  # the child must never return into the supervisor's code
             log.exception("worker failed")
         finally:

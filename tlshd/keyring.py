@@ -52,6 +52,8 @@ def _lib() -> ctypes.CDLL:
     lib.keyctl_revoke.restype = ctypes.c_long
     lib.keyctl_get_keyring_ID.argtypes = [ctypes.c_int32, ctypes.c_int]
     lib.keyctl_get_keyring_ID.restype = ctypes.c_int32
+    lib.keyctl_join_session_keyring.argtypes = [ctypes.c_char_p]
+    lib.keyctl_join_session_keyring.restype = ctypes.c_int32
     return lib
 
 
@@ -144,3 +146,8 @@ def find_keyring(name: str) -> int:
     fn.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int32]
     fn.restype = ctypes.c_int32
     return _check(fn(b"keyring", name.encode(), 0), f"find keyring {name!r}")
+
+
+def join_anonymous_session_keyring() -> int:
+    """Leave the session keyring for a new, empty, anonymous one (tlshd.sandbox)."""
+    return _check(_lib().keyctl_join_session_keyring(None), "join a new session keyring")

@@ -142,9 +142,16 @@ class Agent:
         return False
 
     def worker_pids(self) -> list[int]:
-        """The supervisor's children (``ip netns exec`` execs, so the pid is the supervisor's)."""
-        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
-        return [int(p) for p in path.read_text().split()]
+        """The supervisor's descendants: its workers and, with privilege separation, their
+        handshake processes (``ip netns exec`` execs, so the pid is the supervisor's)."""
+        return descendants(self.proc.pid)
+
+    def handshake_pids(self) -> list[int]:
+        """The processes that run handshakes: with privilege separation, the workers'
+        children; else the workers."""
+        workers = _children(self.proc.pid)
+        inner = [pid for worker in workers for pid in _children(worker)]
+        return inner or workers
 
     def open_fds(self) -> int:
         return sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in self.worker_pids())
@@ -207,6 +214,20 @@ def _ephemeral_range() -> range:
         return range(int(low), int(high) + 1)
     except (OSError, ValueError):
         return range(32768, 61000)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def descendants(pid: int) -> list[int]:
+    out = []
+    for child in _children(pid):
+        out += [child, *descendants(child)]
+    return out
 
 
 def free_port() -> int:

@@ -238,7 +238,7 @@ def _use_credentials(ctx: SSL.Context, credentials: X509Credentials) -> None:
 def _load_trust(ctx: SSL.Context, truststore: Path | None) -> None:
     if truststore is None:
         _load_system_trust(ctx)
-    elif truststore.is_dir():
+    elif _is_dir(truststore):
         if not os.access(truststore, os.R_OK | os.X_OK):
             raise CredentialError(f"cannot read trust store directory {truststore}")
         ctx.load_verify_locations(None, str(truststore))
@@ -249,6 +249,15 @@ def _load_trust(ctx: SSL.Context, truststore: Path | None) -> None:
                 ctx.load_verify_locations(path)
         except (SSL.Error, OSError):
             raise CredentialError(f"trust store {truststore} holds no PEM certificates") from None
+
+
+def _is_dir(path: Path) -> bool:
+    """False also when this process may not look (a confined handshake process, a 0700
+    parent directory): a bundle is then read through the monitor (tlshd.files)."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
 
 
 def _load_system_trust(ctx: SSL.Context) -> None:
