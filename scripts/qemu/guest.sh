@@ -244,6 +244,22 @@ agent_start() {
     fi
 }
 
+descendants() {  # $1 pid: its children, theirs, ...
+    local c
+    for c in $(cat "/proc/$1/task/$1/children" 2> /dev/null); do echo "$c"; descendants "$c"; done
+}
+
+record_agent_processes() {  # the privilege of each process under the agent, while it serves
+    [ "$AGENT_KIND" = reference ] || [ -z "$AGENT_PID" ] && return 0
+    local p list=
+    for p in $(descendants "$AGENT_PID"); do
+        list="$list $(awk '$1 == "Uid:" { u = $2 } $1 == "CapEff:" { c = $2 }
+            $1 == "NoNewPrivs:" { n = $2 } $1 == "Seccomp:" { s = $2 }
+            END { printf "%s/%s/%s/%s", u, c, n, s }' "/proc/$p/status")"
+    done
+    result agent_processes "${list# }"
+}
+
 agent_reload() {
     if [ "$AGENT_KIND" = reference ]; then agent_stop; agent_start; return; fi
     local before t0
@@ -333,6 +349,7 @@ s_nvme_psk() {
     reply=$(nvme_connect); rc=$?
     result connect_seconds "$(elapsed "$t0" "$(now)")"
     result consumer_errno "$([ $rc = 0 ] && echo 0 || connect_errno)"
+    record_agent_processes
     ctrl=$(echo "$reply" | sed -n 's/.*instance=\([0-9]*\).*/nvme\1/p')
     [ -n "$ctrl" ] || return 0
     result ctrl_state "$(nvme_wait_live "$ctrl")"
@@ -443,6 +460,7 @@ s_nvme_startup() {  # a connect as soon as the kernel sees a listener, while the
     result ready_then "$([ "$(ready_count)" != "$before" ] && echo yes || echo no)"
     reply=$(nvme_connect); rc=$?
     result consumer_errno "$([ $rc = 0 ] && echo 0 || connect_errno)"
+    record_agent_processes
     ctrl=$(echo "$reply" | sed -n 's/.*instance=\([0-9]*\).*/nvme\1/p')
     [ -n "$ctrl" ] && { echo 1 > "/sys/class/nvme/$ctrl/delete_controller"; result disconnect_rc $?; }
     if [ "$AGENT_KIND" != reference ]; then wait_ready_count "$before" 120; fi
@@ -520,6 +538,7 @@ nfs_scenario() {  # $1 export xprtsec, $2 mount options
     nfs_mount "$2"; rc=$?
     result mount_seconds "$(elapsed "$t0" "$(now)")"
     result consumer_errno "$([ $rc = 0 ] && echo 0 || mount_errno)"
+    record_agent_processes
     [ $rc = 0 ] || return 0
     local data="written by the client $(date +%s%N)"
     echo "$data" > /mnt/nfs/client-file; result client_write $?

@@ -265,3 +265,17 @@ def test_a_connect_while_the_agent_loads_waits_and_succeeds(guest: Guest) -> Non
     floor = float(guest.r("global", "python_nosite_startup_s")) * 1000
     assert listener <= floor + OVER_INTERPRETER_MS, (listener, floor)
     assert accept > listener
+
+
+@pytest.mark.parametrize("name", ["nvme_psk", "nfs_tls", "nfs_mtls"])
+def test_handshakes_run_in_confined_processes(guest: Guest, name: str) -> None:
+    """Issue 14: on the real kernel, while Linux's own consumers are served, every handshake
+    process under the agent has CapEff 0, NoNewPrivs 1 and Seccomp 2 as nobody (65534), and
+    every worker (monitor) keeps CAP_NET_ADMIN for ACCEPT and DONE."""
+    assert guest.r(name, "consumer_errno") == "0"
+    procs = [entry.split("/") for entry in guest.r(name, "agent_processes").split()]
+    confined = [p for p in procs if p[0] != "0"]
+    monitors = [p for p in procs if p[0] == "0"]
+    assert confined and len(confined) == len(monitors), procs
+    assert all(p == ["65534", "0000000000000000", "1", "2"] for p in confined), procs
+    assert all(int(p[1], 16) & (1 << 12) for p in monitors), procs

@@ -83,8 +83,9 @@ def test_a_handshake_process_killed_mid_request_leaves_a_done_eio_and_is_replace
         pki: PKI, tmp_path: Path) -> None:
     with Kernel(endpoint=unique_endpoint()) as kernel:
         kernel.add_netns(None)
-        agent = start_agent(kernel, write_config(tmp_path, pki, kernel.endpoint, workers=1,
-                                                 timeout_ms=30_000))
+        agent = start_agent(kernel, write_config(  # only the kill can end it early
+            tmp_path, pki, kernel.endpoint, workers=1, timeout_ms=30_000,
+            extra="first_flight_timeout_ms=30000\n"))
         try:
             with socket.create_server(("127.0.0.1", 0)) as listener:
                 silent = socket.create_connection(listener.getsockname())
@@ -101,7 +102,7 @@ def test_a_handshake_process_killed_mid_request_leaves_a_done_eio_and_is_replace
             thread.join(10)
             waited = time.monotonic() - killed
             print(f"DONE {box['o'].status} {waited * 1000:.0f} ms after the kill")
-            assert box["o"].status == -errno.EIO and waited < 2.0
+            assert box["o"].status == -errno.EIO and waited < 5.0, "\n".join(agent.log)
             silent.close()
             kernel.sock_release(server)
             assert kernel.wait_for(lambda: agent.handshake_pids() not in ([], [victim]), 10)
