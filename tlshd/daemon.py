@@ -3,11 +3,14 @@
 Process model (measured and justified in docs/architecture.md): the
 supervisor forks ``workers`` processes (default: one per CPU). Each opens its
 own upcall, so the fd of every request it ACCEPTs lands in its own table,
-and runs many handshakes concurrently in one selector loop. The supervisor
+and runs many handshakes concurrently in one selector loop; with privilege
+separation (``[agent] privsep``) that loop runs in a confined child of the
+worker, whose monitor keeps the privileges (tlshd.privsep). The supervisor
 restarts a worker that dies and, on SIGTERM or SIGINT, asks every worker to
 drain: stop accepting, finish in-flight handshakes (bounded by their
 deadlines), exit. Requests a dead worker held get no DONE (the kernel has no
-way to take them back); their consumers time out, as with the reference.
+way to take them back); their consumers time out, as with the reference. A
+monitor whose handshake process dies answers its requests with DONE EIO.
 """
 
 from __future__ import annotations
