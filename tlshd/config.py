@@ -49,7 +49,7 @@ _KNOWN: dict[str, tuple[str, ...]] = {
     "authenticate.server": _X509_KEYS + _PQ_KEYS,
     "agent": ("workers", "max_inflight", "handshake_timeout_ms", "require_client_cert", "upcall",
               "log_success", "cn_fallback", "first_flight_timeout_ms", "max_inflight_per_peer",
-              "max_waiting", "privsep", "worker_user",
+              "max_waiting", "privsep", "worker_user", "failure_log_burst",
               "metrics", "control_socket"),
 }
 _GROUP_RE = re.compile(r"^\[([^\[\]]+)\]$")
@@ -89,6 +89,7 @@ class Config:
     first_flight_timeout_ms: int = 2_000  # the peer's first message must be whole by then
     max_inflight_per_peer: int = 64  # server handshakes one client address may hold
     max_waiting: int = 256  # server handshakes a worker holds while awaiting their hello
+    failure_log_burst: int = 5  # failure lines per source in 10 s; 0: every one
     privsep: bool = True  # handshakes in a confined process (tlshd/privsep.py); root only
     worker_user: str = "nobody"  # whom the confined handshake processes run as
     upcall: str = "auto"
@@ -157,6 +158,7 @@ def parse_config(text: str, path: Path | None = None) -> Config:
         max_inflight_per_peer=_int(groups, "agent", "max_inflight_per_peer", where, 64,
                                    (1, 65_536)),
         max_waiting=_int(groups, "agent", "max_waiting", where, 256, (1, 65_536)),
+        failure_log_burst=_int(groups, "agent", "failure_log_burst", where, 5, (0, 1_000_000)),
         privsep=_bool(groups, "agent", "privsep", where, default=True),
         worker_user=_name(groups, "agent", "worker_user", where, "nobody"),
         upcall=_upcall(groups, where),

@@ -95,7 +95,8 @@ def _serve(upcall: Upcall, contexts: Contexts, config: Config, stop: _Stop,
                     log_success=config.log_success, cn_fallback=config.cn_fallback,
                     first_flight_timeout_ms=config.first_flight_timeout_ms,
                     max_inflight_per_peer=config.max_inflight_per_peer,
-                    max_waiting=config.max_waiting, keys=keys)
+                    max_waiting=config.max_waiting, keys=keys,
+                    failure_log_burst=config.failure_log_burst)
     if events is not None:
         events(Ready())
     try:

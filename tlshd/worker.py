@@ -69,6 +69,7 @@ from tlshd.ktls import install_ktls, ktls_params_from_secrets, suite_from_openss
 from tlshd.netlink.messages import AcceptReply
 from tlshd.netlink.spec import AuthMode, MsgType
 from tlshd.psk import PSK
+from tlshd.ratelimit import FailureLimiter, source_of
 from tlshd.request_keys import LOCAL_KEYS, RequestKeys
 from tlshd.untrusted import show, show_all
 from tlshd.upcall import BrokenAcceptError, Upcall
@@ -290,6 +291,7 @@ class Worker:
         first_flight_timeout_ms: int = 2_000,
         max_inflight_per_peer: int = 64,
         max_waiting: int = 256,
+        failure_log_burst: int = 5,
     ) -> None:
         self.upcall = upcall
         self._contexts = contexts
@@ -310,6 +312,8 @@ class Worker:
         self._first_flight_s = first_flight_timeout_ms / 1000
         self._per_peer = max_inflight_per_peer
         self._max_waiting = max_waiting
+        # [agent] failure_log_burst: that many failure lines per source in 10 s, then a summary
+        self._failures = FailureLimiter(burst=failure_log_burst)
         # what the engines may not do themselves: read the clock, write SSLKEYLOGFILE
         self._engine_io: dict[str, Any] = {
             "timer": time.perf_counter, "keylog": KEYLOG.write if KEYLOG.path else None}
@@ -341,6 +345,9 @@ class Worker:
                 self._service(key.data, events)
         self._expire()
         self._send_held(self._clock())
+        for source, held in self._failures.due(self._clock()):
+            log.warning("%d more failed handshake(s) with %s in %.0f s, not logged one by one",
+                        held, source, self._failures.window_s)
         if self._full and self._has_room() and not self.draining:
             self._accept_all()  # room again: the next queued request, without a READY
 
@@ -694,7 +701,8 @@ class Worker:
     def _report(self, reply: AcceptReply, status: int, elapsed_ms: float, what: str,
                 tls_ms: float = 0.0, cipher: str = "-", *, addr: str = "-") -> None:
         """One log line and one ``done`` event per request (no key material in either)."""
-        if status or self._log_success:
+        if (status == 0 and self._log_success) or (
+                status and self._failures.allow(source_of(addr), self._clock())):
             _log_result(reply, status, elapsed_ms, what, self.netns, addr)
         # ktls-utils src/tlshd/log.c, tlshd_log_completion: only with [debug] loglevel set
         log.debug("Handshake with '%s' (%s) %s", reply.peername or addr, addr,

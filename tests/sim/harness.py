@@ -51,7 +51,8 @@ def write_config(directory: Path, pki: PKI, endpoint: str, *, require_client_cer
         f"x509.certificate={pki.server.cert}\nx509.private_key={pki.server.key}\n\n"
         "[agent]\n"
         f"workers={workers}\nupcall=kernel-sim:{endpoint}\n"
-        f"control_socket=tlshd-test/{endpoint}\n{extra}"
+        # the tests read each request's failure line: none is folded into a summary
+        f"control_socket=tlshd-test/{endpoint}\nfailure_log_burst=0\n{extra}"
         f"handshake_timeout_ms={timeout_ms}\n"
         f"require_client_cert={'true' if require_client_cert else 'false'}\n"
     )

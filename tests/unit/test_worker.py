@@ -1342,3 +1342,22 @@ def test_without_sslkeylogfile_the_engines_get_no_key_log_sink(rig: Rig) -> None
 
 def worker_keylog_set() -> bool:
     return bool(os.environ.get("SSLKEYLOGFILE"))
+def test_failures_from_one_source_log_a_few_lines_then_a_summary(
+    rig_factory: Callable[..., Rig], requests: Callable[..., Request],
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    now = [1000.0]
+    rig = rig_factory(clock=lambda: now[0])
+    garbage = [requests(MsgType.SERVERHELLO, AuthMode.X509) for _ in range(12)]
+    for req in garbage:
+        req.peer.sendall(b"GET / HTTP/1.1\r\n\r\n")
+    with caplog.at_level(logging.INFO, logger="tlshd"):
+        rig.upcall.ready(*(req.reply for req in garbage))
+        rig.run_until_done(12)
+        now[0] += 11  # the window is over
+        rig.worker.run_once(max_wait=0.01)
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("status=13" in line for line in lines) == 5
+    assert sum("7 more failed handshake(s) with 127.0.0.1 in 10 s" in line
+               for line in lines) == 1
+    assert [d.status for d in rig.upcall.dones] == [errno.EACCES] * 12  # every DONE is sent
