@@ -31,7 +31,7 @@ from typing import TextIO
 from cryptography import x509
 from OpenSSL import SSL, crypto
 
-from tlshd import keyring
+from tlshd import keyring, sandbox
 from tlshd.config import DEFAULT_PATHS, Config, X509Side, load_config
 from tlshd.contexts import Contexts, file_notices
 from tlshd.errors import ConfigError, CredentialError, KeyNotFoundError, NetlinkError, TlshdError
@@ -123,6 +123,8 @@ def collect(config_path: Path | None, upcall: str | None,
     mode = upcall or (config.upcall if config is not None else "auto")
     upcall_verdicts, simulated = check_upcall(mode)
     verdicts += upcall_verdicts + check_tls_ulp(simulated) + check_privileges()
+    if config is not None:
+        verdicts += check_privsep(config)
     verdicts += check_keyrings(config.keyrings if config is not None else ())
     if config is not None:
         verdicts += check_credentials(config, now)
@@ -273,6 +275,59 @@ def _effective_caps() -> int | None:
     except OSError:
         return None
     return int(found.group(1), 16) if found else None
+
+
+def check_privsep(config: Config) -> list[Verdict]:
+    """[agent] privsep: whether the handshake processes can be confined here, tried for real
+    in a child (it cannot be undone), and whether a directory trust store is one they can
+    read themselves."""
+    if not config.privsep:
+        return [_warn("privilege separation", "off ([agent] privsep=false): the workers parse "
+                      "peers' bytes with the agent's privileges", "[agent] privsep=true")]
+    if os.geteuid() != 0:
+        return [_warn("privilege separation", "not running as root: handshakes run in the "
+                      "workers, which have nothing to give up")]
+    try:
+        user = sandbox.resolve_user(config.worker_user)
+    except TlshdError as exc:
+        return [_fail("privilege separation", str(exc),
+                      "[agent] worker_user: an existing unprivileged user")]
+    verdicts = [confine_verdict(user.name, _try_confine(user))]
+    for role, side in (("client", config.client), ("server", config.server)):
+        store = side.truststore
+        if store is not None and store.is_dir() and store.stat().st_mode & 0o005 != 0o005:
+            verdicts.append(_fail(f"{role} trust store", f"{store} is a directory that "
+                                  f"{user.name} cannot read; handshake processes read "
+                                  "directory stores themselves", f"chmod o+rx {store}"))
+    return verdicts
+
+
+def confine_verdict(user: str, error: str | None) -> Verdict:
+    if error is not None:
+        return _fail("privilege separation", f"a handshake process cannot be confined: {error}",
+                     "under systemd: CAP_SETUID and CAP_SETGID in CapabilityBoundingSet=, "
+                     "setresuid setresgid in SystemCallFilter= (as the shipped unit has)")
+    return _ok("privilege separation", f"handshake processes run as {user}: CapEff 0, "
+               "NoNewPrivs 1" + (", Seccomp 2" if os.uname().machine == "x86_64" else ""))
+
+
+def _try_confine(user: sandbox.WorkerUser) -> str | None:
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child's report is what the parent checks)
+        os.close(read)
+        message = b""
+        try:
+            sandbox.confine(user)
+        except BaseException as exc:
+            message = str(exc).encode()[:500] or type(exc).__name__.encode()
+        os.write(write, message or b"ok")
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        answer = pipe.read()
+    os.waitpid(pid, 0)
+    return None if answer == b"ok" else answer.decode(errors="replace") or "the child died"
 
 
 # -- 5. keyrings ---------------------------------------------------------------------------
