@@ -19,6 +19,15 @@ class KeyLogFile:
         self.path = environ.get("SSLKEYLOGFILE") or None
         self._fd: int | None = None
 
+    def open(self) -> None:
+        """Open the file now (a handshake process does, before it gives up the right to)."""
+        if self.path is not None and self._fd is None:
+            try:
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                                   | os.O_CLOEXEC, 0o600)
+            except OSError:
+                return
+
     def write(self, line: bytes) -> None:
         if self.path is None:
             return

@@ -67,6 +67,7 @@ from tlshd.errors import (
 )
 from tlshd.files import FileState, file_state
 from tlshd.handshake.secrets import HashAlg
+from tlshd.keylog import KEYLOG
 from tlshd.ktls import SOL_TCP, SOL_TLS, TCP_ULP
 from tlshd.netlink.messages import AcceptReply, Header, X509Serials
 from tlshd.netlink.spec import AuthMode, MsgType
@@ -644,6 +645,7 @@ def _be_handshake_process(upcall: Upcall, user: sandbox.WorkerUser,
         for sock in monitor_ends:
             sock.close()
         upcall.close()
+        KEYLOG.open()  # SSLKEYLOGFILE, if set, is root's to open
         sandbox.confine(user)
         code = serve(MonitorClient(*ends))
     except TlshdError as exc:

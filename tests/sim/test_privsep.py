@@ -135,3 +135,22 @@ def test_an_unknown_worker_user_is_reported_not_crash_looped(pki: PKI, tmp_path:
             assert not [line for line in agent.log if "Traceback" in line]
         finally:
             agent.stop()
+
+
+def test_sslkeylogfile_is_still_written_by_a_confined_handshake_process(
+        pki: PKI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file is opened before the handshake process gives up root (a debugging aid the
+    agent warns about; its directory here is root's alone)."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    keylog = private / "keys.log"
+    monkeypatch.setenv("SSLKEYLOGFILE", str(keylog))
+    with Kernel(endpoint=unique_endpoint()) as kernel:
+        kernel.add_netns(None)
+        agent = _started(kernel, tmp_path, pki)
+        try:
+            lines = keylog.read_text().splitlines()
+            assert any(line.startswith("CLIENT_HANDSHAKE_TRAFFIC_SECRET ") for line in lines)
+            assert keylog.stat().st_uid == 0 and keylog.stat().st_mode & 0o777 == 0o600
+        finally:
+            agent.stop()
