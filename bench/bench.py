@@ -51,7 +51,7 @@ from kernel_sim.demo import write_demo_config, write_demo_pki
 from kernel_sim.kernel import Kernel
 from kernel_sim.nvme import NVMeHost, NVMeKeyring, NVMeTarget, psk_identity
 from tlshd.config import parse_config
-from tlshd.contexts import Contexts
+from tlshd.credentials.contexts import Contexts
 from tlshd.netlink.messages import AcceptReply, Header
 from tlshd.netlink.spec import AuthMode, MsgType
 

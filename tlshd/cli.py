@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None, *, held: Held | None = None) -> int:
         config = _load(args)
         if args.command == "status":
             return _status(config, as_json=args.json)
-        from tlshd.daemon import configure_logging, serve
+        from tlshd.agent.supervisor import configure_logging, serve
 
         configure_logging(args.stderr, config)
         log.info("%s", version_string().replace("tlshd, built", "Built", 1))
@@ -142,8 +142,8 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def _status(config: Config, *, as_json: bool) -> int:
-    from tlshd.control import query_status
-    from tlshd.stats import format_status
+    from tlshd.agent.control import query_status
+    from tlshd.agent.stats import format_status
 
     doc = query_status(("\0" + config.control_socket).encode())
     print(json.dumps(doc, indent=2) if as_json else format_status(doc), end="" if not as_json

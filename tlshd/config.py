@@ -90,7 +90,7 @@ class Config:
     max_inflight_per_peer: int = 64  # server handshakes one client address may hold
     max_waiting: int = 256  # server handshakes a worker holds while awaiting their hello
     failure_log_burst: int = 5  # failure lines per source in 10 s; 0: every one
-    privsep: bool = True  # handshakes in a confined process (tlshd/privsep.py); root only
+    privsep: bool = True  # handshakes in a confined process (tlshd/agent/privsep.py); root only
     worker_user: str = "nobody"  # whom the confined handshake processes run as
     upcall: str = "auto"
     metrics: str = ""  # HOST:PORT of the Prometheus endpoint; off when empty

@@ -31,12 +31,13 @@ from typing import TextIO
 from cryptography import x509
 from OpenSSL import SSL, crypto
 
-from tlshd import keyring, sandbox
+from tlshd import keyring
+from tlshd.agent import sandbox
 from tlshd.config import DEFAULT_PATHS, Config, X509Side, load_config
-from tlshd.contexts import Contexts, file_notices
+from tlshd.credentials import trust
+from tlshd.credentials.builders import X509Credentials
+from tlshd.credentials.contexts import Contexts, file_notices
 from tlshd.errors import ConfigError, CredentialError, KeyNotFoundError, NetlinkError, TlshdError
-from tlshd.handshake import trust
-from tlshd.handshake.credentials import X509Credentials
 from tlshd.keyring import KERNEL_KEYRINGS
 from tlshd.upcall import DEFAULT_SIM_ENDPOINT, NetlinkUpcall, SimUpcall
 
@@ -563,7 +564,7 @@ def load_trust_store(role: str, path: Path | None
 
 
 def _system_store() -> tuple[list[x509.Certificate], str]:
-    """The store the agent loads when x509.truststore is not set (tlshd.handshake.trust)."""
+    """The store the agent loads when x509.truststore is not set (tlshd.credentials.trust)."""
     store = trust.system_store()
     if store.bundle is not None:
         return trust.pem_bundle(store.bundle), f"{store.bundle} ({store.source})"

@@ -26,7 +26,7 @@ KEY_SPEC_PROCESS_KEYRING = -2
 KEY_SPEC_SESSION_KEYRING = -3
 KEY_SPEC_USER_KEYRING = -4
 # The keyrings the kernel consumers create and search (nvme-keyring.ko, NFS client and server):
-# linked into the agent's session keyring at start when they exist (tlshd/daemon.py).
+# linked into the agent's session keyring at start when they exist (tlshd/agent/supervisor.py).
 KERNEL_KEYRINGS = (".nvme", ".nfs", ".nfsd")
 
 
@@ -149,5 +149,5 @@ def find_keyring(name: str) -> int:
 
 
 def join_anonymous_session_keyring() -> int:
-    """Leave the session keyring for a new, empty, anonymous one (tlshd.sandbox)."""
+    """Leave the session keyring for a new, empty, anonymous one (tlshd.agent.sandbox)."""
     return _check(_lib().keyctl_join_session_keyring(None), "join a new session keyring")

@@ -1,4 +1,4 @@
-"""Privilege separation in the running agent ([agent] privsep, tlshd/privsep.py).
+"""Privilege separation in the running agent ([agent] privsep, tlshd/agent/privsep.py).
 
 The agent runs as root with every capability here, as under the tests' harness: each worker
 must still run its handshakes in a child with CapEff 0, NoNewPrivs 1 and Seccomp 2, as
@@ -22,7 +22,7 @@ from kernel_sim.consumer import HandshakeOutcome, TLSConsumer
 from kernel_sim.kernel import Kernel
 from tests.pki import PKI
 from tests.sim.harness import Agent, start_agent, unique_endpoint, write_config
-from tlshd import sandbox
+from tlshd.agent import sandbox
 
 pytestmark = [pytest.mark.sim,
               pytest.mark.skipif(os.geteuid() != 0, reason="separation needs root")]

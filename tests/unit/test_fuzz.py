@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from tests.pki import PKI
 from tlshd.config import parse_config
+from tlshd.credentials import builders as credentials
 from tlshd.errors import ConfigError, DecodeError
-from tlshd.handshake import credentials
 from tlshd.handshake.engine import HandshakeEngine, Role
 from tlshd.handshake.events import HandshakeComplete, HandshakeFailed, NeedData
 from tlshd.handshake.hello import HelloCollector

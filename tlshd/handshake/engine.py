@@ -33,7 +33,7 @@ Two things follow, and this engine exists to get them exactly right.
    ``SessionResult.dropped_post_handshake_records``. A client's completing
    call writes its final flight (Certificate, CertificateVerify, Finished),
    which must go out, and nothing after it. Contexts from
-   :mod:`tlshd.handshake.credentials` also disable the session cache, so the
+   :mod:`tlshd.credentials.builders` also disable the session cache, so the
    withheld tickets could not resume a session anyway and no PSK or early data
    can ever be accepted.
 
@@ -132,14 +132,14 @@ ALERT_ILLEGAL_PARAMETER = bytes([21, 3, 3, 0, 2, 2, 47])  # OpenSSL's for an exc
 def _check_context(context: SSL.Context) -> None:
     if not _openssl.has_keylog_callback(context):
         raise ValueError(
-            "SSL.Context has no key-log callback: build it with tlshd.handshake.credentials"
+            "SSL.Context has no key-log callback: build it with tlshd.credentials.builders"
         )
 
 
 class HandshakeEngine:
     """One TLS 1.3 handshake, bytes in and bytes out (see the module docstring).
 
-    ``context`` comes from :mod:`tlshd.handshake.credentials` (it must carry
+    ``context`` comes from :mod:`tlshd.credentials.builders` (it must carry
     :func:`route_keylog_line`). A client sends SNI for a DNS ``peername`` and
     has OpenSSL check the server certificate against it during the handshake
     (DNS SAN, or IP SAN for an IPv4/IPv6 literal); with no ``peername`` only

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from OpenSSL import SSL
 
 from tests.pki import PKI, issue_leaf, write_issued, write_pki
+from tlshd.credentials import builders as credentials
 from tlshd.errors import (
     PeerAuthenticationError,
     PeerClosedError,
@@ -31,7 +32,7 @@ from tlshd.errors import (
     TlshdError,
     UnsupportedRequestError,
 )
-from tlshd.handshake import _openssl, credentials
+from tlshd.handshake import _openssl
 from tlshd.handshake.engine import HandshakeEngine, Role, count_records
 from tlshd.handshake.events import HandshakeComplete, HandshakeFailed, NeedData, SessionResult
 

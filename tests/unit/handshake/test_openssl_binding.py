@@ -19,8 +19,8 @@ from OpenSSL._util import lib
 
 from tests.pki import write_pki
 from tests.unit.handshake.pairing import drive
+from tlshd.credentials import builders as creds
 from tlshd.handshake import _openssl
-from tlshd.handshake import credentials as creds
 from tlshd.handshake.engine import HandshakeEngine, Role
 from tlshd.handshake.events import HandshakeComplete
 

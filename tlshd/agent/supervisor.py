@@ -5,7 +5,7 @@ supervisor forks ``workers`` processes (default: one per CPU). Each opens its
 own upcall, so the fd of every request it ACCEPTs lands in its own table,
 and runs many handshakes concurrently in one selector loop; with privilege
 separation (``[agent] privsep``) that loop runs in a confined child of the
-worker, whose monitor keeps the privileges (tlshd.privsep). The supervisor
+worker, whose monitor keeps the privileges (tlshd.agent.privsep). The supervisor
 restarts a worker that dies and, on SIGTERM or SIGINT, asks every worker to
 drain: stop accepting, finish in-flight handshakes (bounded by their
 deadlines), exit. Requests a dead worker held get no DONE (the kernel has no
@@ -28,19 +28,27 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 
-from tlshd import files, keyring, privsep, sandbox, sdnotify
-from tlshd.agent_events import MAX_EVENT, EventSink, Fatal, Ready, WorkerEvent
-from tlshd.agent_events import decode as decode_event
-from tlshd.agent_events import encode as encode_event
+from tlshd import keyring
+from tlshd.agent import privsep, sandbox, sdnotify
+from tlshd.agent.control import (
+    Metrics,
+    answer_control,
+    answer_http,
+    control_listener,
+    metrics_listener,
+)
+from tlshd.agent.events import MAX_EVENT, EventSink, Fatal, Ready, WorkerEvent
+from tlshd.agent.events import decode as decode_event
+from tlshd.agent.events import encode as encode_event
+from tlshd.agent.stats import Stats
+from tlshd.agent.worker import Worker
 from tlshd.config import Config
-from tlshd.contexts import Contexts
-from tlshd.control import Metrics, answer_control, answer_http, control_listener, metrics_listener
+from tlshd.credentials import files
+from tlshd.credentials.contexts import Contexts
+from tlshd.credentials.keys import LOCAL_KEYS, RequestKeys
 from tlshd.early import Held
 from tlshd.errors import ConfigError, CredentialError, DecodeError, KeyNotFoundError, TlshdError
-from tlshd.request_keys import LOCAL_KEYS, RequestKeys
-from tlshd.stats import Stats
 from tlshd.upcall import Upcall, open_upcall
-from tlshd.worker import Worker
 
 log = logging.getLogger("tlshd")
 DRAIN_GRACE_S = 30.0
@@ -62,7 +70,7 @@ def run_worker(config: Config, contexts: Contexts, stop: _Stop,
                events: EventSink | None = None,
                report: Callable[[TlshdError], None] | None = None) -> int:
     """One worker process's life: serve until asked to stop, then drain. With privilege
-    separation the handshakes run in a confined child of this process (tlshd.privsep)."""
+    separation the handshakes run in a confined child of this process (tlshd.agent.privsep)."""
     upcall = open_upcall(config.upcall)
     if separated(config):
         user = sandbox.resolve_user(config.worker_user)

@@ -13,9 +13,16 @@ from OpenSSL import SSL
 
 from tests.unit.handshake.pairing import drive
 from tlshd import keyring
+from tlshd.credentials.builders import psk_context
+from tlshd.credentials.psk import (
+    find_server_psk,
+    hash_for,
+    key_description,
+    load_psk,
+    next_client_psk,
+)
 from tlshd.errors import CredentialError, DecodeError, KeyRevokedError, UnknownPSKIdentityError
 from tlshd.handshake import _psk
-from tlshd.handshake.credentials import psk_context
 from tlshd.handshake.engine import (
     ALERT_ILLEGAL_PARAMETER,
     ALERT_UNKNOWN_PSK_IDENTITY,
@@ -31,7 +38,6 @@ from tlshd.handshake.hello import (
     offered_identities,
 )
 from tlshd.handshake.secrets import HashAlg
-from tlshd.psk import find_server_psk, hash_for, key_description, load_psk, next_client_psk
 
 SHA256_SUITES = "TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_CCM_SHA256"
 SHA384_SUITES = "TLS_AES_256_GCM_SHA384"

@@ -13,9 +13,10 @@ from cryptography.hazmat.primitives.asymmetric import x25519
 from OpenSSL import SSL, crypto
 
 from tests.pki import PKI, write_pki
+from tlshd.credentials import builders as credentials
+from tlshd.credentials.builders import X509Credentials
 from tlshd.errors import ConfigError, CredentialError
-from tlshd.handshake import _openssl, credentials
-from tlshd.handshake.credentials import X509Credentials
+from tlshd.handshake import _openssl
 from tlshd.handshake.engine import HandshakeEngine, Role
 from tlshd.handshake.events import HandshakeComplete, NeedData, SessionResult
 

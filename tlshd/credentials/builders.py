@@ -35,11 +35,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from OpenSSL import SSL, crypto
 
-from tlshd import files
+from tlshd.credentials import files, trust
+from tlshd.credentials.trust import SYSTEM_CA_BUNDLES, read_file
 from tlshd.errors import ConfigError, CredentialError
-from tlshd.handshake import _openssl, trust
+from tlshd.handshake import _openssl
 from tlshd.handshake.engine import route_keylog_line
-from tlshd.handshake.trust import SYSTEM_CA_BUNDLES, read_file
 
 __all__ = [
     "SYSTEM_CA_BUNDLES",
@@ -253,7 +253,7 @@ def _load_trust(ctx: SSL.Context, truststore: Path | None) -> None:
 
 def _is_dir(path: Path) -> bool:
     """False also when this process may not look (a confined handshake process, a 0700
-    parent directory): a bundle is then read through the monitor (tlshd.files)."""
+    parent directory): a bundle is then read through the monitor (tlshd.credentials.files)."""
     try:
         return path.is_dir()
     except OSError:

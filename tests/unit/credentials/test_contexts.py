@@ -19,9 +19,9 @@ from OpenSSL import SSL
 
 from tests.pki import PKI
 from tlshd.config import Config, X509Side
-from tlshd.contexts import Contexts, CredentialSlot
+from tlshd.credentials.contexts import Contexts, CredentialSlot
+from tlshd.credentials.files import file_state
 from tlshd.errors import CredentialError
-from tlshd.files import file_state
 from tlshd.netlink.messages import AcceptReply, Header
 from tlshd.netlink.spec import AuthMode, MsgType
 
@@ -116,7 +116,7 @@ def test_missing_at_start_is_not_fatal_and_is_picked_up_when_it_appears(pki, tmp
 
 
 def test_refreshed_crl_is_read_again(pki, tmp_path):
-    from tests.unit.handshake.test_crl import write_crl
+    from tests.unit.credentials.test_crl import write_crl
 
     crl = write_crl(tmp_path / "server.crl", pki.ca_issued, revoked=[])
     side = X509Side(truststore=pki.ca, certificate=pki.server.cert, private_key=pki.server.key,
@@ -137,7 +137,7 @@ def test_slot_repr_holds_no_key_material(pki):
 
 def test_loose_key_modes_get_ktls_utils_notices_and_still_load(pki, server_files, caplog):
     # ktls-utils src/tlshd/config.c, tlshd_config_read_datum: "File %s: expected mode %o"
-    from tlshd.contexts import file_notices
+    from tlshd.credentials.contexts import file_notices
 
     cert, key = server_files
     cert.chmod(0o644)

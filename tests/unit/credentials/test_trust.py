@@ -1,4 +1,4 @@
-"""tlshd.handshake.trust: the one reading of the trust-store and CRL rules, which the agent
+"""tlshd.credentials.trust: the one reading of the trust-store and CRL rules, which the agent
 and doctor share."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 
 from tests.pki import PKI
 from tlshd import doctor
+from tlshd.credentials import trust
 from tlshd.errors import CredentialError
-from tlshd.handshake import trust
 
 
 def test_openssl_s_variables_come_before_the_distribution_s_bundle(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""tlshd.sdnotify against real AF_UNIX datagram sockets, as systemd's notify socket is."""
+"""tlshd.agent.sdnotify against real AF_UNIX datagram sockets, as systemd's notify socket is."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tlshd import sdnotify
+from tlshd.agent import sdnotify
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""tlshd.agent_events: the worker-to-supervisor events, their one schema."""
+"""tlshd.agent.events: the worker-to-supervisor events, their one schema."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tlshd.agent_events import Done, Fatal, Limit, Ready, Start, decode, encode
+from tlshd.agent.events import Done, Fatal, Limit, Ready, Start, decode, encode
 from tlshd.errors import DecodeError
 
 DONE = Done(role="client", auth="x509", peer="server.test", cipher="TLS_AES_128_GCM_SHA256",

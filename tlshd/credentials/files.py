@@ -1,6 +1,6 @@
 """Credential files, read here or through the privileged part of the worker.
 
-A handshake process that runs without privileges (``tlshd.privsep``) cannot open root's 0600
+A handshake process that runs without privileges (``tlshd.agent.privsep``) cannot open root's 0600
 keys itself: it reads the configured credential files through its monitor, which answers for
 those paths only. Everything else in the agent reads them here, directly. ``use`` switches
 the source once, at the start of such a process; nothing else changes it.

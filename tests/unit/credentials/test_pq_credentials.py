@@ -14,9 +14,9 @@ from OpenSSL._util import lib
 from tests.pki import write_pki
 from tests.unit.handshake.pairing import drive
 from tlshd.config import Config, X509Side, parse_config
-from tlshd.contexts import Contexts
+from tlshd.credentials import builders as creds
+from tlshd.credentials.contexts import Contexts
 from tlshd.errors import CredentialError
-from tlshd.handshake import credentials as creds
 from tlshd.handshake.engine import HandshakeEngine, Role
 from tlshd.handshake.events import HandshakeComplete, HandshakeFailed
 from tlshd.netlink.messages import AcceptReply, Header

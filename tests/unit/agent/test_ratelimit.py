@@ -1,6 +1,6 @@
-"""tlshd.ratelimit: a few failure lines per source, then one summary."""
+"""tlshd.agent.ratelimit: a few failure lines per source, then one summary."""
 
-from tlshd.ratelimit import FailureLimiter, source_of
+from tlshd.agent.ratelimit import FailureLimiter, source_of
 
 
 def test_a_burst_passes_then_the_rest_is_counted_and_summed_up_once() -> None:

@@ -9,7 +9,7 @@ processes, as OpenSSH splits a connection:
   family's sockets), the session keyring with the consumers' keys, and read access to the
   credential files. It parses no TLS. It ACCEPTs, reads keys and files, installs the kTLS keys
   and sends DONE, each on request of its handshake process and only within policy;
-* the **handshake process** runs ``tlshd.worker.Worker`` confined by ``tlshd.sandbox``
+* the **handshake process** runs ``tlshd.agent.worker.Worker`` confined by ``tlshd.agent.sandbox``
   (another uid, no capability, no_new_privs, seccomp) and talks to the monitor over a
   SOCK_SEQPACKET pair: one JSON request, one JSON answer, the socket of a new request as
   SCM_RIGHTS. A second pair carries READY from the monitor.
@@ -53,7 +53,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tlshd import sandbox
+from tlshd.agent import sandbox
+from tlshd.credentials.files import FileState, file_state
+from tlshd.credentials.keys import LOCAL_KEYS, LocalKeys
+from tlshd.credentials.psk import PSK
 from tlshd.errors import (
     CredentialError,
     KeyAccessError,
@@ -65,14 +68,11 @@ from tlshd.errors import (
     TransportTimeoutError,
     UnknownPSKIdentityError,
 )
-from tlshd.files import FileState, file_state
 from tlshd.handshake.secrets import HashAlg
 from tlshd.keylog import KEYLOG
 from tlshd.ktls import SOL_TCP, SOL_TLS, TCP_ULP
 from tlshd.netlink.messages import AcceptReply, Header, X509Serials
 from tlshd.netlink.spec import AuthMode, MsgType
-from tlshd.psk import PSK
-from tlshd.request_keys import LOCAL_KEYS, LocalKeys
 from tlshd.upcall import BrokenAcceptError, Upcall
 
 log = logging.getLogger("tlshd")

@@ -1,4 +1,4 @@
-"""tlshd.sandbox: what a confined handshake process can no longer do.
+"""tlshd.agent.sandbox: what a confined handshake process can no longer do.
 
 Each check runs ``confine`` in a forked child (it cannot be undone) and reports back over a
 pipe; the parent is root with every capability, as the tests run."""
@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tlshd import keyring, sandbox
+from tlshd import keyring
+from tlshd.agent import sandbox
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="confining needs root")
 UNISTD = Path("/usr/include/x86_64-linux-gnu/asm/unistd_64.h")

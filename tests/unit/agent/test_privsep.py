@@ -1,4 +1,4 @@
-"""tlshd.privsep: the monitor's policy, against kernel-sim, with this test as the handshake
+"""tlshd.agent.privsep: the monitor's policy, against kernel-sim, with this test as the handshake
 process (honest through ``MonitorClient``, hostile with raw messages).
 
 A hostile handshake process must not: send DONE for a request it was not given, give a peer
@@ -21,7 +21,7 @@ import pytest
 
 from kernel_sim.handshake.tlshd import TLSHandshakeArgs
 from kernel_sim.kernel import Kernel
-from tlshd import privsep
+from tlshd.agent import privsep
 from tlshd.errors import TransportError
 from tlshd.ktls import SOL_TCP, TCP_ULP, TLS_ULP_NAME
 from tlshd.upcall import SimUpcall

@@ -1,4 +1,4 @@
-"""tlshd.worker with a fake upcall and real TLS peers over loopback TCP.
+"""tlshd.agent.worker with a fake upcall and real TLS peers over loopback TCP.
 
 ``FakeUpcall`` implements the ``tlshd.upcall.Upcall`` port: it hands out queued
 ACCEPT replies, records DONE and setsockopt calls, and wakes the worker through
@@ -34,8 +34,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from OpenSSL import SSL
 
 from tests.pki import PKI, write_pki
+from tlshd.agent.worker import Worker
 from tlshd.config import load_config
-from tlshd.contexts import Contexts
+from tlshd.credentials.contexts import Contexts
 from tlshd.errors import DecodeError, NetlinkError
 from tlshd.handshake import _openssl
 from tlshd.handshake.events import SessionResult
@@ -43,7 +44,6 @@ from tlshd.ktls import SOL_TCP, SOL_TLS, TCP_ULP, TLS_RX, TLS_TX
 from tlshd.netlink.messages import AcceptReply, Header
 from tlshd.netlink.spec import AuthMode, MsgType
 from tlshd.upcall import BrokenAcceptError
-from tlshd.worker import Worker
 
 WAIT_S = 10.0
 TLS_1_3 = 0x0304
@@ -1322,7 +1322,7 @@ def test_sslkeylogfile_is_wired_from_the_worker_into_its_engines(
     rig_factory: Callable[..., Rig], requests: Callable[..., Request], pki: PKI,
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tlshd import worker as worker_module
+    from tlshd.agent import worker as worker_module
     from tlshd.keylog import KeyLogFile
 
     path = tmp_path / "keys.log"

@@ -1,7 +1,7 @@
 """The keys one request may use, from the kernel's keyrings.
 
 The worker asks for a request's keys through ``RequestKeys``: ``LocalKeys`` reads the keyrings
-itself; a handshake process without privileges (``tlshd.privsep``) asks its monitor, which
+itself; a handshake process without privileges (``tlshd.agent.privsep``) asks its monitor, which
 answers only for the request that names the key. The policy is the same either way:
 
 * a client PSK is one of the ACCEPT's peer identities, tried in order;
@@ -20,9 +20,9 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from tlshd import keyring
+from tlshd.credentials.psk import PSK, find_server_psk, next_client_psk
 from tlshd.errors import CredentialError, TlshdError
 from tlshd.netlink.messages import AcceptReply
-from tlshd.psk import PSK, find_server_psk, next_client_psk
 
 PEER_KEY_TIMEOUT_S = 600
 MAX_PEER_KEY = 65536

@@ -22,7 +22,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.utils import CryptographyDeprecationWarning
 
-from tlshd import files
+from tlshd.credentials import files
 from tlshd.errors import CredentialError
 
 SYSTEM_CA_BUNDLES: tuple[str, ...] = (

@@ -39,7 +39,10 @@ from typing import Any, Protocol
 from cryptography import x509
 from OpenSSL import SSL
 
-from tlshd.agent_events import Done, EventSink, Limit, Start
+from tlshd.agent.events import Done, EventSink, Limit, Start
+from tlshd.agent.ratelimit import FailureLimiter, source_of
+from tlshd.credentials.keys import LOCAL_KEYS, RequestKeys
+from tlshd.credentials.psk import PSK
 from tlshd.errors import (
     CredentialError,
     HandshakeTimeoutError,
@@ -68,9 +71,6 @@ from tlshd.keylog import KEYLOG
 from tlshd.ktls import install_ktls, ktls_params_from_secrets, suite_from_openssl_name
 from tlshd.netlink.messages import AcceptReply
 from tlshd.netlink.spec import AuthMode, MsgType
-from tlshd.psk import PSK
-from tlshd.ratelimit import FailureLimiter, source_of
-from tlshd.request_keys import LOCAL_KEYS, RequestKeys
 from tlshd.untrusted import show, show_all
 from tlshd.upcall import BrokenAcceptError, Upcall
 
@@ -166,7 +166,8 @@ def _discard_stale(sock: socket.socket) -> bool:
 
 
 class ContextProvider(Protocol):
-    """``tlshd.contexts.Contexts``: a context per x509/anonymous request, PSK ones by hash."""
+    """``tlshd.credentials.contexts.Contexts``: a context per x509 or anonymous request,
+    PSK ones by hash."""
 
     @property
     def psk_client(self) -> Mapping[HashAlg, SSL.Context]: ...
@@ -512,7 +513,7 @@ class Worker:
                                await_credentials=True, **self._engine_io)
 
     def _server_psk(self, hs: Handshake, asked: NeedServerCredentials) -> None:
-        try:  # where it is searched for: tlshd.request_keys
+        try:  # where it is searched for: tlshd.credentials.keys
             psk = self._keys.server_psk(hs.reply, asked.identities)
         except TlshdError as exc:  # the key is there but revoked, unreadable, ...
             hs.engine.refuse(exc)

@@ -6,7 +6,7 @@ duration). The supervisor folds them into ``Stats``, which answers
 ``tlshd status`` (a JSON document) and the Prometheus endpoint. Events carry
 no key material: only names, numbers and error descriptions.
 
-This module is pure: ``Stats.apply`` takes a decoded event (tlshd/agent_events.py) and a
+This module is pure: ``Stats.apply`` takes a decoded event (tlshd/agent/events.py) and a
 timestamp.
 """
 
@@ -17,7 +17,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from tlshd.agent_events import Done, Limit, Start
+from tlshd.agent.events import Done, Limit, Start
 
 RECENT_FAILURES = 50
 DURATION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

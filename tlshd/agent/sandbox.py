@@ -1,6 +1,6 @@
 """What a handshake process gives up before it reads a byte from a peer.
 
-``confine(user)`` runs once, in the process that will parse untrusted TLS (``tlshd.privsep``):
+``confine(user)`` runs once, in the process that will parse untrusted TLS (``tlshd.agent.privsep``):
 
 1. it leaves the agent's session keyring for an anonymous one of its own, so it no longer
    *possesses* the keys linked there (possession, not the uid, is what grants a process the
@@ -59,7 +59,7 @@ _NR, _ARCH, _ARG0 = 0, 4, 16
 AUDIT_ARCH_X86_64 = 0xC000003E
 X32_SYSCALL_BIT = 0x40000000
 
-# x86-64 numbers (asm/unistd_64.h; tests/unit/test_sandbox.py checks them against the header)
+# x86-64 numbers (asm/unistd_64.h; tests/unit/agent/test_sandbox.py checks them against the header)
 X86_64_SOCKET = 41
 X86_64_DENIED: dict[str, int] = {
     "keyctl": 250, "add_key": 248, "request_key": 249,

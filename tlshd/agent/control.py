@@ -23,10 +23,10 @@ import socket
 import struct
 from typing import Any
 
-from tlshd.agent_events import Done, Limit, WorkerEvent
+from tlshd.agent.events import Done, Limit, WorkerEvent
+from tlshd.agent.stats import DURATION_BUCKETS_S, status_name
 from tlshd.config import parse_listen
 from tlshd.errors import ConfigError, TransportError
-from tlshd.stats import DURATION_BUCKETS_S, status_name
 
 CONTROL_ADDRESS = b"\0tlshd/control"
 MAX_REQUEST = 4096

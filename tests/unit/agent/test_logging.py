@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from tlshd.agent.supervisor import configure_logging
+from tlshd.agent.worker import _log_result
 from tlshd.config import Config
-from tlshd.daemon import configure_logging
 from tlshd.netlink.messages import AcceptReply, Header
 from tlshd.netlink.spec import AuthMode, MsgType
-from tlshd.worker import _log_result
 
 LOG_AUTH, LOG_INFO, LOG_WARNING = 4, 6, 4
 

@@ -26,16 +26,16 @@ from pathlib import Path
 
 from OpenSSL import SSL
 
-from tlshd import files
 from tlshd.config import Config, X509Side
+from tlshd.credentials import builders as creds
+from tlshd.credentials import files
+from tlshd.credentials.files import FileState
+from tlshd.credentials.keys import LOCAL_KEYS, RequestKeys
 from tlshd.errors import CredentialError, TlshdError
-from tlshd.files import FileState
-from tlshd.handshake import credentials as creds
 from tlshd.handshake.secrets import HashAlg
 from tlshd.ktls import CipherSuite
 from tlshd.netlink.messages import AcceptReply
 from tlshd.netlink.spec import AuthMode, MsgType
-from tlshd.request_keys import LOCAL_KEYS, RequestKeys
 
 log = logging.getLogger("tlshd")
 

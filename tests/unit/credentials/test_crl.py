@@ -12,9 +12,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from tests.pki import PKI, Issued, write_pki
 from tests.unit.handshake.pairing import drive
 from tlshd.config import Config, X509Side
-from tlshd.contexts import Contexts
+from tlshd.credentials import builders as creds
+from tlshd.credentials.contexts import Contexts
 from tlshd.errors import CredentialError, PeerAuthenticationError
-from tlshd.handshake import credentials as creds
 from tlshd.handshake.engine import HandshakeEngine, Role
 from tlshd.handshake.events import HandshakeComplete, HandshakeFailed
 from tlshd.netlink.messages import AcceptReply, Header
