@@ -46,6 +46,7 @@ it. Only the two application traffic secrets are kept.
 from __future__ import annotations
 
 import contextlib
+import enum
 import ipaddress
 import re
 from collections.abc import Callable
@@ -136,6 +137,22 @@ def _check_context(context: SSL.Context) -> None:
         )
 
 
+class State(enum.Enum):
+    """Where an engine is. ``HELLO_PENDING``: a server that awaits credentials holds the
+    client's records until its ClientHello is whole (no OpenSSL connection yet). ``ASKING``:
+    :class:`NeedServerCredentials` is out, unanswered. ``RUNNING``: OpenSSL drives the
+    handshake. ``DONE`` and ``FAILED`` are final."""
+
+    HELLO_PENDING = "hello pending"
+    ASKING = "asking"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+FINAL = frozenset({State.DONE, State.FAILED})
+
+
 class HandshakeEngine:
     """One TLS 1.3 handshake, bytes in and bytes out (see the module docstring).
 
@@ -198,6 +215,7 @@ class HandshakeEngine:
         self._timer = timer
         self._keylog = keylog
         self._connection: SSL.Connection | None = None  # None: held for the ClientHello
+        self.state = State.HELLO_PENDING if self._awaiting else State.RUNNING
         self.tls_seconds = 0.0  # time inside OpenSSL (do_handshake): the rest is ours
         if not self._awaiting:
             self._connect(context, on_connection)
@@ -205,6 +223,7 @@ class HandshakeEngine:
     def _connect(self, context: SSL.Context, hook: ConnectionHook | None) -> None:
         _check_context(context)
         self._connection = SSL.Connection(context, None)
+        self.state = State.RUNNING
         self._conn.set_app_data(self)
         if hook is not None:
             hook(self._conn)
@@ -225,7 +244,7 @@ class HandshakeEngine:
 
     def receive_data(self, data: bytes) -> None:
         """Give the engine bytes read from the peer; ``b""`` means it closed."""
-        if self._result is not None:
+        if self.state in FINAL:
             self._inbuf += data  # past the end: the caller must hand these on
             return
         if not data:
@@ -241,16 +260,16 @@ class HandshakeEngine:
         return out
 
     def next_event(self) -> Event:
-        if self._result is not None:
+        if self._result is not None:  # DONE or FAILED
             return self._result
-        if self._pending is not None:
+        if self._pending is not None:  # ASKING
             return self._pending
         return NeedData(self._bytes_to_record_end())
 
     def use_credentials(self, context: SSL.Context, hook: ConnectionHook | None = None) -> None:
         """The answer to :class:`NeedServerCredentials`: go on with ``context`` (and
         ``hook`` on the new connection, e.g. to attach the PSK found)."""
-        if self._pending is None:
+        if self.state is not State.ASKING or self._pending is None:
             raise RuntimeError("use_credentials without NeedServerCredentials")
         self._pending = None
         self._start_held(context, hook)
@@ -259,7 +278,7 @@ class HandshakeEngine:
     def refuse(self, error: TlshdError) -> None:
         """The other answer: the handshake fails with ``error``; an unknown PSK identity
         gets the ``unknown_psk_identity`` alert (RFC 8446 4.2.11), anything else none."""
-        if self._pending is None:
+        if self.state is not State.ASKING or self._pending is None:
             raise RuntimeError("refuse without NeedServerCredentials")
         self._pending = None
         self._held.clear()
@@ -283,7 +302,7 @@ class HandshakeEngine:
         return RECORD_HEADER_LEN + length - len(self._inbuf)
 
     def _feed_records(self) -> None:
-        while (self._result is None and self._pending is None
+        while (self.state in (State.HELLO_PENDING, State.RUNNING)
                and len(self._inbuf) >= RECORD_HEADER_LEN):
             header = bytes(self._inbuf[:RECORD_HEADER_LEN])
             try:
@@ -296,7 +315,7 @@ class HandshakeEngine:
                 return
             record = bytes(self._inbuf[:end])
             del self._inbuf[:end]
-            if self._connection is None:
+            if self.state is State.HELLO_PENDING:
                 self._hold(record)
                 continue
             if not self._first_flight and not self._watch_first_flight(record):
@@ -349,6 +368,7 @@ class HandshakeEngine:
         except DecodeError:
             identities = ()  # OpenSSL will judge the hello once a context is chosen
         self._pending = NeedServerCredentials(hello, identities)
+        self.state = State.ASKING
 
     def _start_held(self, context: SSL.Context, hook: ConnectionHook | None) -> None:
         self._connect(context, hook)
@@ -416,6 +436,7 @@ class HandshakeEngine:
 
     def _finish(self, result: HandshakeComplete | HandshakeFailed) -> None:
         self._result = result
+        self.state = State.DONE if isinstance(result, HandshakeComplete) else State.FAILED
         if self._connection is not None:
             self._connection.set_app_data(None)  # break the engine <-> connection cycle
             _psk.detach(self._connection)

@@ -294,3 +294,37 @@ def test_an_identity_is_looked_up_exactly(ring):
                     b"NVMe0R01 host sub" + b"x" * 5000):
         assert find_server_psk([offered], [ring]) is None, offered[:40]
     assert key_description(b"NVMe0R01 host sub") == "NVMe0R01 host sub"
+
+
+def test_the_engine_names_its_states_along_a_psk_server_handshake():
+    """HELLO_PENDING until the ClientHello is whole, ASKING until the worker answers, then
+    RUNNING and DONE; a refusal ends in FAILED; no answer is taken out of turn."""
+    from tlshd.handshake.engine import State
+
+    seen: list[State] = []
+    key, identity = os.urandom(32), b"NVMe0R01 h s"
+    client = HandshakeEngine(psk_context(SSL.TLS_CLIENT_METHOD, SHA256_SUITES), Role.CLIENT,
+                             on_connection=lambda c: _psk.attach(c, identity, key,
+                                                                 _psk.SUITE_SHA256))
+    server_ctx = psk_context(SSL.TLS_SERVER_METHOD, SHA256_SUITES)
+    server = HandshakeEngine(server_ctx, Role.SERVER, await_credentials=True)
+    assert server.state is State.HELLO_PENDING and client.state is State.RUNNING
+    with pytest.raises(RuntimeError):
+        server.use_credentials(server_ctx)  # nothing was asked yet
+
+    def answer(engine: HandshakeEngine, asked: NeedServerCredentials) -> None:
+        seen.append(engine.state)
+        engine.use_credentials(server_ctx, lambda c: _psk.attach(c, identity, key,
+                                                                 _psk.SUITE_SHA256))
+        seen.append(engine.state)
+
+    drive(client, server, answer=answer)
+    assert seen == [State.ASKING, State.RUNNING]
+    assert server.state is client.state is State.DONE
+
+    refused = HandshakeEngine(server_ctx, Role.SERVER, await_credentials=True)
+    other = HandshakeEngine(psk_context(SSL.TLS_CLIENT_METHOD, SHA256_SUITES), Role.CLIENT,
+                            on_connection=lambda c: _psk.attach(c, identity, key,
+                                                                _psk.SUITE_SHA256))
+    drive(other, refused, answer=lambda e, a: e.refuse(UnknownPSKIdentityError("no")))
+    assert refused.state is State.FAILED
