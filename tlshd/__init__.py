@@ -13,7 +13,8 @@ handshake -> kTLS -> DONE):
   selector loop of many handshakes; with ``privsep`` that loop runs in a confined child
   (``sandbox``) and the worker is its monitor; ``events``, ``stats``, ``control``,
   ``sdnotify`` and ``ratelimit`` report what happened.
-* ``credentials``: what a request authenticates with: ``contexts`` picks the SSL context,
+* ``credentials``: what a request authenticates with: ``chooser`` decides it per request,
+  ``contexts`` holds the configured SSL contexts,
   ``builders`` and ``trust`` make them from ``files``, ``keys`` and ``psk`` read the
   kernel's keyrings (through ``keyring``, the libkeyutils binding).
 * ``handshake``: one TLS 1.3 handshake as bytes in, bytes out and events; no socket, no

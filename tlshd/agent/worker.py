@@ -32,17 +32,15 @@ import os
 import selectors
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
 
 from cryptography import x509
-from OpenSSL import SSL
 
 from tlshd.agent.events import Done, EventSink, Limit, Start
 from tlshd.agent.ratelimit import FailureLimiter, source_of
+from tlshd.credentials.chooser import Chooser, ContextProvider, PSKChoice
 from tlshd.credentials.keys import LOCAL_KEYS, RequestKeys
-from tlshd.credentials.psk import PSK
 from tlshd.errors import (
     CredentialError,
     HandshakeTimeoutError,
@@ -53,12 +51,10 @@ from tlshd.errors import (
     TlshdError,
     TransportError,
     TransportTimeoutError,
-    UnknownPSKIdentityError,
     UnsupportedProtocolError,
     UnsupportedRequestError,
 )
-from tlshd.handshake import _psk
-from tlshd.handshake.engine import HandshakeEngine, Role
+from tlshd.handshake.engine import HandshakeEngine
 from tlshd.handshake.events import (
     HandshakeComplete,
     HandshakeFailed,
@@ -66,35 +62,17 @@ from tlshd.handshake.events import (
     NeedServerCredentials,
     SessionResult,
 )
-from tlshd.handshake.secrets import HashAlg
 from tlshd.keylog import KEYLOG
 from tlshd.ktls import install_ktls, ktls_params_from_secrets, suite_from_openssl_name
 from tlshd.netlink.messages import AcceptReply
 from tlshd.netlink.spec import AuthMode, MsgType
-from tlshd.untrusted import show, show_all
+from tlshd.untrusted import show
 from tlshd.upcall import BrokenAcceptError, Upcall
 
 log = logging.getLogger("tlshd")
 io_log = logging.getLogger("tlshd.io")  # [debug] tls > 0
 
 SWEEP_INTERVAL_S = 1.0
-
-
-@dataclass(eq=False)
-class PSKChoice:
-    """The PSK a handshake uses: known at the start (client) or after the ClientHello.
-
-    A client also keeps the ACCEPT's keys after this one (``untried``) and the first
-    failure (``first_error``): a server that refuses one key may accept the next."""
-
-    psk: PSK | None = None
-    untried: tuple[int, ...] = ()
-    first_error: TlshdError | None = None
-
-    def describe(self) -> str:
-        if self.psk is None:
-            return ""
-        return f" psk={self.psk.serial}:{show(self.psk.identity)}"
 
 
 @dataclass(eq=False)
@@ -163,19 +141,6 @@ def _discard_stale(sock: socket.socket) -> bool:
             return False
         dropped += len(data)
     return False
-
-
-class ContextProvider(Protocol):
-    """``tlshd.credentials.contexts.Contexts``: a context per x509 or anonymous request,
-    PSK ones by hash."""
-
-    @property
-    def psk_client(self) -> Mapping[HashAlg, SSL.Context]: ...
-
-    @property
-    def psk_server(self) -> Mapping[HashAlg, SSL.Context]: ...
-
-    def __call__(self, reply: AcceptReply) -> SSL.Context: ...
 
 
 def _internal(exc: BaseException) -> TlshdError:
@@ -295,7 +260,6 @@ class Worker:
         failure_log_burst: int = 5,
     ) -> None:
         self.upcall = upcall
-        self._contexts = contexts
         self._default_timeout_s = default_timeout_ms / 1000
         self._max_inflight = max_inflight
         self._keys = keys
@@ -307,7 +271,6 @@ class Worker:
         # in its per-request process; here the loop goes on serving the others meanwhile)
         self._delay_done_s = delay_done_s
         self._log_success = log_success  # [agent] log_success: failures are always logged
-        self._cn_fallback = cn_fallback  # [agent] cn_fallback: CN-only server certificates
         # [agent] first_flight_timeout_ms, max_inflight_per_peer: a peer that connects and
         # says nothing holds a slot that long at most, and one address only so many slots
         self._first_flight_s = first_flight_timeout_ms / 1000
@@ -316,8 +279,9 @@ class Worker:
         # [agent] failure_log_burst: that many failure lines per source in 10 s, then a summary
         self._failures = FailureLimiter(burst=failure_log_burst)
         # what the engines may not do themselves: read the clock, write SSLKEYLOGFILE
-        self._engine_io: dict[str, Any] = {
-            "timer": time.perf_counter, "keylog": KEYLOG.write if KEYLOG.path else None}
+        # which credentials each request uses; cn_fallback: CN-only server certificates
+        self._chooser = Chooser(contexts, keys, cn_fallback=cn_fallback, engine_io={
+            "timer": time.perf_counter, "keylog": KEYLOG.write if KEYLOG.path else None})
         self.by_source: dict[str, int] = {}
         self._held: list[tuple[float, socket.socket, int, tuple[int, ...],
                                AcceptReply | None]] = []
@@ -443,12 +407,11 @@ class Worker:
             with contextlib.suppress(OSError):
                 os.close(reply.sockfd)
             return
-        choice = PSKChoice()
         source = _source(sock) if reply.message_type == MsgType.SERVERHELLO else ""
         try:
             _check_request(reply, sock)
             self._check_source(source)
-            engine = self._engine_for(reply, choice)
+            engine, choice = self._chooser.start(reply)
         except TlshdError as exc:
             self._finish_early(reply, sock, exc)
             return
@@ -481,51 +444,6 @@ class Worker:
             self._events(Limit("per_peer"))
             raise PeerLimitError(f"{source} already has {self._per_peer} handshakes in flight "
                                  "([agent] max_inflight_per_peer)")
-
-    def _engine_for(self, reply: AcceptReply, choice: PSKChoice) -> HandshakeEngine:
-        if reply.message_type not in (MsgType.CLIENTHELLO, MsgType.SERVERHELLO):
-            raise UnsupportedRequestError(f"message type {reply.message_type!r}")
-        if reply.auth_mode not in (AuthMode.UNAUTH, AuthMode.X509, AuthMode.PSK):
-            raise UnsupportedRequestError(f"auth mode {reply.auth_mode!r}")
-        client = reply.message_type == MsgType.CLIENTHELLO
-        if reply.auth_mode == AuthMode.PSK:
-            return self._psk_client(reply, choice) if client else self._psk_server(reply, choice)
-        context = self._contexts(reply)
-        role = Role.CLIENT if client else Role.SERVER
-        peername = reply.peername if client else None
-        return HandshakeEngine(context, role, peername=peername, cn_fallback=self._cn_fallback,
-                               **self._engine_io)
-
-    def _psk_client(self, reply: AcceptReply, choice: PSKChoice) -> HandshakeEngine:
-        choice.psk, choice.untried = self._keys.client_psk(reply, reply.peer_identities)
-        return self._psk_client_engine(choice.psk)
-
-    def _psk_client_engine(self, psk: PSK) -> HandshakeEngine:
-        return HandshakeEngine(self._contexts.psk_client[psk.hash_alg], Role.CLIENT,
-                               on_connection=lambda conn: _psk.attach(conn, psk.identity,
-                                                                      psk.key, psk.suite),
-                               **self._engine_io)
-
-    def _psk_server(self, reply: AcceptReply, choice: PSKChoice) -> HandshakeEngine:
-        """The engine asks (NeedServerCredentials) once the ClientHello is whole:
-        ``_server_psk`` answers."""
-        return HandshakeEngine(self._contexts.psk_server[HashAlg.SHA256], Role.SERVER,
-                               await_credentials=True, **self._engine_io)
-
-    def _server_psk(self, hs: Handshake, asked: NeedServerCredentials) -> None:
-        try:  # where it is searched for: tlshd.credentials.keys
-            psk = self._keys.server_psk(hs.reply, asked.identities)
-        except TlshdError as exc:  # the key is there but revoked, unreadable, ...
-            hs.engine.refuse(exc)
-            return
-        if psk is None:
-            offered = show_all(asked.identities)
-            hs.engine.refuse(UnknownPSKIdentityError(
-                f"no PSK key for identity {offered or '(none)'}"))
-            return
-        hs.psk.psk = psk
-        hs.engine.use_credentials(self._contexts.psk_server[psk.hash_alg], lambda conn: (
-            _psk.attach(conn, psk.identity, psk.key, psk.suite)))
 
     def _finish_early(self, reply: AcceptReply, sock: socket.socket, exc: TlshdError) -> None:
         if reply.message_type == MsgType.SERVERHELLO and isinstance(exc, CredentialError):
@@ -575,7 +493,7 @@ class Worker:
     def _pump(self, hs: Handshake) -> None:
         asked = hs.engine.next_event()
         if isinstance(asked, NeedServerCredentials):
-            self._server_psk(hs, asked)
+            self._chooser.answer(hs.engine, hs.reply, asked, hs.psk)
         hs.out += hs.engine.data_to_send()
         self._flush(hs)
         event = hs.engine.next_event()
@@ -644,18 +562,16 @@ class Worker:
         if (not hs.psk.untried or self.draining or not isinstance(error, RemoteError)
                 or isinstance(error, PeerClosedError) or not _discard_stale(hs.sock)):
             return False
-        try:
-            psk, untried = self._keys.client_psk(hs.reply, hs.psk.untried)
-        except TlshdError:
-            return False  # none of the rest can be read: the first failure stands
         refused = hs.psk.psk
+        tls_s = hs.engine.tls_seconds
+        engine = self._chooser.retry(hs.reply, hs.psk,
+                                     error if isinstance(error, TlshdError) else None)
+        if engine is None or hs.psk.psk is None:
+            return False
         log.info("PSK %s refused by the server (%s); trying key %d",
-                 refused.serial if refused else "-", error, psk.serial)
-        hs.psk.first_error = hs.psk.first_error or (error if isinstance(error, TlshdError)
-                                                    else None)
-        hs.psk.psk, hs.psk.untried = psk, untried
-        hs.tls_s += hs.engine.tls_seconds
-        hs.engine = self._psk_client_engine(psk)
+                 refused.serial if refused else "-", error, hs.psk.psk.serial)
+        hs.tls_s += tls_s
+        hs.engine = engine
         hs.out.clear()
         self._service(hs, 0)
         return True

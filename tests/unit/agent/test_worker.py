@@ -1337,11 +1337,13 @@ def test_sslkeylogfile_is_wired_from_the_worker_into_its_engines(
 
 
 def test_without_sslkeylogfile_the_engines_get_no_key_log_sink(rig: Rig) -> None:
-    assert rig.worker._engine_io["keylog"] is None or worker_keylog_set()
+    assert rig.worker._chooser._io["keylog"] is None or worker_keylog_set()
 
 
 def worker_keylog_set() -> bool:
     return bool(os.environ.get("SSLKEYLOGFILE"))
+
+
 def test_failures_from_one_source_log_a_few_lines_then_a_summary(
     rig_factory: Callable[..., Rig], requests: Callable[..., Request],
     caplog: pytest.LogCaptureFixture
