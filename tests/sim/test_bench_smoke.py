@@ -51,3 +51,14 @@ def test_burst_smoke_completes_a_small_storm_through_the_pending_cap():
     for key in ("burst_eagain_retries", "burst_slowest_wait_s", "burst_p99_wait_s",
                 "burst_seconds", "burst_hs_per_s", "burst_pending_cap"):
         assert key in figures, key
+
+
+def test_privsep_cost_smoke_prints_both_modes():
+    bench = BENCH.parent / "privsep_cost.py"
+    done = subprocess.run([sys.executable, str(bench), "--rounds", "1", "--pairs", "3",
+                           "--concurrency", "2"], capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
+    for key in ("cpu_ratio", "psk_cpu_ratio", "rate_ratio", "hs_per_s_on", "hs_per_s_off"):
+        assert float(figures[key]) > 0, key
