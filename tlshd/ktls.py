@@ -35,8 +35,9 @@ import errno
 import os
 import socket
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from tlshd.errors import KTLSInstallError, UnsupportedRequestError
 from tlshd.handshake.secrets import HashAlg, TrafficKeys, derive_traffic_keys
@@ -294,6 +295,21 @@ class SockoptPort(Protocol):
     def setsockopt(self, fd: int, level: int, optname: int, value: bytes) -> None: ...
 
 
+@runtime_checkable
+class BatchSockoptPort(Protocol):
+    """Several setsockopt calls in one go, in order, stopping at the first that fails."""
+
+    def setsockopts(self, fd: int, steps: Sequence[tuple[int, int, bytes]]) -> None: ...
+
+
+class BatchSockoptError(Exception):
+    """Step ``index`` of a batch failed with ``error`` (an OSError with the kernel's errno)."""
+
+    def __init__(self, index: int, error: OSError) -> None:
+        super().__init__(str(error))
+        self.index, self.error = index, error
+
+
 class KernelSockopt:
     """The real kernel, for an fd this process holds but does not own.
 
@@ -330,6 +346,12 @@ def install_ktls(port: SockoptPort, fd: int, params: KTLSParams) -> None:
         ("TLS_TX", SOL_TLS, TLS_TX, params.tx_crypto_info),
         ("TLS_RX", SOL_TLS, TLS_RX, params.rx_crypto_info),
     )
+    if isinstance(port, BatchSockoptPort):  # one round trip to a monitor (tlshd.agent.privsep)
+        try:
+            port.setsockopts(fd, [(level, optname, value) for _, level, optname, value in steps])
+        except BatchSockoptError as exc:
+            raise _install_error(steps[exc.index][0], fd, params.suite, exc.error) from exc
+        return
     for step, level, optname, value in steps:
         try:
             port.setsockopt(fd, level, optname, value)

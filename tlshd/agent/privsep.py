@@ -70,7 +70,7 @@ from tlshd.errors import (
 )
 from tlshd.handshake.secrets import HashAlg
 from tlshd.keylog import KEYLOG
-from tlshd.ktls import SOL_TCP, SOL_TLS, TCP_ULP
+from tlshd.ktls import SOL_TCP, SOL_TLS, TCP_ULP, BatchSockoptError
 from tlshd.netlink.messages import AcceptReply, Header, X509Serials
 from tlshd.netlink.spec import AuthMode, MsgType
 from tlshd.upcall import BrokenAcceptError, Upcall
@@ -78,6 +78,8 @@ from tlshd.upcall import BrokenAcceptError, Upcall
 log = logging.getLogger("tlshd")
 
 MAX_MESSAGE = 256 * 1024
+# Operations the handshake process does not wait on: DONE (its failure is the monitor's to log)
+ONE_WAY = frozenset({"done"})
 MAX_FILE = 1024 * 1024
 MAX_IDENTITIES = 64
 PEER_KEYS_KEPT = 4096
@@ -158,6 +160,15 @@ def _ints(message: dict[str, Any], key: str, limit: int = 64) -> list[int]:
     return [_int({"v": v}, "v", -(2**31), 2**31 - 1) for v in values]
 
 
+def _ktls_option(message: dict[str, Any]) -> tuple[int, int, bytes]:
+    level, name = _int(message, "level"), _int(message, "name")
+    value = _unb64(message.get("value"))
+    if not ((level == SOL_TCP and name == TCP_ULP and value.rstrip(b"\0") == b"tls")
+            or (level == SOL_TLS and name in SOL_TLS_OPTIONS and len(value) <= 256)):
+        raise MonitorProtocolError(f"setsockopt({level}, {name}) is not a kTLS option")
+    return level, name, value
+
+
 def encode_reply(reply: AcceptReply) -> dict[str, Any]:
     h = reply.header
     return {"header": [h.type, h.flags, h.seq, h.pid], "message_type": int(reply.message_type),
@@ -226,6 +237,7 @@ class Monitor:
         self._peer_order: deque[int] = deque()
         self._ops: dict[str, Callable[[dict[str, Any]], tuple[dict[str, Any], list[int]]]] = {
             "accept": self._accept, "done": self._done, "setsockopt": self._setsockopt,
+            "install": self._install,
             "client_psk": self._client_psk, "server_psk": self._server_psk,
             "x509": self._x509, "peer_key": self._peer_key, "read": self._read,
             "states": self._states}
@@ -298,6 +310,8 @@ class Monitor:
             except Exception as exc:  # a bug here must not stop the monitor
                 log.exception("monitor operation %s crashed", op)
                 answer, out_fds = {"fail": "internal", "message": type(exc).__name__}, []
+            if op in ONE_WAY:
+                return True
         except MonitorProtocolError as exc:
             log.error("handshake process broke the monitor's protocol (%s): stopping it", exc)
             self.violation = str(exc)
@@ -339,7 +353,11 @@ class Monitor:
             if reply is None:
                 return {"none": True}, []
             self.handles[reply.sockfd] = _Request(reply)
-            return {"h": reply.sockfd, "reply": encode_reply(reply)}, [reply.sockfd]
+            # the credential files' states as of now: the handshake process picks its
+            # context right after this and would otherwise ask for them (tlshd.credentials.files)
+            states = [[path, list(file_state(Path(path)))] for path in sorted(self.paths)]
+            return ({"h": reply.sockfd, "reply": encode_reply(reply), "states": states},
+                    [reply.sockfd])
         return {"none": True}, []
 
     def _done(self, message: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
@@ -351,6 +369,8 @@ class Monitor:
             raise MonitorProtocolError("a peer id that is not this request's")
         del self.handles[handle]
         answer = self._send_done(handle, status, remote)
+        if answer.get("fail"):
+            log.error("DONE for fd %d failed: %s", handle, answer["message"])
         _close([handle])
         self.keys.release(request.reply)
         return answer, []
@@ -364,15 +384,27 @@ class Monitor:
 
     def _setsockopt(self, message: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         handle, _ = self._request(message)
-        level, name = _int(message, "level"), _int(message, "name")
-        value = _unb64(message.get("value"))
-        if not ((level == SOL_TCP and name == TCP_ULP and value.rstrip(b"\0") == b"tls")
-                or (level == SOL_TLS and name in SOL_TLS_OPTIONS and len(value) <= 256)):
-            raise MonitorProtocolError(f"setsockopt({level}, {name}) is not a kTLS option")
+        level, name, value = _ktls_option(message)
         try:
             self.upcall.setsockopt(handle, level, name, value)
         except OSError as exc:
             return {"errno": exc.errno or errno.EIO}, []
+        return {}, []
+
+    def _install(self, message: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+        """Several kTLS options in order (TCP_ULP, TLS_TX, TLS_RX: one round trip); the
+        first that fails stops the rest and is named by its index."""
+        handle, _ = self._request(message)
+        steps = message.get("steps")
+        if not isinstance(steps, list) or not 0 < len(steps) <= 8:
+            raise MonitorProtocolError("steps: list expected")
+        options = [_ktls_option(step) if isinstance(step, dict) else _ktls_option({})
+                   for step in steps]
+        for index, (level, name, value) in enumerate(options):
+            try:
+                self.upcall.setsockopt(handle, level, name, value)
+            except OSError as exc:
+                return {"failed": index, "errno": exc.errno or errno.EIO}, []
         return {}, []
 
     def _client_psk(self, message: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
@@ -476,6 +508,7 @@ class MonitorClient:
         self.requests, self.notify = requests, notify
         self.notify.setblocking(False)
         self._handles: dict[int, int] = {}  # our fd -> the monitor's handle
+        self._states: dict[str, FileState] = {}  # credential files, as of the last ACCEPT
 
     def _call(self, message: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         try:
@@ -519,6 +552,7 @@ class MonitorClient:
         answer, fds = self._call({"op": "accept"})
         if "h" in answer and len(fds) == 1:
             self._handles[fds[0]] = answer["h"]
+            self._states = {path: tuple(state) for path, state in answer.get("states", ())}
             return decode_reply(answer["reply"], fds[0])
         _close(fds)
         fail = answer.get("fail")
@@ -534,16 +568,25 @@ class MonitorClient:
         handle = self._handles.pop(sockfd, None)
         if handle is None:
             raise TransportError(f"DONE for fd {sockfd}, which is not a request")
-        answer, _ = self._call({"op": "done", "h": handle, "status": status,
-                                "remote": list(remote_auth)})
-        if answer.get("fail"):
-            raise TransportError(answer["message"])
+        try:  # one way: the monitor logs a DONE the kernel refused
+            send(self.requests, {"op": "done", "h": handle, "status": status,
+                                 "remote": list(remote_auth)})
+        except OSError as exc:
+            raise TransportError(f"monitor: {exc}") from None
 
     def setsockopt(self, fd: int, level: int, optname: int, value: bytes) -> None:
         answer, _ = self._call({"op": "setsockopt", "h": self._handle(fd), "level": level,
                                 "name": optname, "value": _b64(value)})
         if "errno" in answer:
             raise OSError(answer["errno"], os.strerror(answer["errno"]))
+
+    def setsockopts(self, fd: int, steps: Sequence[tuple[int, int, bytes]]) -> None:
+        """All of ``steps`` in one request (tlshd.ktls.BatchSockoptPort)."""
+        answer, _ = self._call({"op": "install", "h": self._handle(fd), "steps": [
+            {"level": level, "name": name, "value": _b64(value)} for level, name, value in steps]})
+        if "errno" in answer:
+            error = OSError(answer["errno"], os.strerror(answer["errno"]))
+            raise BatchSockoptError(answer["failed"], error)
 
     def close(self) -> None:
         self.requests.close()
@@ -588,6 +631,10 @@ class MonitorClient:
         return _unb64(answer["data"])
 
     def states(self, paths: Sequence[Path]) -> tuple[FileState, ...]:
+        """As of the last ACCEPT (the monitor sends them with it), else asked for."""
+        cached = tuple(self._states.get(str(p)) for p in paths)
+        if all(state is not None for state in cached):
+            return cached  # type: ignore[return-value]
         answer, _ = self._call({"op": "states", "paths": [str(p) for p in paths]})
         return tuple(tuple(s) for s in answer["states"])
 

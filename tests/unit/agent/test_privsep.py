@@ -217,3 +217,30 @@ def test_an_oversized_message_ends_the_handshake_process(
     rig.client.requests.send(b"{" + b" " * 2048 + b"}")
     assert rig.monitor_ended()
     assert rig.monitor.violation == "message too long"
+
+
+def test_the_ktls_options_go_in_one_request_and_a_failure_names_its_step(
+    rig: Rig, tcp: tuple[socket.socket, socket.socket]
+) -> None:
+    from tlshd.ktls import SOL_TLS, TLS_TX, BatchSockoptError
+
+    rig.submit(tcp[0])
+    reply = rig.client.accept()
+    assert reply is not None
+    with pytest.raises(BatchSockoptError) as failed:
+        rig.client.setsockopts(reply.sockfd, [(SOL_TCP, TCP_ULP, TLS_ULP_NAME),
+                                              (SOL_TLS, TLS_TX, b"\0" * 7)])  # a bad struct
+    assert failed.value.index == 1 and failed.value.error.errno == errno.EINVAL
+    handle = rig.client._handles[reply.sockfd]
+    assert rig.raw({"op": "install", "h": handle, "steps": [
+        {"level": socket.SOL_SOCKET, "name": 25, "value": privsep._b64(b"lo")}]}) is None
+    assert rig.monitor_ended()
+
+
+def test_the_accept_brings_the_credential_files_states(
+    rig: Rig, tcp: tuple[socket.socket, socket.socket]
+) -> None:
+    rig.submit(tcp[0])
+    assert rig.client.accept() is not None
+    rig.client.requests.close()  # no further request could be answered: the cache answers
+    assert rig.client.states([rig.allowed])[0][1] == rig.allowed.stat().st_ino
