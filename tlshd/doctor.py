@@ -174,9 +174,12 @@ def _probe_netlink() -> Verdict:
         return netlink_verdict(exc.errno, str(exc))
     except (TlshdError, OSError) as exc:
         return netlink_verdict(None, str(exc))
-    family_id = upcall.family.family_id
+    family_id, policy, tags = upcall.family.family_id, upcall.policy, upcall.session_tags
     upcall.close()
-    return _ok("upcall", f"'handshake' family (id {family_id}) and its 'tlshd' group are here")
+    declared = (f"; its policy: {policy.describe({2: 'ACCEPT', 3: 'DONE'})} (attributes per op)"
+                f"{', session tags' if tags else ''}" if policy else "; no policy dump")
+    return _ok("upcall", f"'handshake' family (id {family_id}) and its 'tlshd' group are "
+               f"here{declared}")
 
 
 def netlink_verdict(err: int | None, detail: str) -> Verdict:

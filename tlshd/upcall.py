@@ -51,7 +51,15 @@ from tlshd.errors import (
 )
 from tlshd.ktls import KernelSockopt
 from tlshd.netlink import codec, spec
-from tlshd.netlink.messages import AcceptReply, ErrorReply, FamilyInfo, Ready
+from tlshd.netlink.messages import (
+    AcceptReply,
+    DumpDone,
+    ErrorReply,
+    FamilyInfo,
+    FamilyPolicy,
+    PolicyPart,
+    Ready,
+)
 
 SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
@@ -103,6 +111,7 @@ class _GenlUpcall:
         self._request.settimeout(REQUEST_TIMEOUT_S)
         self.family = self._resolve()
         self._family_id = self.family.family_id
+        self.policy = self._read_policy()
         if GROUP_NAME not in self.family.mcast_groups:
             raise TransportError(f"family {FAMILY_NAME!r} has no {GROUP_NAME!r} group")
         if join:
@@ -155,6 +164,26 @@ class _GenlUpcall:
             if isinstance(message, FamilyInfo):
                 return message
         raise TransportError("no family reply")
+
+    def _read_policy(self) -> FamilyPolicy | None:
+        """The family's policy (nlctrl GETPOLICY, Linux 5.10): which attributes each op
+        accepts, so that an optional one is sent only where this kernel declares it. None if
+        the kernel does not say (then only what every kernel accepts is sent)."""
+        seq = next(self._seq)
+        self._request.send(codec.encode_get_policy(self.family.family_id, seq))
+        parts: list[PolicyPart] = []
+        try:
+            while True:
+                messages = self._replies(seq, "GETPOLICY")
+                parts += [m for m in messages if isinstance(m, PolicyPart)]
+                if any(isinstance(m, DumpDone) for m in messages):
+                    break
+        except (NetlinkError, TransportTimeoutError) as exc:
+            nl_log.debug("no policy for %s: %s", FAMILY_NAME, exc)
+            return None
+        policy = FamilyPolicy.from_parts(parts)
+        nl_log.debug("policy of %s: %s", FAMILY_NAME, policy.describe(_OP_NAMES))
+        return policy
 
     def _replies(self, seq: int, what: str, fds: list[int] | None = None) -> list[object]:
         """Receive until a message answers ``seq``; NLMSG_ERROR < 0 raises NetlinkError."""
@@ -233,13 +262,36 @@ class _GenlUpcall:
         seq = next(self._seq)
         nl_log.debug("DONE seq=%d sockfd=%d status=%d remote_auth=%s", seq, sockfd, status,
                      tuple(remote_auth))
+        if not self._declares(spec.HandshakeCmd.DONE, spec.DoneAttr.REMOTE_AUTH):
+            remote_auth = ()  # a kernel whose DONE policy lacks it would refuse the message
         self._request.send(codec.encode_done(self.family.family_id, seq, status, sockfd,
                                              tuple(remote_auth)))
         self._replies(seq, "DONE")
 
+    @property
+    def session_tags(self) -> bool:
+        """DONE takes session tags: attribute 4 declared as a string (the posted tags series;
+        in the KeyUpdate series attribute 4 is a session id, and in 6.12 and 7.3 nothing)."""
+        if self.policy is None:
+            return False
+        kind = self.policy.ops.get(spec.HandshakeCmd.DONE, {}).get(DONE_TAG_ATTR)
+        return kind in (NL_ATTR_TYPE_STRING, NL_ATTR_TYPE_NUL_STRING)
+
+    def _declares(self, op: int, attr: int) -> bool:
+        """Whether DONE (or another op) may carry ``attr`` here: the kernel's policy says,
+        and without one the attributes every kernel since 6.4 accepts are assumed."""
+        if self.policy is None or op not in self.policy.ops:
+            return True
+        return self.policy.accepts(op, attr)
+
     def close(self) -> None:
         self._notify.close()
         self._request.close()
+
+
+_OP_NAMES = {int(c): c.name for c in spec.HandshakeCmd}
+DONE_TAG_ATTR = 4
+NL_ATTR_TYPE_STRING, NL_ATTR_TYPE_NUL_STRING = 11, 12
 
 
 def _seq_of(message: object) -> int | None:

@@ -60,6 +60,16 @@ CTRL_ATTR_HDRSIZE = 4
 CTRL_ATTR_MAXATTR = 5
 CTRL_ATTR_OPS = 6
 CTRL_ATTR_MCAST_GROUPS = 7
+CTRL_CMD_GETPOLICY = 10  # dump only (ctrl_dumppolicy), Linux 5.10
+CTRL_ATTR_POLICY = 8
+CTRL_ATTR_OP_POLICY = 9
+CTRL_ATTR_OP = 10
+CTRL_ATTR_POLICY_DO = 1
+NL_POLICY_TYPE_ATTR_TYPE = 1
+NL_POLICY_TYPE_ATTR_MAX_VALUE_U = 5
+# enum netlink_attribute_type for the kinds of AttrPolicy (NLA_NUL_STRING for 'string')
+NL_ATTR_TYPES = {"u16": 3, "u32": 4, "s32": 8, "string": 12, "nested": 13}
+NLM_F_DUMP = 0x300
 CTRL_ATTR_OP_ID = 1
 CTRL_ATTR_OP_FLAGS = 2
 CTRL_ATTR_MCAST_GRP_NAME = 1
@@ -301,6 +311,64 @@ def ctrl_family_reply(desc: FamilyDesc, *, seq: int, portid: int) -> bytes:
     return genlmsg(GENL_ID_CTRL, CTRL_CMD_NEWFAMILY, CTRL_VERSION, attrs, seq=seq, pid=portid)
 
 
+CTRL_GETPOLICY_POLICY = OpPolicy(
+    maxattr=CTRL_ATTR_OP,
+    attrs={
+        CTRL_ATTR_FAMILY_ID: AttrPolicy("u16"),
+        CTRL_ATTR_FAMILY_NAME: AttrPolicy("string"),
+        CTRL_ATTR_OP: AttrPolicy("u32"),
+    },
+)
+
+
+def ctrl_policy_dump(msg: GenlMessage, families: Iterable[FamilyDesc], *, portid: int) -> bytes:
+    """``ctrl_dumppolicy``: a message per op (CTRL_ATTR_OP_POLICY: the index of its "do"
+    policy), then one per policy attribute (CTRL_ATTR_POLICY: index > attribute > type, and
+    the maximum where the policy has one), then NLMSG_DONE; all NLM_F_MULTI. Only as a dump:
+    the op has no ``doit`` (EOPNOTSUPP otherwise). CTRL_ATTR_OP narrows it to one op."""
+    if msg.header.flags & NLM_F_DUMP != NLM_F_DUMP:
+        raise NetlinkError(-errno.EOPNOTSUPP, "GETPOLICY is a dump")
+    attrs = validate_attrs(msg.attr_data, CTRL_GETPOLICY_POLICY)
+    desc = _find_family(attrs, families)
+    ops = sorted(desc.ops.items())
+    if CTRL_ATTR_OP in attrs:
+        wanted = get_u32(attrs[CTRL_ATTR_OP][0])
+        ops = [(op_id, op) for op_id, op in ops if op_id == wanted]
+        if not ops:
+            raise NetlinkError(-errno.ENOENT, f"no op {wanted}")
+    seq, family = msg.header.seq, nla_u16(CTRL_ATTR_FAMILY_ID, desc.family_id)
+
+    def part(body: bytes) -> bytes:
+        return genlmsg(GENL_ID_CTRL, CTRL_CMD_GETPOLICY, CTRL_VERSION, family + body, seq=seq,
+                       pid=portid, flags=NLM_F_MULTI)
+
+    out = [part(nla_nest(CTRL_ATTR_OP_POLICY, [nla_nest(op_id, [
+        nla_u32(CTRL_ATTR_POLICY_DO, index)])])) for index, (op_id, _) in enumerate(ops)]
+    for index, (_, op) in enumerate(ops):
+        for attr_type, pol in sorted(op.attrs.items()):
+            desc_attrs = [nla_u32(NL_POLICY_TYPE_ATTR_TYPE, NL_ATTR_TYPES[pol.kind])]
+            if pol.max_value is not None:
+                desc_attrs.append(nla(NL_POLICY_TYPE_ATTR_MAX_VALUE_U,
+                                      struct.pack("=Q", pol.max_value)))
+            out.append(part(nla_nest(CTRL_ATTR_POLICY, [nla_nest(index, [
+                nla_nest(attr_type, desc_attrs)])])))
+    done = NLMSG_HDR.pack(NLMSG_HDRLEN + 4, NLMSG_DONE, NLM_F_MULTI, seq, portid)
+    return b"".join(out) + done + struct.pack("=i", 0)
+
+
+def _find_family(attrs: dict[int, list[bytes]], families: Iterable[FamilyDesc]) -> FamilyDesc:
+    for desc in families:
+        if CTRL_ATTR_FAMILY_ID in attrs and desc.family_id == struct.unpack(
+                "=H", attrs[CTRL_ATTR_FAMILY_ID][0])[0]:
+            return desc
+        if CTRL_ATTR_FAMILY_NAME in attrs and desc.name == get_string(
+                attrs[CTRL_ATTR_FAMILY_NAME][0]):
+            return desc
+    if CTRL_ATTR_FAMILY_ID not in attrs and CTRL_ATTR_FAMILY_NAME not in attrs:
+        raise NetlinkError(-errno.EINVAL, "no family id or name")
+    raise NetlinkError(-errno.ENOENT, "no such family")
+
+
 def _op_flags(op: OpPolicy) -> int:
     return GENL_CMD_CAP_DO | (GENL_ADMIN_PERM if op.admin_perm else 0)
 
@@ -310,15 +378,4 @@ def ctrl_lookup(msg: GenlMessage, families: Iterable[FamilyDesc]) -> FamilyDesc:
     if msg.cmd != CTRL_CMD_GETFAMILY:
         raise NetlinkError(-errno.EOPNOTSUPP, f"nlctrl command {msg.cmd}")
     attrs = validate_attrs(msg.attr_data, CTRL_GETFAMILY_POLICY)
-    for desc in families:
-        if CTRL_ATTR_FAMILY_ID in attrs and desc.family_id == struct.unpack(
-            "=H", attrs[CTRL_ATTR_FAMILY_ID][0]
-        )[0]:
-            return desc
-        if CTRL_ATTR_FAMILY_NAME in attrs and desc.name == get_string(
-            attrs[CTRL_ATTR_FAMILY_NAME][0]
-        ):
-            return desc
-    if CTRL_ATTR_FAMILY_ID not in attrs and CTRL_ATTR_FAMILY_NAME not in attrs:
-        raise NetlinkError(-errno.EINVAL, "GETFAMILY without id or name")
-    raise NetlinkError(-errno.ENOENT, "no such family")
+    return _find_family(attrs, families)

@@ -415,7 +415,10 @@ class Kernel:
 
     def _dispatch(self, agent: AgentSock, pid: int, msg: genl.GenlMessage) -> None:
         family = msg.header.type
-        if family == genl.GENL_ID_CTRL:
+        if family == genl.GENL_ID_CTRL and msg.cmd == genl.CTRL_CMD_GETPOLICY:
+            self._reply(agent, genl.ctrl_policy_dump(msg, (self._family, self._ksim_family),
+                                                     portid=agent.portid))
+        elif family == genl.GENL_ID_CTRL:
             desc = genl.ctrl_lookup(msg, (self._family, self._ksim_family))
             reply = genl.ctrl_family_reply(desc, seq=msg.header.seq, portid=agent.portid)
             self._reply(agent, reply)

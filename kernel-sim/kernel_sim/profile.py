@@ -23,6 +23,9 @@ class KernelProfile:
     # Before the 2026 sign fix, kernel-internal failures (DONE without STATUS, a failed
     # ACCEPT, net exit) were passed as -(-errno): consumers saw a positive number.
     legacy_status_sign: bool = False
+    # DONE attribute 4, "tag" (a NUL string, repeated), of the posted session-tags series;
+    # in no released kernel (6.12 and 7.3 declare DONE 1-3 only: nlctrl GETPOLICY in QEMU)
+    done_tags: bool = False
 
     def internal_status(self, err: int) -> int:
         """What a consumer sees for a kernel-internal failure ``err`` (positive errno)."""
@@ -41,4 +44,5 @@ LINUX_6_12 = KernelProfile(  # Debian 6.12.95 (bookworm-backports), as measured 
     legacy_status_sign=True,
 )
 LINUX_6_12_117 = replace(LINUX_6_12, name="6.12.117", done_admin_perm=True)  # Debian trixie
-PROFILES = {p.name: p for p in (MAINLINE, LINUX_7_3, LINUX_6_12, LINUX_6_12_117)}
+TAGS = replace(MAINLINE, name="tags", done_tags=True)  # the posted session-tags series
+PROFILES = {p.name: p for p in (MAINLINE, LINUX_7_3, LINUX_6_12, LINUX_6_12_117, TAGS)}

@@ -107,3 +107,61 @@ def test_attribute_validation_only_ever_raises_netlink_errors(data):
 def test_message_splitting_never_runs_past_the_buffer(data):
     for msg in genl.split_messages(data):
         assert 16 <= len(msg) <= len(data)
+
+
+def _policy_request(flags: int = 0x301, **attrs: int) -> genl.GenlMessage:
+    body = genl.nla_string(genl.CTRL_ATTR_FAMILY_NAME, "handshake")
+    if "op" in attrs:
+        body += genl.nla_u32(genl.CTRL_ATTR_OP, attrs["op"])
+    return genl.parse_genl(genl.genlmsg(genl.GENL_ID_CTRL, genl.CTRL_CMD_GETPOLICY, 1, body,
+                                        seq=9, flags=flags))
+
+
+def _dump(profile) -> tuple[dict[int, int], dict[int, dict[int, int]], list[int]]:
+    """(op -> policy index, index -> {attribute: NL type}, message types) of a dump."""
+    desc = hsnl.family_desc(profile, 0x22, (11, 12))
+    data = genl.ctrl_policy_dump(_policy_request(), [desc], portid=5)
+    ops, policies, types = {}, {}, []
+    for msg in genl.split_messages(data):
+        header = genl.parse_header(msg)
+        types.append(header.type)
+        assert header.flags & genl.NLM_F_MULTI and header.seq == 9
+        if header.type == genl.NLMSG_DONE:
+            continue
+        for kind, _raw, payload in genl.iter_attrs(genl.parse_genl(msg).attr_data):
+            if kind == genl.CTRL_ATTR_OP_POLICY:
+                for op, _r, nest in genl.iter_attrs(payload):
+                    ops[op] = genl.get_u32(dict((t, p) for t, _, p in genl.iter_attrs(nest))[1])
+            elif kind == genl.CTRL_ATTR_POLICY:
+                for index, _r, nest in genl.iter_attrs(payload):
+                    for attr, _r2, desc_nest in genl.iter_attrs(nest):
+                        fields = {t: p for t, _, p in genl.iter_attrs(desc_nest)}
+                        policies.setdefault(index, {})[attr] = genl.get_u32(
+                            fields[genl.NL_POLICY_TYPE_ATTR_TYPE])
+    return ops, policies, types
+
+
+def test_getpolicy_dumps_each_ops_policy_then_done():
+    ops, policies, types = _dump(MAINLINE)
+    assert ops == {hsnl.CMD_ACCEPT: 0, hsnl.CMD_DONE: 1}
+    assert policies == {0: {2: 4}, 1: {1: 4, 2: 8, 3: 4}}  # u32 class; u32, s32, u32
+    assert types[-1] == genl.NLMSG_DONE and set(types[:-1]) == {genl.GENL_ID_CTRL}
+
+
+def test_the_tags_profile_declares_done_attribute_4_as_a_string():
+    from kernel_sim.profile import TAGS
+
+    _ops, policies, _types = _dump(TAGS)
+    assert policies[1][hsnl.A_DONE_TAG] == 12  # NL_ATTR_TYPE_NUL_STRING
+    assert hsnl.A_DONE_TAG not in _dump(LINUX_6_12)[1][1]
+
+
+def test_getpolicy_is_a_dump_and_can_be_narrowed_to_one_op():
+    desc = hsnl.family_desc(MAINLINE, 0x22, (11, 12))
+    with pytest.raises(genl.NetlinkError) as info:
+        genl.ctrl_policy_dump(_policy_request(flags=1), [desc], portid=5)
+    assert info.value.errno == -errno.EOPNOTSUPP
+    one = genl.ctrl_policy_dump(_policy_request(op=hsnl.CMD_DONE), [desc], portid=5)
+    assert len(list(genl.split_messages(one))) == 1 + 3 + 1  # the op, 3 attributes, DONE
+    with pytest.raises(genl.NetlinkError):
+        genl.ctrl_policy_dump(_policy_request(op=99), [desc], portid=5)

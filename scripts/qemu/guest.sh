@@ -82,6 +82,12 @@ setup_kernel() {
     if "$PY" -c "from tlshd.upcall import NetlinkUpcall; NetlinkUpcall(join=False).close()" \
             > "$WORK/genl.err" 2>&1; then
         result genl_handshake ok
+        # attribute discovery: what the kernel's policy says each op accepts (nlctrl GETPOLICY)
+        result handshake_policy "$("$PY" -c "from tlshd.upcall import NetlinkUpcall as U
+u = U(join=False)
+print(u.policy.describe({2: 'ACCEPT', 3: 'DONE'}) if u.policy else 'none',
+      'tags' if u.session_tags else 'no-tags')
+u.close()" 2>&1 | tail -1)"
     else
         result genl_handshake "failed: $(tr '\n' ' ' < "$WORK/genl.err")"
     fi

@@ -279,3 +279,27 @@ def test_handshakes_run_in_confined_processes(guest: Guest, name: str) -> None:
     assert confined and len(confined) == len(monitors), procs
     assert all(p == ["65534", "0000000000000000", "1", "2"] for p in confined), procs
     assert all(int(p[1], 16) & (1 << 12) for p in monitors), procs
+
+
+def test_the_family_policy_is_read_and_kernel_sim_agrees(guest: Guest) -> None:
+    """Issue 13: the agent reads the handshake family's policy (nlctrl GETPOLICY) on the real
+    kernel; DONE declares STATUS, SOCKFD and REMOTE_AUTH only (no session tags), and
+    kernel-sim's profile for that kernel declares the same."""
+    import uuid
+
+    from kernel_sim.kernel import Kernel
+    from kernel_sim.profile import LINUX_6_12_117, LINUX_7_3
+    from tlshd.upcall import SimUpcall
+
+    real = guest.r("global", "handshake_policy")
+    assert real == "ACCEPT(2) DONE(1,2,3) no-tags", real
+    profile = LINUX_6_12_117 if guest.series == "6.12" else LINUX_7_3
+    with Kernel(endpoint=f"tlshd-policy-{uuid.uuid4().hex[:8]}", profile=profile) as kernel:
+        kernel.add_netns(None)
+        up = SimUpcall(kernel.endpoint, join=False)
+        try:
+            assert up.policy is not None
+            simulated = up.policy.describe({2: "ACCEPT", 3: "DONE"})
+        finally:
+            up.close()
+    assert f"{simulated} no-tags" == real

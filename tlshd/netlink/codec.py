@@ -47,6 +47,7 @@ and the caller can answer DONE and close it instead of leaking it.
 from __future__ import annotations
 
 import struct
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum, IntEnum
@@ -58,17 +59,20 @@ from tlshd.netlink import spec
 from tlshd.netlink.messages import (
     AcceptReply,
     Ack,
+    DumpDone,
     ErrorReply,
     FamilyInfo,
     Header,
     Message,
+    PolicyPart,
     Ready,
     Unknown,
     X509Serials,
 )
 from tlshd.netlink.spec import HandlerClass
 
-__all__ = ["AcceptDecodeError", "decode", "encode_accept", "encode_done", "encode_get_family"]
+__all__ = ["AcceptDecodeError", "decode", "encode_accept", "encode_done", "encode_get_family",
+           "encode_get_policy"]
 
 _NLMSGHDR = struct.Struct("=IHHII")
 _GENLMSGHDR = struct.Struct("=BBH")
@@ -328,12 +332,16 @@ def _decode_one(data: bytes, frame: _Frame, family_id: int | None) -> Message:
     header = frame.header
     if header.type == spec.NLMSG_ERROR:
         return _decode_error(data, frame)
+    if header.type == spec.NLMSG_DONE:
+        return DumpDone(header)
     if header.type not in (spec.GENL_ID_CTRL, family_id):
         return Unknown(header)
     if frame.end - frame.start < spec.NLMSG_HDRLEN + spec.GENL_HDRLEN:
         raise DecodeError(f"generic netlink message at offset {frame.start} has no genlmsghdr")
     cmd, _version, _reserved = _GENLMSGHDR.unpack_from(data, frame.start + spec.NLMSG_HDRLEN)
     if header.type == spec.GENL_ID_CTRL:
+        if cmd == spec.CTRL_CMD_GETPOLICY:
+            return _decode_policy(data, frame)
         return _decode_family(data, frame) if cmd == spec.CTRL_CMD_NEWFAMILY else Unknown(header)
     if cmd == spec.HandshakeCmd.READY:
         return _decode_ready(data, frame)
@@ -358,6 +366,38 @@ def _decode_family(data: bytes, frame: _Frame) -> FamilyInfo:
         version=int(_required(msg, "CTRL_ATTR_VERSION", frame)),
         mcast_groups=MappingProxyType(groups),
     )
+
+
+def _decode_policy(data: bytes, frame: _Frame) -> PolicyPart:
+    """One GETPOLICY dump message. Only FAMILY_ID, OP_POLICY > op > DO and POLICY > index >
+    attribute > TYPE are read; other descriptors (bounds, lengths) are skipped, and an
+    attribute without a TYPE is not listed."""
+    family_id, ops, attrs = None, [], []
+    for attr in _walk(data, frame.attrs, frame.end):
+        if attr.type == spec.CtrlAttr.FAMILY_ID:
+            family_id = _u(data, attr, 2)
+        elif attr.type == spec.CtrlAttr.OP_POLICY:
+            for op in _walk(data, attr.start, attr.end):
+                for entry in _walk(data, op.start, op.end):
+                    if entry.type == spec.CTRL_ATTR_POLICY_DO:
+                        ops.append((op.type, _u(data, entry, 4)))
+        elif attr.type == spec.CtrlAttr.POLICY:
+            for policy in _walk(data, attr.start, attr.end):
+                for member in _walk(data, policy.start, policy.end):
+                    kinds = [_u(data, d, 4) for d in _walk(data, member.start, member.end)
+                             if d.type == spec.NL_POLICY_TYPE_ATTR_TYPE]
+                    if kinds:
+                        attrs.append((policy.type, member.type, kinds[0]))
+    if family_id is None:
+        raise DecodeError(f"GETPOLICY message at offset {frame.start} without a family ID")
+    return PolicyPart(frame.header, family_id, tuple(ops), tuple(attrs))
+
+
+def _u(data: bytes, attr: _Attr, size: int) -> int:
+    if attr.end - attr.start != size:
+        raise DecodeError(f"attribute {attr.type} at offset {attr.offset} has "
+                          f"{attr.end - attr.start} bytes, not {size}")
+    return int.from_bytes(data[attr.start:attr.end], sys.byteorder)  # host order, as netlink
 
 
 def _decode_ready(data: bytes, frame: _Frame) -> Ready:
@@ -471,6 +511,17 @@ def encode_get_family(name: str, seq: int) -> bytes:
         nlmsg=(spec.GENL_ID_CTRL, spec.NLM_F_REQUEST, seq),
         genl=(spec.CTRL_CMD_GETFAMILY, spec.CTRL_REQUEST_VERSION),
         attrs=[("CTRL_ATTR_FAMILY_NAME", name)],
+    )
+
+
+def encode_get_policy(family_id: int, seq: int) -> bytes:
+    """CTRL_CMD_GETPOLICY for one family, a dump: PolicyPart messages, then DumpDone."""
+    _check_family_id(family_id)
+    return _encode(
+        spec.CtrlMsg,
+        nlmsg=(spec.GENL_ID_CTRL, spec.NLM_F_REQUEST | spec.NLM_F_DUMP, seq),
+        genl=(spec.CTRL_CMD_GETPOLICY, spec.CTRL_REQUEST_VERSION),
+        attrs=[("CTRL_ATTR_FAMILY_ID", family_id)],
     )
 
 

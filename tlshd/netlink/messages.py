@@ -13,8 +13,9 @@ always positive, an fd is checked to be below 2**31).
 from __future__ import annotations
 
 import errno as _errno
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from tlshd.errors import NetlinkError
 from tlshd.netlink.spec import AuthMode, HandlerClass, MsgType
@@ -135,6 +136,49 @@ class ErrorReply:
 
 
 @dataclass(frozen=True)
+class PolicyPart:
+    """One message of a CTRL_CMD_GETPOLICY dump: ops' policy indices, attributes' types."""
+
+    header: Header
+    family_id: int
+    op_policies: tuple[tuple[int, int], ...]  # (op, index of its "do" policy)
+    attributes: tuple[tuple[int, int, int], ...]  # (policy index, attribute, NL_ATTR_TYPE)
+
+
+@dataclass(frozen=True)
+class DumpDone:
+    """NLMSG_DONE: the end of a dump."""
+
+    header: Header
+
+
+@dataclass(frozen=True)
+class FamilyPolicy:
+    """What the running kernel's family accepts: op -> {attribute: NL_ATTR_TYPE}."""
+
+    ops: Mapping[int, Mapping[int, int]]
+
+    @classmethod
+    def from_parts(cls, parts: Sequence[PolicyPart]) -> FamilyPolicy:
+        index: dict[int, int] = {}
+        attributes: dict[int, dict[int, int]] = {}
+        for part in parts:
+            index.update(part.op_policies)
+            for policy, attr, kind in part.attributes:
+                attributes.setdefault(policy, {})[attr] = kind
+        return cls(MappingProxyType({op: MappingProxyType(dict(attributes.get(i, {})))
+                                     for op, i in index.items()}))
+
+    def accepts(self, op: int, attr: int) -> bool:
+        return attr in self.ops.get(op, {})
+
+    def describe(self, names: Mapping[int, str]) -> str:
+        """E.g. ``ACCEPT(1) DONE(1,2,3)``, ops by ``names``."""
+        return " ".join(f"{names.get(op, str(op))}({','.join(map(str, sorted(attrs)))})"
+                        for op, attrs in sorted(self.ops.items()))
+
+
+@dataclass(frozen=True)
 class Unknown:
     """A well-framed message of a type or command this codec does not handle
     (NLMSG_DONE, NLMSG_NOOP, another family, a handshake command other than
@@ -143,4 +187,5 @@ class Unknown:
     header: Header
 
 
-Message = FamilyInfo | Ready | AcceptReply | Ack | ErrorReply | Unknown
+Message = (FamilyInfo | Ready | AcceptReply | Ack | ErrorReply | PolicyPart | DumpDone
+           | Unknown)

@@ -76,6 +76,18 @@ GENL_ID_CTRL: Final = 0x10  # == NLMSG_MIN_TYPE; nlctrl's fixed family ID
 
 CTRL_CMD_NEWFAMILY: Final = 1  # the command of a GETFAMILY reply
 CTRL_CMD_GETFAMILY: Final = 3
+CTRL_CMD_GETPOLICY: Final = 10  # a dump (Linux 5.10): which attributes each op accepts
+NLM_F_DUMP: Final = 0x300  # NLM_F_ROOT | NLM_F_MATCH
+# GETPOLICY replies (linux/genetlink.h, linux/netlink.h): CtrlAttr.OP_POLICY holds, per op,
+# the index of its "do" policy; CtrlAttr.POLICY holds, per policy index and attribute, its
+# NL_POLICY_TYPE_ATTR_* description, of which the type is what the agent needs.
+CTRL_ATTR_POLICY_DO: Final = 1
+NL_POLICY_TYPE_ATTR_TYPE: Final = 1
+# enum netlink_attribute_type, for the log and tlshd doctor
+NL_ATTR_TYPE_NAMES: Final = {0: "invalid", 1: "flag", 2: "u8", 3: "u16", 4: "u32", 5: "u64",
+                             6: "s8", 7: "s16", 8: "s32", 9: "s64", 10: "binary",
+                             11: "string", 12: "nul-string", 13: "nested",
+                             14: "nested-array", 15: "bitfield32", 16: "sint", 17: "uint"}
 # nlctrl is at version 2; CTRL_CMD_GETFAMILY exists since version 1, which is
 # what we (like libnl's genl_ctrl_resolve) put in requests. nlctrl ignores it.
 CTRL_REQUEST_VERSION: Final = 1

@@ -49,14 +49,20 @@ def accept_policy(profile: KernelProfile) -> genl.OpPolicy:
     )
 
 
+A_DONE_TAG = 4  # the posted session-tags series (the KeyUpdate series has session-id here)
+
+
 def done_policy(profile: KernelProfile) -> genl.OpPolicy:
+    attrs = {
+        A_DONE_STATUS: genl.AttrPolicy("u32", max_value=profile.done_status_max),
+        A_DONE_SOCKFD: genl.AttrPolicy("s32"),
+        A_DONE_REMOTE_AUTH: genl.AttrPolicy("u32"),
+    }
+    if profile.done_tags:
+        attrs[A_DONE_TAG] = genl.AttrPolicy("string")
     return genl.OpPolicy(
-        maxattr=A_DONE_REMOTE_AUTH,
-        attrs={
-            A_DONE_STATUS: genl.AttrPolicy("u32", max_value=profile.done_status_max),
-            A_DONE_SOCKFD: genl.AttrPolicy("s32"),
-            A_DONE_REMOTE_AUTH: genl.AttrPolicy("u32"),
-        },
+        maxattr=max(attrs),
+        attrs=attrs,
         admin_perm=profile.done_admin_perm,
     )
 
@@ -68,7 +74,7 @@ def family_desc(
         name=FAMILY_NAME,
         family_id=family_id,
         version=FAMILY_VERSION,
-        maxattr=A_DONE_REMOTE_AUTH,
+        maxattr=A_DONE_TAG if profile.done_tags else A_DONE_REMOTE_AUTH,
         ops={CMD_ACCEPT: accept_policy(profile), CMD_DONE: done_policy(profile)},
         mcast_groups=tuple(zip(GROUPS, group_ids, strict=True)),
     )
