@@ -35,6 +35,7 @@ from tlshd.netlink.codec import (
 from tlshd.netlink.messages import (
     AcceptReply,
     Ack,
+    DumpDone,
     ErrorReply,
     FamilyInfo,
     Header,
@@ -362,8 +363,8 @@ def test_out_of_range_arguments_raise_value_error(call: object) -> None:
 def test_one_buffer_holds_several_messages() -> None:
     done = nlmsg(3, b"\0" * 4, flags=2)
     messages = decode(ready() + nlerr(0, DONE_REQUEST[:16], flags=0x100, seq=4) + done, FAMILY)
-    assert [type(m) for m in messages] == [Ready, Ack, Unknown]
-    assert messages[2] == Unknown(hdr(3, flags=2))
+    assert [type(m) for m in messages] == [Ready, Ack, DumpDone]  # the end of a dump
+    assert messages[2] == DumpDone(hdr(3, flags=2))
 
 
 def test_unaligned_message_is_followed_at_the_aligned_offset() -> None:
@@ -379,7 +380,6 @@ def test_unaligned_message_is_followed_at_the_aligned_offset() -> None:
     ("data", "family_id"),
     [
         (nlmsg(1, b""), FAMILY),  # NLMSG_NOOP
-        (nlmsg(3, b"\0\0\0\0"), FAMILY),  # NLMSG_DONE
         (genl(0x30, 1, b"\xff\xff"), FAMILY),  # another family, not even checked
         (genl(FAMILY, 3, u32(1, 0)), FAMILY),  # a DONE command the kernel never sends
         (ready(), None),  # family not resolved yet
