@@ -465,3 +465,46 @@ def test_the_first_key_that_works_ends_the_search(kernel, agent, nvme_keyring):
     finally:
         peer.close()
         relay.listener.close()
+
+
+@pytest.mark.parametrize("hmac", [1, 2])
+def test_secure_concatenation_generated_psks_then_a_target_reset(kernel, agent: Agent,
+                                                                 nvme_keyring, hmac):
+    """Issue 13: NVMe secure concatenation (TP 8018). DH-HMAC-CHAP derives a TLS PSK whose
+    identity is ``NVMe1G<hh> <hostnqn> <subnqn> <digest>``; the host names it (tls_key) and the
+    target finds it by that identity, as with retained keys. After a target reset the target
+    holds a new generated key: the host's stale one is refused with unknown_psk_identity, so
+    the host's DONE is EKEYREJECTED (and the kernel re-authenticates); the new key works."""
+    key_len = KEY_LEN[hmac]
+    stale_id = psk_identity(HOSTNQN, SUBNQN, hmac, version=1, generated=True,
+                            digest="c3RhbGUtZGlnZXN0Cg==")
+    first = nvme_keyring.add_psk(stale_id, os.urandom(key_len))
+    target = NVMeTarget(kernel, keyring=nvme_keyring.serial)
+    host = NVMeHost(kernel, hostnqn=HOSTNQN, subnqn=SUBNQN, keyring=nvme_keyring.serial,
+                    tls_key=first)
+    host_out, target_out, icresp = _queue(kernel, host, target)
+    assert host_out.status == 0 and target_out.status == 0 and icresp is not None
+    assert host.tls_pskid == first and target.tls_pskid == first
+    assert all(f"psk={first}:" in line and f"NVMe1G0{hmac} " in line
+               for line in agent.log[-2:]), agent.log[-2:]
+
+    # the reset: the target's controller re-authenticates and holds only the new key
+    host_ring = NVMeKeyring.create(name="kernel-sim:host-side")
+    try:
+        stale = host_ring.add_psk(stale_id, os.urandom(key_len))
+        keys.revoke(first)
+        new_id = psk_identity(HOSTNQN, SUBNQN, hmac, version=1, generated=True,
+                              digest="bmV3LWRpZ2VzdAo=")
+        fresh = nvme_keyring.add_psk(new_id, os.urandom(key_len))
+        old_host = NVMeHost(kernel, hostnqn=HOSTNQN, subnqn=SUBNQN, keyring=host_ring.serial,
+                            tls_key=stale)
+        host_out, target_out, _ = _queue(kernel, old_host, target)
+        assert target_out.status == -errno.EKEYREJECTED
+        assert host_out.status == -errno.EKEYREJECTED  # unknown_psk_identity came back
+    finally:
+        host_ring.close()
+    new_host = NVMeHost(kernel, hostnqn=HOSTNQN, subnqn=SUBNQN, keyring=nvme_keyring.serial,
+                        tls_key=fresh)
+    host_out, target_out, icresp = _queue(kernel, new_host, target)
+    assert host_out.status == 0 and target_out.status == 0 and icresp is not None
+    assert new_host.tls_pskid == fresh
