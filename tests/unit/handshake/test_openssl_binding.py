@@ -132,3 +132,16 @@ def test_hint_if_ticket_count_becomes_settable() -> None:
     # lacks SSL_CTX_set_num_tickets. If it appears, setting 0 would be simpler.
     if hasattr(lib, "SSL_CTX_set_num_tickets"):
         pytest.skip("binding now exports SSL_CTX_set_num_tickets: consider setting it to 0")
+
+
+def test_the_binding_cannot_answer_record_size_limit_in_tls13() -> None:
+    """RFC 8449 in TLS 1.3 needs an extension in EncryptedExtensions (SSL_CTX_add_custom_ext
+    with SSL_EXT_TLS1_3_ENCRYPTED_EXTENSIONS) and a way to keep our own records within the
+    peer's limit (SSL_set_max_send_fragment). This binding has neither, only the TLS 1.2-only
+    custom-extension calls (docs/migrating.md). When this fails, the binding has gained them:
+    negotiate the limit then, and set TLS_TX_MAX_PAYLOAD_LEN where the kernel has it."""
+    from OpenSSL._util import lib
+
+    assert not hasattr(lib, "SSL_CTX_add_custom_ext")
+    assert not hasattr(lib, "SSL_set_max_send_fragment")
+    assert not hasattr(lib, "SSL_CTX_set_max_send_fragment")
