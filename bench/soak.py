@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -74,6 +75,7 @@ class Load:
 
     def __init__(self, kernel: Kernel, concurrency: int) -> None:
         self.kernel, self.done, self.failures = kernel, 0, 0
+        self.reasons: Counter[str] = Counter()  # "client S, server S" of the failures
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._run, daemon=True)
@@ -84,8 +86,10 @@ class Load:
             try:
                 one_pair(self.kernel)
                 ok = True
-            except RuntimeError:
+            except RuntimeError as exc:
                 ok = False
+                with self._lock:
+                    self.reasons[str(exc).removeprefix("handshake failed: ")] += 1
             with self._lock:
                 self.done += ok
                 self.failures += not ok
@@ -101,14 +105,15 @@ class Load:
 
 
 def soak(seconds: float, concurrency: int, workers: int, every: float,
-         warmup: float) -> dict[str, float]:
+         warmup: float, log: str | None = None) -> dict[str, float | str]:
     with tempfile.TemporaryDirectory(prefix="tlshd-soak-") as tmp:
         endpoint = f"tlshd-soak-{os.getpid()}"
         with Kernel(endpoint=endpoint) as kernel:
             ns = kernel.add_netns(None)
             config = write_demo_config(Path(tmp), write_demo_pki(Path(tmp)), endpoint,
                                        workers=workers)
-            quiet = open(os.devnull, "w")  # noqa: SIM115  # its log: a line per handshake
+            # its log: a line per handshake, so only where asked (--log)
+            quiet = open(log or os.devnull, "w")  # noqa: SIM115
             agent = start_agent(config, stderr=quiet)
             try:
                 if not kernel.wait_for(lambda: kernel.listeners(ns) >= workers, 30):
@@ -142,6 +147,8 @@ def soak(seconds: float, concurrency: int, workers: int, every: float,
         "rss_bytes_per_request": round(1024 * slope([(r, kb) for r, kb, _ in kept]), 1),
         "fds_idle_before": idle_fds_before, "fds_idle_end": idle_fds_end,
         "fds_leaked": idle_fds_end - idle_fds_before,
+        "failure_kinds": "; ".join(f"{n} x {why}" for why, n in load.reasons.most_common(5))
+                         or "none",
     }
 
 
@@ -152,8 +159,10 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--every", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=0.2)
+    parser.add_argument("--log", help="the agent's log (a line per handshake)")
     args = parser.parse_args()
-    result = soak(args.seconds, args.concurrency, args.workers, args.every, args.warmup)
+    result = soak(args.seconds, args.concurrency, args.workers, args.every, args.warmup,
+                  args.log)
     for name, value in result.items():
         print(f"{name}={value}")
     return 0 if result["failures"] == 0 and result["fds_leaked"] == 0 else 1

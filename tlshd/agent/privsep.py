@@ -47,7 +47,7 @@ import os
 import select
 import signal
 import socket
-from collections import deque
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,8 +233,9 @@ class Monitor:
         self.paths, self.keys = paths, keys
         self.handles: dict[int, _Request] = {}
         self.violation: str | None = None  # why the handshake process was cut off
-        self.peer_keys: set[int] = set()  # the last PEER_KEYS_KEPT peer keys made
-        self._peer_order: deque[int] = deque()
+        # the last PEER_KEYS_KEPT distinct peer keys made (a peer's certificate gives the same
+        # key, and serial, each time: most recently made last)
+        self.peer_keys: OrderedDict[int, None] = OrderedDict()
         self._ops: dict[str, Callable[[dict[str, Any]], tuple[dict[str, Any], list[int]]]] = {
             "accept": self._accept, "done": self._done, "setsockopt": self._setsockopt,
             "install": self._install,
@@ -447,10 +448,10 @@ class Monitor:
             serial = self.keys.peer_key(der)
         except TlshdError as exc:
             return _error_out(exc), []
-        self.peer_keys.add(serial)
-        self._peer_order.append(serial)
-        if len(self._peer_order) > PEER_KEYS_KEPT:
-            self.peer_keys.discard(self._peer_order.popleft())
+        self.peer_keys[serial] = None
+        self.peer_keys.move_to_end(serial)
+        while len(self.peer_keys) > PEER_KEYS_KEPT:
+            self.peer_keys.popitem(last=False)
         return {"serial": serial}, []
 
     def _path(self, value: object) -> str:

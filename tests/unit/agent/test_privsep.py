@@ -244,3 +244,19 @@ def test_the_accept_brings_the_credential_files_states(
     assert rig.client.accept() is not None
     rig.client.requests.close()  # no further request could be answered: the cache answers
     assert rig.client.states([rig.allowed])[0][1] == rig.allowed.stat().st_ino
+
+
+def test_a_peer_key_made_again_and_again_stays_allowed(
+    rig: Rig, tcp: tuple[socket.socket, socket.socket]
+) -> None:
+    """A peer's certificate gives the same key serial every time; thousands of handshakes
+    with one peer must not age its serial out (the soak found DONEs refused after 4096)."""
+    der = b"0\x03\x02\x01\x00 a peer certificate, as far as the keyring cares"
+    serials = {rig.client.peer_key(der) for _ in range(privsep.PEER_KEYS_KEPT + 10)}
+    assert len(serials) == 1
+    consumer = rig.submit(tcp[0])
+    reply = rig.client.accept()
+    assert reply is not None
+    rig.client.done(reply.sockfd, 0, tuple(serials))
+    assert rig.kernel.wait_for(lambda: bool(consumer.calls), WAIT_S)
+    assert consumer.calls == [(0, serials.pop())] and rig.monitor.violation is None
