@@ -128,6 +128,7 @@ ConnectionHook = Callable[[SSL.Connection], None]
 # RFC 8446 §6: alert(21), TLS 1.2 record version, length 2, fatal(2), unknown_psk_identity(115)
 ALERT_UNKNOWN_PSK_IDENTITY = bytes([21, 3, 3, 0, 2, 2, 115])
 ALERT_ILLEGAL_PARAMETER = bytes([21, 3, 3, 0, 2, 2, 47])  # OpenSSL's for an excessive size
+ALERT_UNEXPECTED_MESSAGE = bytes([21, 3, 3, 0, 2, 2, 10])
 
 
 def _check_context(context: SSL.Context) -> None:
@@ -387,7 +388,13 @@ class HandshakeEngine:
             pass  # OpenSSL would wait for the body: our own verdict stands
         except SSL.Error as ssl_exc:
             exc = PeerProtocolError(f"{exc}: {_reason(ssl_exc)}")
-        self._outbuf += self._drain_bio()
+        written = self._drain_bio()
+        if not written and not self._first_flight and header[1] == 3:
+            # a TLS-shaped record of a type TLS does not have, before the first message:
+            # OpenSSL waits for its body; RFC 8446 5 wants unexpected_message now. (Bytes
+            # that do not look like TLS at all, an HTTP request say, get no alert, as OpenSSL.)
+            written = ALERT_UNEXPECTED_MESSAGE
+        self._outbuf += written
         self._fail(exc)
 
     # -- driving OpenSSL -----------------------------------------------------------
