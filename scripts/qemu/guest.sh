@@ -39,6 +39,14 @@ REPO=$(cd "$HERE/../.." && pwd)
 PY=${TLSHD_PYTHON:-/usr/bin/python3}
 AGENT=("$PY" -S "$REPO/tlshd/early.py")
 AGENT_KIND=${TLSHD_GUEST_AGENT:-tlshd}
+# the reference agent: trixie's ktls-utils 1.0.0, or sid's 1.4.0 with its newer GnuTLS and libnl
+# (TLSHD_GUEST_REFERENCE=1.4, unpacked by scripts/qemu/ktls-utils-1.4.sh)
+if [ "${TLSHD_GUEST_REFERENCE:-}" = 1.4 ]; then
+    REFERENCE=(env LD_LIBRARY_PATH=/opt/ktls-utils-1.4/usr/lib/x86_64-linux-gnu
+               /opt/ktls-utils-1.4/usr/sbin/tlshd)
+else
+    REFERENCE=(/usr/sbin/tlshd)
+fi
 WORK=/tmp/tlshd-guest
 # The checkout is read-only here: without a writable cache every start compiles every module
 # again, which an installed agent never does (pip and dpkg byte-compile at install time). So the
@@ -72,6 +80,7 @@ setup_kernel() {
     result kernel "$(uname -r)"
     result ncpus "$(nproc)"
     result agent_kind "$AGENT_KIND"
+    [ "$AGENT_KIND" != reference ] || result reference_version "$("${REFERENCE[@]}" --version 2>&1 | head -1)"
     for m in tls nvme-keyring nvme-fabrics nvme-tcp nvmet nvmet-tcp nfsd nfs nfsv4; do
         modprobe "$m"; result "modprobe_$m" $?
     done
@@ -225,7 +234,7 @@ agent_start() {
     if [ "$AGENT_KIND" = reference ]; then
         # ktls-utils' tlshd: the same config keys; it has no readiness notification, so wait
         # until it has joined the tlshd multicast group (a READY is then delivered)
-        /usr/sbin/tlshd -c "$WORK/agent.conf" -s > "$OUT/agent-$SCEN.log" 2>&1 &
+        "${REFERENCE[@]}" -c "$WORK/agent.conf" -s > "$OUT/agent-$SCEN.log" 2>&1 &
         AGENT_PID=$!
         local i
         for i in $(seq 600); do
@@ -452,7 +461,7 @@ s_nvme_startup() {  # a connect as soon as the kernel sees a listener, while the
     # CLOCK_MONOTONIC in seconds (/proc/uptime, 10 ms steps), the clock of the trace
     t0=$(cut -d' ' -f1 /proc/uptime)
     if [ "$AGENT_KIND" = reference ]; then
-        /usr/sbin/tlshd -c "$WORK/agent.conf" -s >> "$OUT/agent-$SCEN.log" 2>&1 &
+        "${REFERENCE[@]}" -c "$WORK/agent.conf" -s >> "$OUT/agent-$SCEN.log" 2>&1 &
     else
         NOTIFY_SOCKET="$WORK/notify.sock" "${AGENT[@]}" -s -c "$WORK/agent.conf" \
             --upcall netlink ${TLSHD_GUEST_WORKERS:+--workers "$TLSHD_GUEST_WORKERS"} \

@@ -21,7 +21,8 @@
 # guest's artefacts. Exit status: 0 when the guest script ran to its end, else non-zero. A boot
 # whose guest script does not run to its end is retried from scratch ($TLSHD_QEMU_TRIES,
 # default 2; each try at most $TLSHD_QEMU_TIMEOUT, default 300 s).
-# TLSHD_GUEST_AGENT=reference runs ktls-utils' tlshd instead of this checkout's.
+# TLSHD_GUEST_AGENT=reference runs ktls-utils' tlshd instead of this checkout's: trixie's 1.0.0,
+# or with TLSHD_GUEST_REFERENCE=1.4 sid's 1.4.0 (scripts/qemu/ktls-utils-1.4.sh).
 # TLSHD_GUEST_TRACE=sunrpc also traces the sunrpc socket events (guest.sh).
 # TLSHD_QEMU_ACCEL=auto (default) boots with KVM when a short probe boot under KVM works, else
 # with TCG (on this project's machines /dev/kvm exists but nested KVM fails at once:
@@ -119,6 +120,8 @@ done < "$resolved"
 # ---- the guest's root --------------------------------------------------------------------------
 GROOT=$CACHE/trixie
 bash "$HERE/make-rootfs.sh" "$GROOT" "${MODULE_TREES[@]}"
+# TLSHD_GUEST_REFERENCE=1.4: the reference agent is sid's ktls-utils 1.4.0 (ktls-utils-1.4.sh)
+[ "${TLSHD_GUEST_REFERENCE:-}" != 1.4 ] || bash "$HERE/ktls-utils-1.4.sh" "$GROOT"
 
 # ---- virtme-ng ---------------------------------------------------------------------------------
 VENV=$CACHE/vng-venv
@@ -143,7 +146,7 @@ ACCEL_OPTS=()
 echo "RESULT accel=$ACCEL" > "$OUT/host-results"
 
 # ---- boot --------------------------------------------------------------------------------------
-GUEST="TLSHD_GUEST_AGENT=${TLSHD_GUEST_AGENT:-tlshd} TLSHD_GUEST_WORKERS=${TLSHD_GUEST_WORKERS:-} TLSHD_GUEST_TRACE=${TLSHD_GUEST_TRACE:-} bash /work/tlshd/scripts/qemu/guest.sh /out ${SCENARIOS[*]}"
+GUEST="TLSHD_GUEST_AGENT=${TLSHD_GUEST_AGENT:-tlshd} TLSHD_GUEST_REFERENCE=${TLSHD_GUEST_REFERENCE:-} TLSHD_GUEST_WORKERS=${TLSHD_GUEST_WORKERS:-} TLSHD_GUEST_TRACE=${TLSHD_GUEST_TRACE:-} bash /work/tlshd/scripts/qemu/guest.sh /out ${SCENARIOS[*]}"
 log "kernel $REL, virtme-ng $(vng --version 2>&1 | awk '{print $2}'), $ACCEL, output $OUT"
 rc=1
 for try in $(seq "$TRIES"); do
