@@ -28,7 +28,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 
-from tlshd import keyring
 from tlshd.agent import privsep, sandbox, sdnotify
 from tlshd.agent.control import (
     Metrics,
@@ -45,9 +44,9 @@ from tlshd.agent.worker import Worker
 from tlshd.config import Config
 from tlshd.credentials import files
 from tlshd.credentials.contexts import Contexts
-from tlshd.credentials.keys import LOCAL_KEYS, RequestKeys
+from tlshd.credentials.keys import LOCAL_KEYS, RequestKeys, link_keyrings
 from tlshd.early import Held
-from tlshd.errors import ConfigError, CredentialError, DecodeError, KeyNotFoundError, TlshdError
+from tlshd.errors import ConfigError, CredentialError, DecodeError, TlshdError
 from tlshd.upcall import Upcall, open_upcall
 
 log = logging.getLogger("tlshd")
@@ -112,26 +111,6 @@ def _serve(upcall: Upcall, contexts: Contexts, config: Config, stop: _Stop,
     finally:
         worker.close()
     return 0
-
-
-def link_keyrings(names: tuple[str, ...], where: str = "") -> list[tuple[str, int]]:
-    """Link the kernel's keyrings that exist and the configured ones into our session keyring,
-    so PSK searches find their keys (under systemd the service has a session keyring of its
-    own). One that does not exist is skipped with a warning for a configured one, as
-    ktls-utils does (src/tlshd/keyring.c, tlshd_keyring_link_session): ``.nvme`` appears
-    only when the nvme module loads, perhaps after the agent; ``tlshd doctor`` reports it."""
-    linked = []
-    for name in dict.fromkeys((*keyring.KERNEL_KEYRINGS, *names)):
-        try:
-            serial = keyring.find_keyring(name)
-        except KeyNotFoundError:
-            if name in names:
-                log.warning("%s: keyring %r not found, not linked",
-                            f"{where} [authenticate] keyrings".strip(), name)
-            continue
-        keyring.link_key(serial, keyring.KEY_SPEC_SESSION_KEYRING)
-        linked.append((name, serial))
-    return linked
 
 
 @dataclass(frozen=True)

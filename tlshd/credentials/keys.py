@@ -9,21 +9,25 @@ answers only for the request that names the key. The policy is the same either w
   session keyring (where the configured keyrings and ``.nvme`` are linked); never in the whole
   process keyring, which also holds the keyrings the kernel linked for other requests;
 * keyring-provisioned x509 credentials are the ACCEPT's certificate and private key serials;
-* a verified peer certificate becomes a ``user`` key whose serial goes in DONE.
+* a verified peer certificate becomes a ``user`` key whose serial goes in DONE;
+* at start (``link_keyrings``) the kernel's keyrings that exist and the configured ones are
+  linked into the session keyring, which the server search then covers.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 from collections.abc import Sequence
 from typing import Protocol
 
 from tlshd import keyring
 from tlshd.credentials.psk import PSK, find_server_psk, next_client_psk
-from tlshd.errors import CredentialError, TlshdError
+from tlshd.errors import CredentialError, KeyNotFoundError, TlshdError
 from tlshd.netlink.messages import AcceptReply
 
+log = logging.getLogger("tlshd")
 PEER_KEY_TIMEOUT_S = 600
 MAX_PEER_KEY = 65536
 
@@ -83,3 +87,23 @@ class LocalKeys:
 
 
 LOCAL_KEYS = LocalKeys()
+
+
+def link_keyrings(names: tuple[str, ...], where: str = "") -> list[tuple[str, int]]:
+    """Link the kernel's keyrings that exist and the configured ones into our session keyring,
+    so PSK searches find their keys (under systemd the service has a session keyring of its
+    own). One that does not exist is skipped with a warning for a configured one, as
+    ktls-utils does (src/tlshd/keyring.c, tlshd_keyring_link_session): ``.nvme`` appears
+    only when the nvme module loads, perhaps after the agent; ``tlshd doctor`` reports it."""
+    linked = []
+    for name in dict.fromkeys((*keyring.KERNEL_KEYRINGS, *names)):
+        try:
+            serial = keyring.find_keyring(name)
+        except KeyNotFoundError:
+            if name in names:
+                log.warning("%s: keyring %r not found, not linked",
+                            f"{where} [authenticate] keyrings".strip(), name)
+            continue
+        keyring.link_key(serial, keyring.KEY_SPEC_SESSION_KEYRING)
+        linked.append((name, serial))
+    return linked
