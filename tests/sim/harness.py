@@ -217,6 +217,22 @@ def _ephemeral_range() -> range:
         return range(32768, 61000)
 
 
+def pair(kernel: Kernel) -> tuple[int, int]:
+    """One agent-client / agent-server x509 handshake pair; returns both statuses."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    box: dict[str, int] = {}
+    thread = threading.Thread(target=lambda: box.update(
+        s=TLSConsumer(kernel).server(server).status))
+    thread.start()
+    status = TLSConsumer(kernel).client(client, peername="localhost").status
+    thread.join(20)
+    kernel.sock_release(client)
+    kernel.sock_release(server)
+    return status, box.get("s", -1)
+
+
 def _children(pid: int) -> list[int]:
     try:
         return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]

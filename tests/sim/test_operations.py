@@ -26,28 +26,13 @@ from kernel_sim.tls_ulp import SOL_TLS, TLS_RX, TLS_TX, parse_crypto_info
 from tests.pki import PKI
 from tests.sim.harness import (
     free_port,
+    pair,
     start_agent,
     unique_endpoint,
     write_config,
 )
 
 pytestmark = pytest.mark.sim
-
-
-def _pair(kernel: Kernel) -> tuple[int, int]:
-    """One agent-client / agent-server handshake pair; returns both statuses."""
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        client = socket.create_connection(listener.getsockname())
-        server, _ = listener.accept()
-    box: dict[str, int] = {}
-    thread = threading.Thread(target=lambda: box.update(s=TLSConsumer(kernel).server(server)
-                                                        .status))
-    thread.start()
-    status = TLSConsumer(kernel).client(client, peername="localhost").status
-    thread.join(20)
-    kernel.sock_release(client)
-    kernel.sock_release(server)
-    return status, box["s"]
 
 
 def _status(config: Path) -> dict:
@@ -89,7 +74,7 @@ def test_reload_under_load_with_bad_then_good_configuration(pki: PKI, tmp_path: 
 
         def load() -> None:
             while not stop.is_set():
-                results.append(_pair(kernel))
+                results.append(pair(kernel))
 
         loaders = [threading.Thread(target=load) for _ in range(3)]
         try:
@@ -170,8 +155,8 @@ def test_status_and_metrics_after_real_handshakes(pki, tmp_path):
                               extra=f"metrics=127.0.0.1:{port}\n")
         agent = start_agent(kernel, config)
         try:
-            assert _pair(kernel) == (0, 0)
-            assert _pair(kernel) == (0, 0)
+            assert pair(kernel) == (0, 0)
+            assert pair(kernel) == (0, 0)
             with socket.create_server(("127.0.0.1", 0)) as silent:  # a failure: wrong name
                 client = socket.create_connection(silent.getsockname())
                 peer, _ = silent.accept()
@@ -298,7 +283,7 @@ def test_sigusr1_reloads_like_sighup(pki, tmp_path):
             agent.proc.send_signal(signal.SIGUSR1)
             assert kernel.wait_for(lambda: any("reloaded" in x for x in agent.log), 10)
             assert agent.proc.poll() is None
-            assert _pair(kernel) == (0, 0)
+            assert pair(kernel) == (0, 0)
             doc = _status(config)
         finally:
             code = agent.stop()

@@ -21,7 +21,7 @@ import pytest
 from kernel_sim.consumer import HandshakeOutcome, TLSConsumer
 from kernel_sim.kernel import Kernel
 from tests.pki import PKI
-from tests.sim.harness import Agent, start_agent, unique_endpoint, write_config
+from tests.sim.harness import Agent, pair, start_agent, unique_endpoint, write_config
 from tlshd.agent import sandbox
 
 pytestmark = [pytest.mark.sim,
@@ -29,25 +29,10 @@ pytestmark = [pytest.mark.sim,
 CAP_NET_ADMIN = 1 << 12
 
 
-def _pair(kernel: Kernel) -> tuple[int, int]:
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        client = socket.create_connection(listener.getsockname())
-        server, _ = listener.accept()
-    box: dict[str, int] = {}
-    thread = threading.Thread(target=lambda: box.update(
-        s=TLSConsumer(kernel).server(server).status))
-    thread.start()
-    status = TLSConsumer(kernel).client(client, peername="localhost").status
-    thread.join(20)
-    kernel.sock_release(client)
-    kernel.sock_release(server)
-    return status, box["s"]
-
-
 def _started(kernel: Kernel, tmp_path: Path, pki: PKI, extra: str = "") -> Agent:
     agent = start_agent(kernel, write_config(tmp_path, pki, kernel.endpoint, workers=2,
                                              require_client_cert=True, extra=extra), workers=2)
-    assert _pair(kernel) == (0, 0), "\n".join(agent.log)
+    assert pair(kernel) == (0, 0), "\n".join(agent.log)
     return agent
 
 
@@ -74,7 +59,7 @@ def test_handshakes_run_confined_and_the_monitors_keep_the_privileges(pki: PKI,
             for pid in monitors:
                 assert _caps(pid) & CAP_NET_ADMIN and sandbox.status_fields(pid)["Uid"][0] == "0"
             for _ in range(4):  # both roles, mutual x509, through both workers
-                assert _pair(kernel) == (0, 0)
+                assert pair(kernel) == (0, 0)
         finally:
             agent.stop()
 
@@ -106,7 +91,7 @@ def test_a_handshake_process_killed_mid_request_leaves_a_done_eio_and_is_replace
             silent.close()
             kernel.sock_release(server)
             assert kernel.wait_for(lambda: agent.handshake_pids() not in ([], [victim]), 10)
-            assert _pair(kernel) == (0, 0), "\n".join(agent.log)
+            assert pair(kernel) == (0, 0), "\n".join(agent.log)
         finally:
             agent.stop()
 
