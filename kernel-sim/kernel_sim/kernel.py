@@ -187,6 +187,9 @@ class Kernel:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop the loop and close every endpoint; a second call does nothing."""
+        if self._wake_w.fileno() < 0:
+            return
         self._stopping = True
         self._wake_w.send(b"x")
         if self._thread is not None:

@@ -233,6 +233,7 @@ class Monitor:
         self.paths, self.keys = paths, keys
         self.handles: dict[int, _Request] = {}
         self.violation: str | None = None  # why the handshake process was cut off
+        self._lost = False  # the upcall's READY channel failed (told to the handshake process)
         # the last PEER_KEYS_KEPT distinct peer keys made (a peer's certificate gives the same
         # key, and serial, each time: most recently made last)
         self.peer_keys: OrderedDict[int, None] = OrderedDict()
@@ -273,12 +274,12 @@ class Monitor:
             self._answer_leftovers()
 
     def _turn(self) -> bool:
+        watched = [self.requests.fileno()] + ([] if self._lost else [self.upcall.notify_fileno()])
         try:
-            ready, _, _ = select.select([self.upcall.notify_fileno(), self.requests.fileno()],
-                                        [], [], 0.5)
+            ready, _, _ = select.select(watched, [], [], 0.5)
         except InterruptedError:
             return True
-        if self.upcall.notify_fileno() in ready:
+        if not self._lost and self.upcall.notify_fileno() in ready:
             self._forward_ready()
         if self.requests.fileno() in ready:
             return self._answer_one()
@@ -291,6 +292,7 @@ class Monitor:
         except TransportError as exc:
             log.error("upcall: %s", exc)
             note = b"L" + str(exc).encode()[:500]
+            self._lost = True  # said once; a lost channel stays readable, so stop watching it
         with contextlib.suppress(BlockingIOError, OSError):
             self.notify.send(note, socket.MSG_DONTWAIT)  # a full queue: the sweep catches up
 

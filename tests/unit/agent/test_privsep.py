@@ -260,3 +260,25 @@ def test_a_peer_key_made_again_and_again_stays_allowed(
     rig.client.done(reply.sockfd, 0, tuple(serials))
     assert rig.kernel.wait_for(lambda: bool(consumer.calls), WAIT_S)
     assert consumer.calls == [(0, serials.pop())] and rig.monitor.violation is None
+
+
+def test_a_lost_upcall_is_told_once_and_not_spun_on(rig: Rig) -> None:
+    """The kernel side goes away: the handshake process hears it once (TransportError on its
+    READY channel) and the monitor stops watching the dead socket instead of spinning on it."""
+    import select
+    import time
+
+    calls = [0]
+    forward = rig.monitor._forward_ready
+
+    def counted() -> None:
+        calls[0] += 1
+        forward()
+
+    rig.monitor._forward_ready = counted  # type: ignore[method-assign]
+    rig.kernel.stop()
+    assert select.select([rig.client.notify_fileno()], [], [], WAIT_S)[0]
+    with pytest.raises(TransportError):
+        rig.client.drain_notifications()
+    time.sleep(1.0)
+    assert calls[0] == 1
