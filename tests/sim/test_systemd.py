@@ -37,7 +37,7 @@ from kernel_sim.kernel import Kernel
 from kernel_sim.netns import socket_in_netns
 from kernel_sim.nvme import NVMeKeyring, psk_identity
 from tests.pki import PKI
-from tests.sim.harness import Agent, tcp_pair, write_config
+from tests.sim.harness import Agent, pair, tcp_pair, write_config
 from tlshd.install import render_unit
 
 pytestmark = pytest.mark.sim
@@ -231,20 +231,6 @@ def allowed_syscalls(unit: str) -> set[str]:
     return allowed
 
 
-def _mtls_pair(kernel: Kernel) -> tuple[int, int]:
-    """The agent as client and server of one mutually authenticated x509 handshake."""
-    with tcp_pair() as (client, server):
-        box: dict[str, int] = {}
-        thread = threading.Thread(
-            target=lambda: box.update(server=TLSConsumer(kernel).server(server).status))
-        thread.start()
-        status = TLSConsumer(kernel).client(client, peername="localhost").status
-        thread.join(20)
-        kernel.sock_release(client)
-        kernel.sock_release(server)
-    return status, box.get("server", -1)
-
-
 def _psk_pair(kernel: Kernel) -> tuple[int, int]:
     ring = NVMeKeyring.create(name="kernel-sim:systemd-test")
     try:
@@ -288,7 +274,7 @@ def test_every_system_call_of_the_agent_is_in_the_units_filter(kernel: Kernel, p
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
         try:
             assert notify.wait_for("READY=1", 60), log.read_text()
-            assert _mtls_pair(kernel) == (0, 0)
+            assert pair(kernel)  # mutual: the config requires client certificates == (0, 0)
             assert _psk_pair(kernel) == (0, 0)
             agent = _traced_pid(proc.pid)  # signals go to the agent, not to strace
             os.kill(agent, signal.SIGHUP)
@@ -361,7 +347,7 @@ def test_ready_reload_and_stopping_are_notified_when_they_are_true(
         joined_at_ready = kernel.listeners(ns)
         assert first is not None and "READY=1" in first, (first, agent.log)
         assert joined_at_ready >= workers  # a request queued now is served
-        assert _mtls_pair(kernel) == (0, 0)
+        assert pair(kernel)  # mutual: the config requires client certificates == (0, 0)
 
         agent.proc.send_signal(signal.SIGHUP)
         reloading = notify.next(30)
@@ -393,7 +379,7 @@ def test_a_refused_reload_still_ends_with_ready(kernel: Kernel, pki: PKI, tmp_pa
         ready = notify.next(30)
         assert ready is not None and "READY=1" in ready
         assert any(f.startswith("STATUS=") and "reload failed" in f for f in ready)
-        assert _mtls_pair(kernel) == (0, 0)
+        assert pair(kernel)  # mutual: the config requires client certificates == (0, 0)
     finally:
         assert agent.stop() == 0
 

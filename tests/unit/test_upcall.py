@@ -233,15 +233,6 @@ def agent(kernel: Kernel) -> Iterator[SimUpcall]:
     up.close()
 
 
-@pytest.fixture
-def tcp() -> Iterator[tuple[socket.socket, socket.socket]]:
-    """A connected loopback pair: (consumer's socket, its peer)."""
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        consumer = socket.create_connection(listener.getsockname(), timeout=WAIT_S)
-        peer, _ = listener.accept()
-    yield consumer, peer
-    consumer.close()
-    peer.close()
 
 
 class Consumer:

@@ -93,14 +93,6 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
             upcall.close()
 
 
-@pytest.fixture
-def tcp() -> Iterator[tuple[socket.socket, socket.socket]]:
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        consumer = socket.create_connection(listener.getsockname(), timeout=WAIT_S)
-        peer, _ = listener.accept()
-    yield consumer, peer
-    consumer.close()
-    peer.close()
 
 
 def _cookie(sock: socket.socket) -> bytes:
