@@ -37,7 +37,7 @@ import socket
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 from tlshd.errors import KTLSInstallError, UnsupportedRequestError
 from tlshd.handshake.secrets import HashAlg, TrafficKeys, derive_traffic_keys
@@ -295,9 +295,12 @@ class SockoptPort(Protocol):
     def setsockopt(self, fd: int, level: int, optname: int, value: bytes) -> None: ...
 
 
-@runtime_checkable
 class BatchSockoptPort(Protocol):
-    """Several setsockopt calls in one go, in order, stopping at the first that fails."""
+    """Several setsockopt calls in one go, in order: one round trip where a round trip
+    costs (a monitor, kernel-sim), one dup of the fd for the real kernel. The first that
+    fails raises :class:`BatchSockoptError`; the ones after it are not made (kernel-sim,
+    like a netlink batch, still runs them: they then fail on the half-set socket, which
+    DONE's error status makes the consumer close)."""
 
     def setsockopts(self, fd: int, steps: Sequence[tuple[int, int, bytes]]) -> None: ...
 
@@ -332,6 +335,24 @@ class KernelSockopt:
         with sock:
             sock.setsockopt(level, optname, value)
 
+    def setsockopts(self, fd: int, steps: Sequence[tuple[int, int, bytes]]) -> None:
+        """The steps through one duplicate."""
+        try:
+            dup = os.dup(fd)
+        except OSError as exc:  # EBADF: the first step fails as setsockopt(2) would
+            raise BatchSockoptError(0, exc) from exc
+        try:
+            sock = socket.socket(fileno=dup)
+        except OSError as exc:
+            os.close(dup)
+            raise BatchSockoptError(0, exc) from exc
+        with sock:
+            for index, (level, optname, value) in enumerate(steps):
+                try:
+                    sock.setsockopt(level, optname, value)
+                except OSError as exc:
+                    raise BatchSockoptError(index, exc) from exc
+
 
 def install_ktls(port: SockoptPort, fd: int, params: KTLSParams) -> None:
     """Attach the TLS ULP to ``fd`` and install TX then RX keys.
@@ -346,9 +367,10 @@ def install_ktls(port: SockoptPort, fd: int, params: KTLSParams) -> None:
         ("TLS_TX", SOL_TLS, TLS_TX, params.tx_crypto_info),
         ("TLS_RX", SOL_TLS, TLS_RX, params.rx_crypto_info),
     )
-    if isinstance(port, BatchSockoptPort):  # one round trip to a monitor (tlshd.agent.privsep)
+    batch = getattr(port, "setsockopts", None)  # a BatchSockoptPort (not an isinstance of a
+    if batch is not None:                       # runtime protocol: that costs 20 us a call)
         try:
-            port.setsockopts(fd, [(level, optname, value) for _, level, optname, value in steps])
+            batch(fd, [(level, optname, value) for _, level, optname, value in steps])
         except BatchSockoptError as exc:
             raise _install_error(steps[exc.index][0], fd, params.suite, exc.error) from exc
         return

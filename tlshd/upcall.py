@@ -49,7 +49,7 @@ from tlshd.errors import (
     TransportError,
     TransportTimeoutError,
 )
-from tlshd.ktls import KernelSockopt
+from tlshd.ktls import BatchSockoptError, KernelSockopt
 from tlshd.netlink import codec, spec
 from tlshd.netlink.messages import (
     AcceptReply,
@@ -94,6 +94,10 @@ class Upcall(Protocol):
     def done(self, sockfd: int, status: int, remote_auth: Sequence[int]) -> None: ...
 
     def setsockopt(self, fd: int, level: int, optname: int, value: bytes) -> None: ...
+
+    def setsockopts(self, fd: int, steps: Sequence[tuple[int, int, bytes]]) -> None:
+        """The kTLS steps in one go (``tlshd.ktls.BatchSockoptPort``)."""
+        ...
 
     def close(self) -> None: ...
 
@@ -335,6 +339,9 @@ class NetlinkUpcall(_GenlUpcall):
     def setsockopt(self, fd: int, level: int, optname: int, value: bytes) -> None:
         self._sockopt.setsockopt(fd, level, optname, value)
 
+    def setsockopts(self, fd: int, steps: Sequence[tuple[int, int, bytes]]) -> None:
+        self._sockopt.setsockopts(fd, steps)
+
 
 def _netlink_socket() -> socket.socket:
     """A generic netlink socket that only the kernel can unicast to: connected to port 0,
@@ -426,6 +433,23 @@ class SimUpcall(_GenlUpcall):
             self._replies(seq, "setsockopt")
         except NetlinkError as exc:
             raise OSError(exc.errno, os.strerror(exc.errno)) from None
+
+    def setsockopts(self, fd: int, steps: Sequence[tuple[int, int, bytes]]) -> None:
+        """Every step in one datagram, one round trip (kernel-sim handles each message of it
+        in turn, as netlink_rcv_skb does, and acks each)."""
+        family = self._ksim_family_id()
+        seqs = [next(self._seq) for _ in steps]
+        self._request.send(b"".join(codec.encode_ksim_setsockopt(family, seq, fd, *step)
+                                    for seq, step in zip(seqs, steps, strict=True)))
+        failed: BatchSockoptError | None = None
+        for index, seq in enumerate(seqs):  # every ack is read, so none is left behind
+            try:
+                self._replies(seq, "setsockopt")
+            except NetlinkError as exc:
+                failed = failed or BatchSockoptError(index, OSError(exc.errno,
+                                                                    os.strerror(exc.errno)))
+        if failed is not None:
+            raise failed
 
 
 def _link_request_keyring(serial: int) -> None:

@@ -23,6 +23,9 @@ from tlshd import ktls
 from tlshd.errors import KTLSInstallError, UnsupportedRequestError
 from tlshd.handshake.secrets import HashAlg, TrafficKeys
 from tlshd.ktls import (
+    SOL_TCP,
+    TCP_ULP,
+    BatchSockoptError,
     CipherSuite,
     KernelSockopt,
     build_crypto_info,
@@ -448,3 +451,17 @@ def test_real_kernel_sol_tls_before_the_ulp_is_enoprotoopt() -> None:
         with pytest.raises(OSError) as info:
             KernelSockopt().setsockopt(client.fileno(), 282, 1, PARAMS.tx_crypto_info)
         assert info.value.errno == errno.ENOPROTOOPT
+
+
+def test_real_kernel_batch_goes_through_one_dup_and_names_the_failed_step() -> None:
+    if kernel_has_ktls():
+        pytest.skip("this kernel has the tls ULP")
+    with loopback_pair() as (client, _server):
+        fds = open_fds()
+        keepalive = (socket.SOL_SOCKET, socket.SO_KEEPALIVE, (1).to_bytes(4, sys.byteorder))
+        with pytest.raises(BatchSockoptError) as info:
+            KernelSockopt().setsockopts(client.fileno(), [keepalive, (SOL_TCP, TCP_ULP, b"tls"),
+                                                          keepalive])
+        assert (info.value.index, info.value.error.errno) == (1, errno.ENOENT)
+        assert open_fds() == fds  # the dup was closed
+        assert client.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1  # step 0 held

@@ -27,7 +27,15 @@ from kernel_sim.faults import MALFORMED_MODES
 from kernel_sim.handshake.tlshd import TLSHandshakeArgs
 from kernel_sim.kernel import Kernel, NetNS
 from tlshd.errors import NetlinkError, TransportError
-from tlshd.ktls import SOL_TCP, SOL_TLS, TCP_ULP, TLS_TX, TLS_ULP_NAME
+from tlshd.ktls import (
+    SOL_TCP,
+    SOL_TLS,
+    TCP_ULP,
+    TLS_RX,
+    TLS_TX,
+    TLS_ULP_NAME,
+    BatchSockoptError,
+)
 from tlshd.netlink.spec import AuthMode, MsgType
 from tlshd.upcall import BrokenAcceptError, NetlinkUpcall, SimUpcall, open_upcall
 
@@ -406,6 +414,28 @@ def test_setsockopt_on_a_socket_unknown_to_the_simulator_raises_ebadf(
         agent.setsockopt(tcp[1].fileno(), SOL_TCP, TCP_ULP, TLS_ULP_NAME)
 
     assert caught.value.errno == errno.EBADF
+
+
+
+def test_setsockopts_sends_the_batch_at_once_and_names_the_first_step_that_failed(
+    kernel: Kernel, agent: SimUpcall, tcp: tuple[socket.socket, socket.socket]
+) -> None:
+    submit(kernel, tcp[0], Consumer())
+    reply = agent.accept()
+    assert reply is not None
+    bad = b"\x04\x03\x33\x00" + bytes(10)
+    try:
+        with pytest.raises(BatchSockoptError) as caught:
+            agent.setsockopts(reply.sockfd, [(SOL_TCP, TCP_ULP, TLS_ULP_NAME),
+                                             (SOL_TLS, TLS_TX, bad), (SOL_TLS, TLS_RX, bad)])
+
+        assert (caught.value.index, caught.value.error.errno) == (1, errno.EINVAL)
+        # every ack was read: the next request's answer is its own
+        with pytest.raises(OSError) as again:
+            agent.setsockopt(reply.sockfd, SOL_TCP, TCP_ULP, TLS_ULP_NAME)
+        assert again.value.errno == errno.EEXIST
+    finally:
+        os.close(reply.sockfd)
 
 
 BROKEN_MODES = [m for m in MALFORMED_MODES if m not in ("unknown_attrs", "no_fd")]

@@ -6,10 +6,16 @@ This module is pure: bytes in, bytes or typed values out. The socket lives
 in ``tlshd.upcall``. Netlink is in host byte order, so all ``struct`` formats
 use ``=`` (native order, standard sizes), like pyroute2.
 
-Encoding uses pyroute2 message classes declared below (``spec.CtrlMsg``,
-``spec.AcceptMsg``, ``spec.DoneMsg``), in the same declarative style as pyroute2's
-small genl family modules. Arguments are range-checked first, so the kernel
-never gets a value its policy would reject (``ValueError`` otherwise).
+The four messages of every request (READY, the ACCEPT request and reply, DONE)
+and kernel-sim's SETSOCKOPT are packed and read here with ``struct``, without
+pyroute2's generic machinery: it cost a tenth of the agent's CPU per handshake.
+pyroute2's message classes (``spec.CtrlMsg``, ``spec.AcceptMsg``, ...) stay the
+single declaration of the attribute sets: the strict rules below are derived
+from them, pyroute2 packs the requests that are not on the hot path (nlctrl,
+group membership) and reads nlctrl's family reply, and the tests prove that
+the direct encoders give pyroute2's bytes and the direct decoders its values.
+Arguments are range-checked first, so the kernel never gets a value its policy
+would reject (``ValueError`` otherwise).
 
 Decoding has two layers, because pyroute2 is lenient: it clamps attribute
 lengths that run past their container, reads strings with or without a
@@ -30,9 +36,9 @@ NUL, ignores stray bytes and returns whatever it got.
    Types are masked with NLA_TYPE_MASK. Unknown attribute types are skipped
    and reported, never entered. Failures raise ``DecodeError`` with the byte
    offset in the buffer given to ``decode``.
-2. pyroute2 then reads the values out of the checked bytes, and the result
-   is copied into the frozen dataclasses of ``tlshd.netlink.messages``.
-   No pyroute2 object leaves this module.
+2. The values are then read out of the checked bytes (nlctrl's family reply
+   through pyroute2) and copied into the frozen dataclasses of
+   ``tlshd.netlink.messages``. No pyroute2 object leaves this module.
 
 NLMSG_ERROR is a fixed C struct (``struct nlmsgerr``), so ``struct`` reads it.
 Its optional extended-ack TLVs go through the same strict checks.
@@ -52,7 +58,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum, IntEnum
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from tlshd.errors import DecodeError
 from tlshd.netlink import spec
@@ -79,6 +85,8 @@ _GENLMSGHDR = struct.Struct("=BBH")
 _NLATTR = struct.Struct("=HH")
 _U32 = struct.Struct("=I")
 _S32 = struct.Struct("=i")
+_NLA_U32 = struct.Struct("=HHI")
+_NLA_S32 = struct.Struct("=HHi")
 
 _MAX_DEPTH = 2  # nlctrl: MCAST_GROUPS > entry > NAME/ID; handshake: CERTIFICATE > CERT
 _MAX_FD = 2**31 - 1
@@ -183,8 +191,7 @@ def _frames(data: bytes) -> Iterator[_Frame]:
         offset += _align(length, spec.NLMSG_ALIGNTO)
 
 
-@dataclass(frozen=True)
-class _Attr:
+class _Attr(NamedTuple):
     type: int  # masked with NLA_TYPE_MASK
     nested: bool  # NLA_F_NESTED was set
     offset: int  # of the nlattr header
@@ -287,16 +294,20 @@ def _pyroute2_decode(cls: Any, data: bytes, frame: _Frame) -> Any:
     return msg
 
 
-def _required(msg: Any, name: str, frame: _Frame) -> Any:
+def _required_attr(msg: Any, name: str, frame: _Frame) -> Any:
     value = msg.get_attr(name)
     if value is None:
         raise DecodeError(f"{name} missing from the message at offset {frame.start}")
     return value
 
 
-def _optional_int(msg: Any, name: str) -> int | None:
-    value = msg.get_attr(name)
-    return None if value is None else int(value)
+def _required(values: Mapping[int, int], attr_type: int, rules: Mapping[int, _Rule],
+              frame: _Frame) -> int:
+    value = values.get(attr_type)
+    if value is None:
+        raise DecodeError(f"{rules[attr_type].name} missing from the message at offset "
+                          f"{frame.start}")
+    return value
 
 
 _E = TypeVar("_E", bound=IntEnum)
@@ -355,15 +366,15 @@ def _decode_family(data: bytes, frame: _Frame) -> FamilyInfo:
     msg = _pyroute2_decode(spec.CtrlMsg, data, frame)
     groups: dict[str, int] = {}
     for entry in msg.get_attr("CTRL_ATTR_MCAST_GROUPS") or ():
-        name = _required(entry, "CTRL_ATTR_MCAST_GRP_NAME", frame)
+        name = _required_attr(entry, "CTRL_ATTR_MCAST_GRP_NAME", frame)
         if name in groups:
             raise DecodeError(f"multicast group {name!r} listed twice at offset {frame.start}")
-        groups[str(name)] = int(_required(entry, "CTRL_ATTR_MCAST_GRP_ID", frame))
+        groups[str(name)] = int(_required_attr(entry, "CTRL_ATTR_MCAST_GRP_ID", frame))
     return FamilyInfo(
         header=frame.header,
-        name=str(_required(msg, "CTRL_ATTR_FAMILY_NAME", frame)),
-        family_id=int(_required(msg, "CTRL_ATTR_FAMILY_ID", frame)),
-        version=int(_required(msg, "CTRL_ATTR_VERSION", frame)),
+        name=str(_required_attr(msg, "CTRL_ATTR_FAMILY_NAME", frame)),
+        family_id=int(_required_attr(msg, "CTRL_ATTR_FAMILY_ID", frame)),
+        version=int(_required_attr(msg, "CTRL_ATTR_VERSION", frame)),
         mcast_groups=MappingProxyType(groups),
     )
 
@@ -402,8 +413,8 @@ def _u(data: bytes, attr: _Attr, size: int) -> int:
 
 def _decode_ready(data: bytes, frame: _Frame) -> Ready:
     _check(data, frame.attrs, frame.end, _ACCEPT_RULES, 0)
-    msg = _pyroute2_decode(spec.AcceptMsg, data, frame)
-    value = int(_required(msg, "HANDSHAKE_A_ACCEPT_HANDLER_CLASS", frame))
+    values = _scalars(data, frame.attrs, frame.end, _ACCEPT_RULES)
+    value = _required(values, spec.AcceptAttr.HANDLER_CLASS, _ACCEPT_RULES, frame)
     try:
         return Ready(frame.header, HandlerClass(value))
     except ValueError:
@@ -432,36 +443,53 @@ def _peek_sockfd(data: bytes, frame: _Frame) -> int | None:
 
 def _decode_accept_strictly(data: bytes, frame: _Frame) -> AcceptReply:
     unknown = _check(data, frame.attrs, frame.end, _ACCEPT_RULES, 0)
-    msg = _pyroute2_decode(spec.AcceptMsg, data, frame)
-    sockfd = int(_required(msg, "HANDSHAKE_A_ACCEPT_SOCKFD", frame))
+    values = _scalars(data, frame.attrs, frame.end, _ACCEPT_RULES)
+    sockfd = _required(values, spec.AcceptAttr.SOCKFD, _ACCEPT_RULES, frame)
     if sockfd > _MAX_FD:
         raise DecodeError(f"SOCKFD {sockfd} at offset {frame.start} is not a file descriptor")
-    message_type = int(_required(msg, "HANDSHAKE_A_ACCEPT_MESSAGE_TYPE", frame))
-    auth_mode = int(_required(msg, "HANDSHAKE_A_ACCEPT_AUTH_MODE", frame))
-    peername = msg.get_attr("HANDSHAKE_A_ACCEPT_PEERNAME")
+    message_type = _required(values, spec.AcceptAttr.MESSAGE_TYPE, _ACCEPT_RULES, frame)
+    auth_mode = _required(values, spec.AcceptAttr.AUTH_MODE, _ACCEPT_RULES, frame)
+    peername: str | None = None
+    identities: list[int] = []
+    certificate: X509Serials | None = None
+    for attr in _walk(data, frame.attrs, frame.end):  # the non-scalar and repeated ones
+        if attr.type == spec.AcceptAttr.PEERNAME:
+            peername = data[attr.start : attr.end - 1].decode("utf-8")  # checked: one NUL
+        elif attr.type == spec.AcceptAttr.PEER_IDENTITY:
+            identities.append(_U32.unpack_from(data, attr.start)[0])
+        elif attr.type == spec.AcceptAttr.CERTIFICATE:
+            certificate = _certificate(data, attr, frame)
     return AcceptReply(
         header=frame.header,
         sockfd=sockfd,
         message_type=_enum(spec.MsgType, message_type, "MESSAGE_TYPE", frame),
         auth_mode=_enum(spec.AuthMode, auth_mode, "AUTH_MODE", frame),
-        peername=None if peername is None else str(peername),
-        timeout_ms=_optional_int(msg, "HANDSHAKE_A_ACCEPT_TIMEOUT"),
-        keyring=_optional_int(msg, "HANDSHAKE_A_ACCEPT_KEYRING"),
-        peer_identities=tuple(int(v) for v in msg.get_attrs("HANDSHAKE_A_ACCEPT_PEER_IDENTITY")),
-        certificate=_certificate(msg, frame),
+        peername=peername,
+        timeout_ms=values.get(spec.AcceptAttr.TIMEOUT),
+        keyring=values.get(spec.AcceptAttr.KEYRING),
+        peer_identities=tuple(identities),
+        certificate=certificate,
         unknown_attrs=tuple(unknown),
     )
 
 
-def _certificate(msg: Any, frame: _Frame) -> X509Serials | None:
+def _scalars(data: bytes, start: int, end: int, rules: Mapping[int, _Rule]) -> dict[int, int]:
+    """The u32 attributes of ``rules`` in data[start:end], by type: the first of each.
+    Call after ``_check``, which made sure each is 4 bytes and only multi-attrs repeat."""
+    values: dict[int, int] = {}
+    for attr in _walk(data, start, end):
+        rule = rules.get(attr.type)
+        if rule is not None and rule.kind is _Kind.U32 and attr.type not in values:
+            values[attr.type] = _U32.unpack_from(data, attr.start)[0]
+    return values
+
+
+def _certificate(data: bytes, nest: _Attr, frame: _Frame) -> X509Serials:
     # tls_handshake_put_certificate() always puts both CERT and PRIVKEY.
-    nest = msg.get_attr("HANDSHAKE_A_ACCEPT_CERTIFICATE")
-    if nest is None:
-        return None
-    return X509Serials(
-        cert=int(_required(nest, "HANDSHAKE_A_X509_CERT", frame)),
-        privkey=int(_required(nest, "HANDSHAKE_A_X509_PRIVKEY", frame)),
-    )
+    rules = _ACCEPT_RULES[spec.AcceptAttr.CERTIFICATE].inner
+    values = _scalars(data, nest.start, nest.end, rules)
+    return X509Serials(cert=_required(values, spec.X509Attr.CERT, rules, frame),
+                       privkey=_required(values, spec.X509Attr.PRIVKEY, rules, frame))
 
 
 def _decode_error(data: bytes, frame: _Frame) -> Ack | ErrorReply:
@@ -530,12 +558,9 @@ def encode_accept(
 ) -> bytes:
     """HANDSHAKE_CMD_ACCEPT. No NLM_F_ACK: success yields only the reply."""
     _check_family_id(family_id)
-    return _encode(
-        spec.AcceptMsg,
-        nlmsg=(family_id, spec.NLM_F_REQUEST, seq),
-        genl=(spec.HandshakeCmd.ACCEPT, spec.FAMILY_VERSION),
-        attrs=[("HANDSHAKE_A_ACCEPT_HANDLER_CLASS", int(HandlerClass(handler_class)))],
-    )
+    return _message(family_id, spec.NLM_F_REQUEST, seq, spec.HandshakeCmd.ACCEPT,
+                    spec.FAMILY_VERSION,
+                    _nla_u32(spec.AcceptAttr.HANDLER_CLASS, int(HandlerClass(handler_class))))
 
 
 def encode_done(
@@ -557,17 +582,10 @@ def encode_done(
     for serial in remote_auth:
         if not 0 <= serial <= _U32_MAX:
             raise ValueError(f"REMOTE_AUTH serial out of u32 range: {serial}")
-    attrs: list[tuple[str, int]] = [
-        ("HANDSHAKE_A_DONE_STATUS", status),
-        ("HANDSHAKE_A_DONE_SOCKFD", sockfd),
-    ]
-    attrs += [("HANDSHAKE_A_DONE_REMOTE_AUTH", serial) for serial in remote_auth]
-    return _encode(
-        spec.DoneMsg,
-        nlmsg=(family_id, spec.NLM_F_REQUEST | spec.NLM_F_ACK, seq),
-        genl=(spec.HandshakeCmd.DONE, spec.FAMILY_VERSION),
-        attrs=attrs,
-    )
+    attrs = [_nla_u32(spec.DoneAttr.STATUS, status), _nla_u32(spec.DoneAttr.SOCKFD, sockfd)]
+    attrs += [_nla_u32(spec.DoneAttr.REMOTE_AUTH, serial) for serial in remote_auth]
+    return _message(family_id, spec.NLM_F_REQUEST | spec.NLM_F_ACK, seq,
+                    spec.HandshakeCmd.DONE, spec.FAMILY_VERSION, b"".join(attrs))
 
 
 def encode_ksim_membership(family_id: int, seq: int, group_id: int) -> bytes:
@@ -583,10 +601,37 @@ def encode_ksim_setsockopt(family_id: int, seq: int, sockfd: int, level: int, op
     """kernel-sim: setsockopt(``sockfd``, ``level``, ``optname``, ``value``) on the socket
     the simulator passed us (kTLS: TCP_ULP, TLS_TX, TLS_RX)."""
     _check_family_id(family_id)
-    return _encode(spec.KsimMsg, nlmsg=(family_id, spec.NLM_F_REQUEST | spec.NLM_F_ACK, seq),
-                   genl=(spec.KsimCmd.SETSOCKOPT, 1),
-                   attrs=[("KSIM_A_SOCKFD", sockfd), ("KSIM_A_LEVEL", level),
-                          ("KSIM_A_OPTNAME", optname), ("KSIM_A_OPTVAL", bytes(value))])
+    if not -2**31 <= sockfd < 2**31 or not 0 <= level <= _U32_MAX or not 0 <= optname <= _U32_MAX:
+        raise ValueError(f"setsockopt arguments out of range: {sockfd}, {level}, {optname}")
+    attrs = (_NLA_S32.pack(8, spec.KsimAttr.SOCKFD, sockfd)
+             + _nla_u32(spec.KsimAttr.LEVEL, level) + _nla_u32(spec.KsimAttr.OPTNAME, optname)
+             + _nla(spec.KsimAttr.OPTVAL, bytes(value)))
+    return _message(family_id, spec.NLM_F_REQUEST | spec.NLM_F_ACK, seq,
+                    spec.KsimCmd.SETSOCKOPT, 1, attrs)
+
+
+# The hot messages (ACCEPT, DONE, kernel-sim's SETSOCKOPT) are packed here directly, without
+# pyroute2's generic machinery; tests/unit/netlink/test_codec.py proves that both give the
+# same bytes. pyroute2 (``_encode``) packs the rest: nlctrl requests, group membership.
+
+
+def _message(msg_type: int, flags: int, seq: int, cmd: int, version: int, attrs: bytes) -> bytes:
+    if not 0 <= seq <= _U32_MAX:
+        raise ValueError(f"netlink sequence number out of u32 range: {seq}")
+    length = spec.NLMSG_HDRLEN + spec.GENL_HDRLEN + len(attrs)
+    # pid 0: the kernel addresses replies by socket, not by this field
+    header = _NLMSGHDR.pack(length, msg_type, flags, seq, 0)
+    return header + _GENLMSGHDR.pack(cmd, version, 0) + attrs
+
+
+def _nla_u32(attr_type: int, value: int) -> bytes:
+    return _NLA_U32.pack(spec.NLA_HDRLEN + _U32.size, attr_type, value)
+
+
+def _nla(attr_type: int, payload: bytes) -> bytes:
+    """One attribute, padded to NLA_ALIGNTO (the length field leaves the padding out)."""
+    length = spec.NLA_HDRLEN + len(payload)
+    return _NLATTR.pack(length, attr_type) + payload + bytes(_align(length) - length)
 
 
 def _encode(
