@@ -1,4 +1,4 @@
-"""What a worker tells its supervisor, as types: one datagram each, JSON on the wire.
+"""What a worker tells its supervisor, as types: JSON on the wire.
 
 Five kinds, each a frozen dataclass with the worker's ``pid`` (filled in by the sender):
 
@@ -13,13 +13,17 @@ Five kinds, each a frozen dataclass with the worker's ``pid`` (filled in by the 
 ``encode`` and ``decode`` are the schema, in one place: ``decode`` refuses (DecodeError)
 anything that is not exactly one of these, so a confused worker cannot corrupt the
 statistics. No event carries key material: names, numbers and error descriptions only.
+
+A worker does not send a datagram per event: ``EventBatch`` keeps a loop turn's events
+and sends them at ``flush`` as JSON arrays of at most ``MAX_EVENT`` bytes (``decode_all``
+reads either form). ``Ready`` and ``Fatal`` go at once: the supervisor waits for them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,19 +76,87 @@ _NAMES = {cls: name for name, cls in _KINDS.items()}
 _TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,)}
 
 
-def encode(event: WorkerEvent) -> bytes:
-    fields = dataclasses.asdict(event)
+_FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in _KINDS.values()}
+_JSON = json.JSONEncoder(separators=(",", ":"))
+
+
+def _text(event: WorkerEvent, pid: int | None = None) -> str:
+    """One event as a JSON object (no deep copy: every field is a str or a number)."""
+    fields: dict[str, Any] = {"t": _NAMES[type(event)]}
+    for name in _FIELDS[type(event)]:
+        fields[name] = getattr(event, name)
+    if pid is not None:
+        fields["pid"] = pid
     if isinstance(event, Done):
         fields["what"] = event.what[:300]
-    data = json.dumps({"t": _NAMES[type(event)], **fields}, separators=(",", ":")).encode()
-    return data[:MAX_EVENT]
+    return _JSON.encode(fields)
+
+
+def encode(event: WorkerEvent) -> bytes:
+    return _text(event).encode()[:MAX_EVENT]
+
+
+def encode_all(events: Sequence[WorkerEvent], pid: int) -> list[bytes]:
+    """``events`` as few datagrams as ``MAX_EVENT`` allows: JSON arrays, in order. An event
+    longer than that on its own is cut, as ``encode`` cuts it (and then fails to decode)."""
+    datagrams: list[bytes] = []
+    batch: list[bytes] = []
+    size = 2
+    for event in events:
+        item = _text(event, pid).encode()[:MAX_EVENT - 2]
+        if batch and size + len(item) + 1 > MAX_EVENT:
+            datagrams.append(b"[" + b",".join(batch) + b"]")
+            batch, size = [], 2
+        batch.append(item)
+        size += len(item) + 1
+    if batch:
+        datagrams.append(b"[" + b",".join(batch) + b"]")
+    return datagrams
+
+
+class EventBatch:
+    """The event sink of a worker: events wait for ``flush`` (once per loop turn), then
+    go as ``encode_all`` datagrams through ``send``; ``Ready`` and ``Fatal`` go at once."""
+
+    def __init__(self, send: Callable[[bytes], None], pid: int) -> None:
+        self._send, self._pid = send, pid
+        self._pending: list[WorkerEvent] = []
+
+    def __call__(self, event: WorkerEvent) -> None:
+        self._pending.append(event)
+        if isinstance(event, Ready | Fatal):
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        for datagram in encode_all(pending, self._pid):
+            self._send(datagram)
 
 
 def decode(data: bytes) -> WorkerEvent:
+    return _event(_json(data))
+
+
+def decode_all(data: bytes) -> list[WorkerEvent]:
+    """One datagram: an event, or an array of them (all well formed, or DecodeError)."""
+    raw = _json(data)
+    if isinstance(raw, list):
+        if len(raw) > MAX_EVENT // 8:
+            raise DecodeError("worker event batch too long")
+        return [_event(item) for item in raw]
+    return [_event(raw)]
+
+
+def _json(data: bytes) -> Any:
     try:
-        raw = json.loads(data)
+        return json.loads(data)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise DecodeError("worker event is not JSON") from None
+
+
+def _event(raw: Any) -> WorkerEvent:
     if not isinstance(raw, dict) or raw.get("t") not in _KINDS:
         raise DecodeError("worker event without a known type")
     cls = _KINDS[raw.pop("t")]

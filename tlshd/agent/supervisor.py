@@ -36,9 +36,8 @@ from tlshd.agent.control import (
     control_listener,
     metrics_listener,
 )
-from tlshd.agent.events import MAX_EVENT, EventSink, Fatal, Ready, WorkerEvent
-from tlshd.agent.events import decode as decode_event
-from tlshd.agent.events import encode as encode_event
+from tlshd.agent.events import MAX_EVENT, EventBatch, EventSink, Fatal, Ready, WorkerEvent
+from tlshd.agent.events import decode_all as decode_events
 from tlshd.agent.stats import Stats
 from tlshd.agent.worker import Worker
 from tlshd.config import Config
@@ -371,11 +370,12 @@ class Supervisor:
             except BlockingIOError:
                 return
             try:
-                event = decode_event(data)
+                events = decode_events(data)
             except DecodeError as exc:
                 log.warning("ignored a malformed worker event: %s", exc)
                 continue
-            self._apply(event)
+            for event in events:
+                self._apply(event)
 
     def _apply(self, event: WorkerEvent) -> None:
         if isinstance(event, Ready):
@@ -430,15 +430,14 @@ def _build_generation(number: int, config: Config,
     return Generation(number, config, contexts)
 
 
-def _event_sender(sock: socket.socket) -> EventSink:
+def _event_sender(sock: socket.socket) -> EventBatch:
     sock.setblocking(False)
-    pid = os.getpid()
 
-    def send(event: WorkerEvent) -> None:
-        with contextlib.suppress(OSError):  # a full queue loses a statistic, never a request
-            sock.send(encode_event(dataclasses.replace(event, pid=pid)))
+    def send(datagram: bytes) -> None:
+        with contextlib.suppress(OSError):  # a full queue loses statistics, never a request
+            sock.send(datagram)
 
-    return send
+    return EventBatch(send, os.getpid())
 
 
 def serve(config: Config, load: LoadConfig | None = None, held: Held | None = None) -> int:

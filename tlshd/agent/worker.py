@@ -266,6 +266,8 @@ class Worker:
         self._peer_identity = peer_identity or (lambda session: peer_identity_key(session, keys))
         self._clock = clock
         self._events: EventSink = events or (lambda event: None)
+        # an EventBatch (tlshd.agent.events) sends what a loop turn gathered at its end
+        self._flush_events: Callable[[], None] = getattr(events, "flush", lambda: None)
         self._debug_io = debug_io
         # [debug] delay_done: each DONE is held this long (ktls-utils src/tlshd/netlink.c sleeps
         # in its per-request process; here the loop goes on serving the others meanwhile)
@@ -315,6 +317,7 @@ class Worker:
                         held, source, self._failures.window_s)
         if self._full and self._has_room() and not self.draining:
             self._accept_all()  # room again: the next queued request, without a READY
+        self._flush_events()
 
     def _wait_time(self, max_wait: float) -> float:
         now = self._clock()
@@ -671,8 +674,10 @@ class Worker:
         for hs in list(self.inflight.values()):
             self._end(hs, HandshakeTimeoutError("agent shutting down"))
         self._send_held(float("inf"))
+        self._flush_events()
 
     def close(self) -> None:
         self._send_held(float("inf"))
+        self._flush_events()
         self._sel.close()
         self.upcall.close()

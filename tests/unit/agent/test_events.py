@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tlshd.agent.events import Done, Fatal, Limit, Ready, Start, decode, encode
+from tlshd.agent.events import (
+    MAX_EVENT,
+    Done,
+    EventBatch,
+    Fatal,
+    Limit,
+    Ready,
+    Start,
+    decode,
+    decode_all,
+    encode,
+    encode_all,
+)
 from tlshd.errors import DecodeError
 
 DONE = Done(role="client", auth="x509", peer="server.test", cipher="TLS_AES_128_GCM_SHA256",
@@ -50,3 +63,47 @@ def test_arbitrary_bytes_decode_or_raise_decode_error_only(data: bytes) -> None:
 def test_deep_nesting_is_a_decode_error_not_a_recursion_error() -> None:
     with pytest.raises(DecodeError):
         decode(b"[" * 4096)
+
+
+# --- batches (issue 16: one datagram per loop turn, not per event) ----------------------
+
+
+def test_a_batch_round_trips_in_order_with_the_senders_pid() -> None:
+    events = [Start(), DONE, Limit("first_flight"), Start(), DONE]
+    (datagram,) = encode_all(events, pid=7)
+    assert decode_all(datagram) == [dataclasses.replace(e, pid=7) for e in events]
+
+
+def test_a_single_event_datagram_still_decodes() -> None:
+    assert decode_all(encode(DONE)) == [DONE]
+
+
+def test_batches_split_at_max_event_and_lose_nothing() -> None:
+    events = [dataclasses.replace(DONE, what="\x01" * 300, ms=float(i)) for i in range(40)]
+    datagrams = encode_all(events, pid=1)
+    assert len(datagrams) > 1
+    assert all(len(d) <= MAX_EVENT for d in datagrams)
+    got = [event for d in datagrams for event in decode_all(d)]
+    assert [e.ms for e in got] == [float(i) for i in range(40)]  # type: ignore[union-attr]
+
+
+def test_a_batch_with_one_bad_event_is_refused_whole() -> None:
+    good = json.loads(encode(DONE))
+    with pytest.raises(DecodeError):
+        decode_all(json.dumps([good, {**good, "status": "0"}]).encode())
+
+
+def test_event_batch_waits_for_flush_but_sends_ready_and_fatal_at_once() -> None:
+    sent: list[bytes] = []
+    batch = EventBatch(sent.append, pid=9)
+    batch(Start())
+    batch(DONE)
+    assert sent == []
+    batch.flush()
+    assert [decode_all(d) for d in sent] == [[Start(pid=9), dataclasses.replace(DONE, pid=9)]]
+    batch.flush()
+    assert len(sent) == 1  # nothing new: nothing sent
+    batch(Ready())
+    assert decode_all(sent[-1]) == [Ready(pid=9)]
+    batch(Fatal("no endpoint"))
+    assert decode_all(sent[-1]) == [Fatal("no endpoint", pid=9)]
