@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tlshd.errors import ConfigError
+from tlshd.untrusted import show
 
 # ktls-utils 1.4.0 src/tlshd/main.c: /etc/tlshd.conf first ("Please relocate /etc/tlshd.conf to
 # /etc/tlshd/config"), then /etc/tlshd/config.
@@ -44,7 +45,7 @@ MAX_INFLIGHT_DEFAULT = 16
 
 _KNOWN: dict[str, tuple[str, ...]] = {
     "debug": ("loglevel", "tls", "nl", "delay_done"),
-    "authenticate": ("keyrings",),
+    "authenticate": ("keyrings", "groups"),
     "authenticate.client": _X509_KEYS + _PQ_KEYS,
     "authenticate.server": _X509_KEYS + _PQ_KEYS,
     "agent": ("workers", "max_inflight", "handshake_timeout_ms", "require_client_cert", "upcall",
@@ -76,6 +77,7 @@ class Config:
     client: X509Side = field(default_factory=X509Side)
     server: X509Side = field(default_factory=X509Side)
     keyrings: tuple[str, ...] = ()
+    groups: str = ""  # key exchange groups, OpenSSL 3.5 syntax; "": builders.DEFAULT_GROUPS
     loglevel: int = 0  # any integer, as GLib reads it; non-zero turns debug lines on
     tls_debug: int = 0
     nl_debug: int = 0
@@ -141,6 +143,7 @@ def parse_config(text: str, path: Path | None = None) -> Config:
                           warnings),
         keyrings=_list(groups.get("authenticate", {}).get("keyrings"), where,
                        "[authenticate] keyrings", warnings),
+        groups=_groups(groups.get("authenticate", {}).get("groups"), where, warnings),
         loglevel=glib_int("loglevel"),
         tls_debug=glib_int("tls"),
         nl_debug=glib_int("nl"),
@@ -281,6 +284,23 @@ def _x509_side(entries: dict[str, Entry], where: str, group: str,
                         "together; the one given is ignored")
         paths["pq_certificate"] = paths["pq_private_key"] = None
     return X509Side(**paths)
+
+
+_GROUPS_RE = re.compile(r"[A-Za-z0-9_?*:/ -]{1,512}")
+
+
+def _groups(entry: Entry | None, where: str, warnings: list[str]) -> str:
+    """``[authenticate] groups``: checked for its characters only (OpenSSL, when the
+    contexts are built, decides which names it has); a bad value is warned about and the
+    default used."""
+    if entry is None:
+        return ""
+    value = entry.value.strip()
+    if not _GROUPS_RE.fullmatch(value) or not value.replace("/", "").replace(":", "").strip():
+        warnings.append(f"{where}:{entry.line}: [authenticate] groups: not a group list "
+                        f"({show(value, 80)}), the default is used")
+        return ""
+    return value
 
 
 def _path(entry: Entry | None, where: str, name: str, warnings: list[str]) -> Path | None:

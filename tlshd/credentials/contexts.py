@@ -56,8 +56,8 @@ PSK_SUITES = {
 }
 
 
-def _psk_contexts(method: int) -> dict[HashAlg, SSL.Context]:
-    return {alg: creds.psk_context(method, suites) for alg, suites in PSK_SUITES.items()}
+def _psk_contexts(method: int, groups: str) -> dict[HashAlg, SSL.Context]:
+    return {alg: creds.psk_context(method, suites, groups) for alg, suites in PSK_SUITES.items()}
 
 
 class CredentialSlot:
@@ -114,10 +114,11 @@ def _client_slot(config: Config, anonymous: bool) -> CredentialSlot:
 
     def build() -> SSL.Context:
         if anonymous:
-            ctx = creds.client_context(side.truststore, ciphersuites=KTLS_SUITES)
+            ctx = creds.client_context(side.truststore, ciphersuites=KTLS_SUITES,
+                                       groups=config.groups)
         else:
             ctx = creds.client_context(side.truststore, side.certificate, side.private_key,
-                                       ciphersuites=KTLS_SUITES)
+                                       ciphersuites=KTLS_SUITES, groups=config.groups)
             _add_pq(ctx, side)
             _notify_modes(side)
         if side.crl is not None:
@@ -140,7 +141,8 @@ def _server_slot(config: Config) -> CredentialSlot:
             missing = "x509.private_key" if side.private_key is None else "x509.certificate"
             raise CredentialError(f"{missing} is not set: no usable server credentials")
         ctx = creds.server_context(side.certificate, side.private_key, side.truststore,
-                                   config.require_client_cert, ciphersuites=KTLS_SUITES)
+                                   config.require_client_cert, ciphersuites=KTLS_SUITES,
+                                   groups=config.groups)
         if side.crl is not None:
             creds.load_crl(ctx, side.crl)
         _add_pq(ctx, side)
@@ -205,7 +207,8 @@ class Contexts:
         if server.certificate is not None or server.private_key is not None:
             server_slot = _server_slot(config)
         return cls(config, _client_slot(config, anonymous=True), client_x509, server_slot,
-                   _psk_contexts(SSL.TLS_CLIENT_METHOD), _psk_contexts(SSL.TLS_SERVER_METHOD))
+                   _psk_contexts(SSL.TLS_CLIENT_METHOD, config.groups),
+                   _psk_contexts(SSL.TLS_SERVER_METHOD, config.groups))
 
     @property
     def slots(self) -> tuple[CredentialSlot, ...]:
@@ -234,11 +237,12 @@ class Contexts:
         if reply.message_type == MsgType.SERVERHELLO:
             ctx = creds.server_context_from_credentials(
                 material, self.config.server.truststore, self.config.require_client_cert,
-                ciphersuites=KTLS_SUITES)
+                ciphersuites=KTLS_SUITES, groups=self.config.groups)
             side = self.config.server
         else:
             ctx = creds.client_context_from_credentials(self.config.client.truststore, material,
-                                                        ciphersuites=KTLS_SUITES)
+                                                        ciphersuites=KTLS_SUITES,
+                                                        groups=self.config.groups)
             side = self.config.client
         if side.crl is not None:
             creds.load_crl(ctx, side.crl)

@@ -22,6 +22,8 @@ Why each call is needed:
   "certificate verify failed" into the reason ("certificate has expired").
 * ``SSL_CTX_get_keylog_callback``: an engine refuses a context without the
   key-log callback, since that is where the traffic secrets come from.
+* ``SSL_CTX_set1_curves_list`` (``SSL_CTX_set1_groups_list`` is a macro for it): the
+  key exchange groups and which of them get a key share; pyOpenSSL has no call for it.
 * ``SSL_CTX_set_ciphersuites`` and ``SSL_get0_group_name``: what pyOpenSSL's
   ``Context.set_tls13_ciphersuites`` and ``Connection.get_group_name`` do, for
   pyOpenSSL releases older than those methods (Debian trixie's python3-openssl 25.0.0
@@ -47,6 +49,8 @@ REQUIRED_SYMBOLS: tuple[str, ...] = (
     "X509_verify_cert_error_string",
     "SSL_CTX_get_keylog_callback",
     "SSL_CTX_set_ciphersuites",
+    "SSL_CTX_set1_curves_list",
+    "ERR_clear_error",
 )
 
 # (pyOpenSSL class, private attribute holding the OpenSSL pointer)
@@ -139,3 +143,25 @@ def group_name(conn: SSL.Connection) -> str | None:
         return None
     text = _lib.SSL_get0_group_name(_ssl_ptr(conn))
     return None if text == _ffi.NULL else str(_ffi.string(text).decode())
+
+
+def set_groups(context: SSL.Context, groups: str) -> str:
+    """Set the key exchange groups; returns the list in force. ``groups`` is in OpenSSL 3.5's
+    syntax (``?`` skips a group this OpenSSL lacks, ``*`` gives it a key share in the
+    ClientHello, `` / `` separates tuples of equal server preference). An older OpenSSL,
+    which knows none of it, gets the plain list of the groups it has, and sends a key share
+    for the first. SSL.Error if it has none of them."""
+    ctx = context._context  # type: ignore[attr-defined, unused-ignore]
+    if _lib.SSL_CTX_set1_curves_list(ctx, groups.encode("ascii")) == 1:
+        return groups
+    _lib.ERR_clear_error()
+    known = []
+    for entry in groups.replace("/", ":").split(":"):
+        name = entry.strip().lstrip("?*")
+        if name and _lib.SSL_CTX_set1_curves_list(ctx, name.encode("ascii")) == 1:
+            known.append(name)
+        _lib.ERR_clear_error()
+    if not known or _lib.SSL_CTX_set1_curves_list(ctx, ":".join(known).encode("ascii")) != 1:
+        _lib.ERR_clear_error()
+        raise SSL.Error([("", "SSL_CTX_set1_groups_list", f"no usable group in {groups!r}")])
+    return ":".join(known)
