@@ -52,7 +52,8 @@ class Done:
     ms: float
     what: str
     netns: str
-    tls_ms: float = 0.0
+    tls_ms: float = 0.0  # CPU inside OpenSSL
+    cpu_ms: float = 0.0  # CPU of the whole request, ACCEPT reply to DONE (0: not measured)
     pid: int = 0
 
 

@@ -403,11 +403,10 @@ class Monitor:
             raise MonitorProtocolError("steps: list expected")
         options = [_ktls_option(step) if isinstance(step, dict) else _ktls_option({})
                    for step in steps]
-        for index, (level, name, value) in enumerate(options):
-            try:
-                self.upcall.setsockopt(handle, level, name, value)
-            except OSError as exc:
-                return {"failed": index, "errno": exc.errno or errno.EIO}, []
+        try:  # one dup of the socket (one datagram to kernel-sim) for all of them
+            self.upcall.setsockopts(handle, options)
+        except BatchSockoptError as exc:
+            return {"failed": exc.index, "errno": exc.error.errno or errno.EIO}, []
         return {}, []
 
     def _client_psk(self, message: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:

@@ -20,6 +20,7 @@ from typing import Any
 from tlshd.agent.events import Done, Limit, Start
 
 RECENT_FAILURES = 50
+CPU_SAMPLES = 10_000  # the last successful requests whose CPU cost is kept for percentiles
 DURATION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _DONE_FIELDS = ("role", "auth", "peer", "cipher", "status", "ms", "what", "netns")
 
@@ -42,6 +43,10 @@ class Stats:
     worker_problem: str = ""  # why workers keep dying, while they do ("" when they serve)
     worker_restarts: int = 0
     limits: Counter[str] = field(default_factory=Counter)  # limit name -> handshakes it ended
+    # per successful request: (auth mode, CPU of the whole request, its own part: outside
+    # OpenSSL)
+    cpu_ms: deque[tuple[str, float, float]] = field(
+        default_factory=lambda: deque(maxlen=CPU_SAMPLES))
 
     def apply(self, event: Start | Done | Limit, now: float) -> None:
         if isinstance(event, Limit):
@@ -56,6 +61,8 @@ class Stats:
         self.statuses[status_name(event.status)] += 1
         if event.status:
             self.failures.append({"at": now, **{k: getattr(event, k) for k in _DONE_FIELDS}})
+        elif event.cpu_ms > 0:
+            self.cpu_ms.append((event.auth, event.cpu_ms, max(0.0, event.cpu_ms - event.tls_ms)))
 
     def worker_gone(self, pid: int) -> None:
         """A worker exited: what it had in flight is no longer in flight (for us)."""
@@ -76,9 +83,27 @@ class Stats:
             "limits": dict(sorted(self.limits.items())),
             "worker_problem": self.worker_problem,
             "worker_restarts": self.worker_restarts,
+            "request_cpu_ms": {auth: _cpu_summary([(t, o) for a, t, o in self.cpu_ms
+                                                   if auth in ("all", a)])
+                               for auth in ("all", *sorted({a for a, _, _ in self.cpu_ms}))},
             "recent_failures": [{**f, "age_s": round(now - f.pop("at", now), 3)}
                                 for f in (dict(x) for x in self.failures)],
         }
+
+
+def _percentile(ordered: list[float], p: float) -> float:
+    return ordered[min(len(ordered) - 1, int(p * len(ordered)))] if ordered else 0.0
+
+
+def _cpu_summary(samples: list[tuple[float, float]]) -> dict[str, float]:
+    """CPU per successful request (the handshake process's, ACCEPT reply to DONE) and its
+    own part (outside OpenSSL: the agent's overhead), over the last ``CPU_SAMPLES``: all of
+    them, and per auth mode."""
+    total = sorted(t for t, _ in samples)
+    own = sorted(o for _, o in samples)
+    return {"requests": len(total), "p50": _percentile(total, 0.5),
+            "p99": _percentile(total, 0.99), "own_p50": _percentile(own, 0.5),
+            "own_p99": _percentile(own, 0.99)}
 
 
 def format_status(doc: dict[str, Any]) -> str:

@@ -85,8 +85,11 @@ class Handshake:
     file_flags: int
     psk: PSKChoice
     out: bytearray = field(default_factory=bytearray)
-    busy_s: float = 0.0  # time this worker spent on this request (OpenSSL included)
-    tls_s: float = 0.0  # time inside OpenSSL in earlier attempts (a PSK retry)
+    # CPU (thread time) this process spent on this request, OpenSSL included, from the ACCEPT
+    # reply to DONE; ``pass_begun``: when the current pass over it began (0: none runs)
+    busy_s: float = 0.0
+    pass_begun: float = 0.0
+    tls_s: float = 0.0  # CPU inside OpenSSL in earlier attempts (a PSK retry)
     nodelay: int = 0  # TCP_NODELAY as the consumer had it: restored before DONE
     addr: str = "-"  # the peer's address, for the log
     first_deadline: float = float("inf")  # the peer's first message must be whole by then
@@ -283,7 +286,7 @@ class Worker:
         # what the engines may not do themselves: read the clock, write SSLKEYLOGFILE
         # which credentials each request uses; cn_fallback: CN-only server certificates
         self._chooser = Chooser(contexts, keys, cn_fallback=cn_fallback, engine_io={
-            "timer": time.perf_counter, "keylog": KEYLOG.write if KEYLOG.path else None})
+            "timer": time.thread_time, "keylog": KEYLOG.write if KEYLOG.path else None})
         self.by_source: dict[str, int] = {}
         self._held: list[tuple[float, socket.socket, int, tuple[int, ...],
                                AcceptReply | None]] = []
@@ -400,7 +403,7 @@ class Worker:
     # --- one request -------------------------------------------------------------
 
     def _start(self, reply: AcceptReply) -> None:
-        now, begun = self._clock(), time.perf_counter()
+        now, begun = self._clock(), time.thread_time()
         self._events(Start())
         try:
             sock = socket.socket(fileno=reply.sockfd)
@@ -437,7 +440,7 @@ class Worker:
         if source:
             self._make_waiting_room()
             self.by_source[source] = self.by_source.get(source, 0) + 1
-        hs.busy_s = time.perf_counter() - begun  # engine set-up (a ClientHello) counts too
+        hs.busy_s = time.thread_time() - begun  # the ACCEPT reply, engine set-up, a ClientHello
         self.inflight[sock.fileno()] = hs
         self._sel.register(sock, selectors.EVENT_READ, hs)
         self._service(hs, 0)
@@ -459,11 +462,15 @@ class Worker:
         self.failed += 1
 
     def _service(self, hs: Handshake, events: int) -> None:
-        begun = time.perf_counter()
+        outer = hs.pass_begun  # a PSK retry serves the new engine inside the old pass
+        if not outer:
+            hs.pass_begun = time.thread_time()
         try:
             self._serve_events(hs, events)
         finally:
-            hs.busy_s += time.perf_counter() - begun
+            if not outer:
+                hs.busy_s += time.thread_time() - hs.pass_begun
+                hs.pass_begun = 0.0
 
     def _serve_events(self, hs: Handshake, events: int) -> None:
         try:
@@ -581,11 +588,6 @@ class Worker:
 
     def _finish(self, hs: Handshake, status: int, remote: tuple[int, ...], what: str, *,
                 cipher: str = "-") -> None:
-        tls_ms = (hs.tls_s + hs.engine.tls_seconds) * 1000
-        busy_ms = hs.busy_s * 1000
-        self._report(hs.reply, status, (self._clock() - hs.started) * 1000,
-                     f"{what}{hs.psk.describe()} busy={busy_ms:.2f}ms tls={tls_ms:.2f}ms",
-                     tls_ms, cipher, addr=hs.addr)
         self.inflight.pop(hs.sock.fileno(), None)
         if hs.source:
             left = self.by_source.get(hs.source, 1) - 1
@@ -597,7 +599,20 @@ class Worker:
         with contextlib.suppress(OSError):
             fcntl.fcntl(hs.sock.fileno(), fcntl.F_SETFL, hs.file_flags)
             hs.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, hs.nodelay)
+        tls_ms = (hs.tls_s + hs.engine.tls_seconds) * 1000
+        elapsed_ms = (self._clock() - hs.started) * 1000
+        # the line before DONE (whoever sees DONE may read the log at once): busy= so far
+        line = self._log_line(hs.reply, status, elapsed_ms,
+                              f"{what}{hs.psk.describe()} busy={self._busy(hs) * 1000:.2f}ms "
+                              f"tls={tls_ms:.2f}ms", addr=hs.addr)
         self._release(hs.sock, status, remote, hs.reply)
+        # the event after it, so that its CPU figure covers the whole request, DONE included
+        self._done_event(hs.reply, status, elapsed_ms, line, tls_ms, cipher,
+                         cpu_ms=self._busy(hs) * 1000)
+
+    @staticmethod
+    def _busy(hs: Handshake) -> float:
+        return hs.busy_s + (time.thread_time() - hs.pass_begun if hs.pass_begun else 0.0)
 
     def _release(self, sock: socket.socket, status: int, remote: tuple[int, ...],
                  reply: AcceptReply | None) -> None:
@@ -621,16 +636,26 @@ class Worker:
     def _report(self, reply: AcceptReply, status: int, elapsed_ms: float, what: str,
                 tls_ms: float = 0.0, cipher: str = "-", *, addr: str = "-") -> None:
         """One log line and one ``done`` event per request (no key material in either)."""
+        self._log_line(reply, status, elapsed_ms, what, addr=addr)
+        self._done_event(reply, status, elapsed_ms, what, tls_ms, cipher)
+
+    def _log_line(self, reply: AcceptReply, status: int, elapsed_ms: float, what: str, *,
+                  addr: str) -> str:
         if (status == 0 and self._log_success) or (
                 status and self._failures.allow(source_of(addr), self._clock())):
             _log_result(reply, status, elapsed_ms, what, self.netns, addr)
         # ktls-utils src/tlshd/log.c, tlshd_log_completion: only with [debug] loglevel set
-        log.debug("Handshake with '%s' (%s) %s", reply.peername or addr, addr,
-                  "failed" if status else "succeeded")
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("Handshake with '%s' (%s) %s", reply.peername or addr, addr,
+                      "failed" if status else "succeeded")
+        return what
+
+    def _done_event(self, reply: AcceptReply, status: int, elapsed_ms: float, what: str,
+                    tls_ms: float, cipher: str, *, cpu_ms: float = 0.0) -> None:
         self._events(Done(role=_role(reply), auth=_auth_name(reply),
                           peer=reply.peername or "-", cipher=cipher, status=status,
                           ms=round(elapsed_ms, 3), what=what[:300], netns=self.netns,
-                          tls_ms=round(tls_ms, 3)))
+                          tls_ms=round(tls_ms, 3), cpu_ms=round(cpu_ms, 3)))
 
     def _done(self, fd: int, status: int, remote: tuple[int, ...]) -> None:
         try:

@@ -1,0 +1,39 @@
+"""tlshd.agent.stats: the CPU figures of successful requests (issue 16)."""
+
+from __future__ import annotations
+
+from tlshd.agent.events import Done, Start
+from tlshd.agent.stats import CPU_SAMPLES, Stats
+
+
+def done(status: int = 0, cpu_ms: float = 2.0, tls_ms: float = 1.5) -> Done:
+    return Done(role="client", auth="x509", peer="p", cipher="c", status=status, ms=10.0,
+                what="ok", netns="n", tls_ms=tls_ms, cpu_ms=cpu_ms, pid=1)
+
+
+def test_request_cpu_percentiles_count_successes_with_a_measured_cost_only() -> None:
+    stats = Stats(started_at=0.0)
+    for i in range(100):
+        stats.apply(Start(pid=1), 0.0)
+        stats.apply(done(cpu_ms=1.0 + i / 100, tls_ms=0.5), 0.0)
+    stats.apply(done(status=13, cpu_ms=50.0), 0.0)  # a failure: not a cost sample
+    stats.apply(done(cpu_ms=0.0), 0.0)  # not measured (a refusal before the handshake)
+    stats.apply(Done(**{**done(cpu_ms=9.0).__dict__, "auth": "psk"}), 0.0)
+    by_auth = stats.status_document(1.0)["request_cpu_ms"]
+    assert by_auth["all"]["requests"] == 101 and by_auth["psk"]["requests"] == 1
+    summary = by_auth["x509"]
+    assert summary["requests"] == 100
+    assert summary["p50"] == 1.5 and summary["p99"] == 1.99
+    assert summary["own_p50"] == 1.0 and summary["own_p99"] == 1.49
+
+
+def test_request_cpu_keeps_only_the_last_samples() -> None:
+    stats = Stats(started_at=0.0)
+    for _ in range(CPU_SAMPLES + 10):
+        stats.apply(done(), 0.0)
+    assert stats.status_document(1.0)["request_cpu_ms"]["all"]["requests"] == CPU_SAMPLES
+
+
+def test_no_request_yet_gives_zeros() -> None:
+    assert Stats(started_at=0.0).status_document(0.0)["request_cpu_ms"] == {"all": {
+        "requests": 0, "p50": 0.0, "p99": 0.0, "own_p50": 0.0, "own_p99": 0.0}}
