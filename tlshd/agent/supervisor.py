@@ -39,7 +39,7 @@ from tlshd.agent.control import (
 from tlshd.agent.events import MAX_EVENT, EventBatch, EventSink, Fatal, Ready, WorkerEvent
 from tlshd.agent.events import decode_all as decode_events
 from tlshd.agent.stats import Stats
-from tlshd.agent.worker import Worker
+from tlshd.agent.worker import Worker, warm_up
 from tlshd.config import Config
 from tlshd.credentials import files
 from tlshd.credentials.contexts import Contexts
@@ -105,6 +105,7 @@ def _serve(upcall: Upcall, contexts: Contexts, config: Config, stop: _Stop,
                     failure_log_burst=config.failure_log_burst)
     if events is not None:
         events(Ready())
+    warm_up(contexts)  # after Ready: a READY meanwhile waits in the socket, start-up does not
     try:
         worker.serve(lambda: stop.requested, DRAIN_GRACE_S)
     finally:

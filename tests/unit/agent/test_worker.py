@@ -1363,3 +1363,28 @@ def test_failures_from_one_source_log_a_few_lines_then_a_summary(
     assert sum("7 more failed handshake(s) with 127.0.0.1 in 10 s" in line
                for line in lines) == 1
     assert [d.status for d in rig.upcall.dones] == [errno.EACCES] * 12  # every DONE is sent
+
+
+def test_warm_up_completes_a_handshake_in_memory_and_leaves_nothing_attached(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from tlshd.agent.worker import warm_up
+    from tlshd.config import parse_config
+    from tlshd.credentials.contexts import Contexts
+    from tlshd.handshake import _psk
+
+    caplog.set_level(logging.DEBUG, logger="tlshd")
+    attached = len(_psk._registry)
+    assert warm_up(Contexts.from_config(parse_config(""))) > 0
+    assert "warm-up" not in caplog.text  # neither "did not complete" nor "failed"
+    assert len(_psk._registry) == attached
+
+
+def test_warm_up_that_fails_is_logged_and_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+    from tlshd.agent.worker import warm_up
+
+    class NoPSK:  # a provider without PSK contexts: the warm-up cannot run
+        psk_client: dict[object, object] = {}
+        psk_server: dict[object, object] = {}
+
+    warm_up(NoPSK())  # type: ignore[arg-type]
+    assert "warm-up handshake failed" in caplog.text
