@@ -175,6 +175,8 @@ nl=0
 
 [authenticate]
 keyrings=.nvme
+$( [ "$AGENT_KIND" != reference ] && [ "${TLSHD_GUEST_GROUPS:-}" = classical ] &&
+   echo 'groups=?*X25519:?secp256r1:?X448:?secp384r1:?secp521r1' )
 
 [authenticate.client]
 x509.truststore=$p/ca.pem
@@ -294,6 +296,26 @@ agent_stop() {
     wait "$AGENT_PID"
     result agent_exit $?
     AGENT_PID=
+}
+
+cost_begin() {  # the agent's CPU and peak summed RSS over a loop (agent-cost.py), for bench/real_kernel
+    COST_SAMPLER=
+    [ -n "$AGENT_PID" ] || return 0
+    "$PY" "$HERE/agent-cost.py" begin "$AGENT_PID" "$WORK/cost-$SCEN.json" || return 0
+    "$PY" "$HERE/agent-cost.py" sample "$AGENT_PID" "$WORK/cost-$SCEN.peak" &
+    COST_SAMPLER=$!
+}
+
+cost_end() {
+    [ -n "$COST_SAMPLER" ] || return 0
+    kill "$COST_SAMPLER" 2> /dev/null
+    wait "$COST_SAMPLER" 2> /dev/null
+    local line
+    line=$("$PY" "$HERE/agent-cost.py" end "$AGENT_PID" "$WORK/cost-$SCEN.json" \
+        "$WORK/cost-$SCEN.peak") || return 0
+    result agent_cpu_s "$(echo "$line" | sed -n 's/.*cpu_s=\([0-9.]*\).*/\1/p')"
+    result agent_peak_rss_kb "$(echo "$line" | sed -n 's/.*peak_rss_kb=\([0-9]*\).*/\1/p')"
+    result agent_exited "$(echo "$line" | sed -n 's/.*exited=\([0-9]*\).*/\1/p')"
 }
 
 # ---- NVMe/TCP ------------------------------------------------------------------------------------
@@ -484,6 +506,7 @@ s_nvme_startup() {  # a connect as soon as the kernel sees a listener, while the
 s_nvme_loop() {  # $1 cycles: connect, wait live, disconnect
     setup_nvmet
     local i reply ctrl ok=0 t0
+    cost_begin
     t0=$(now)
     for i in $(seq "$1"); do
         reply=$(nvme_connect) || continue
@@ -491,6 +514,7 @@ s_nvme_loop() {  # $1 cycles: connect, wait live, disconnect
         [ "$(nvme_wait_live "$ctrl")" = live ] && ok=$((ok + 1))
         echo 1 > "/sys/class/nvme/$ctrl/delete_controller"
     done
+    cost_end
     result cycles_ok "$ok"
     result seconds "$(elapsed "$t0" "$(now)")"
 }
@@ -579,6 +603,7 @@ s_nfs_loop() {  # $1 cycles of mount + umount (xprtsec=tls)
     export_as tls
     wait_grace
     local i ok=0 t0 t1 took slow=""
+    cost_begin
     t0=$(now)
     for i in $(seq "$1"); do
         t1=$(now)
@@ -587,6 +612,7 @@ s_nfs_loop() {  # $1 cycles of mount + umount (xprtsec=tls)
         # a cycle past 3 s is a stall to look at: its number, length, and CLOCK_MONOTONIC at its end
         awk -v t="$took" 'BEGIN { exit !(t > 3) }' && slow="$slow$i:${took}s@end$(cut -d" " -f1 /proc/uptime),"
     done
+    cost_end
     result cycles_ok "$ok"
     result slow_cycles "${slow:-none}"
     result seconds "$(elapsed "$t0" "$(now)")"
