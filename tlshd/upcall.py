@@ -239,11 +239,12 @@ class _GenlUpcall:
             _close_fds(fds)
             return None
         reply = self._own_fd(reply, fds)
-        nl_log.debug("ACCEPT seq=%d sockfd=%d type=%s auth=%s peername=%s timeout_ms=%s "
-                     "keyring=%s peer_ids=%s certificate=%s unknown_attrs=%s", seq,
-                     reply.sockfd, reply.message_type.name, reply.auth_mode.name,
-                     reply.peername, reply.timeout_ms, reply.keyring, reply.peer_identities,
-                     reply.certificate, reply.unknown_attrs)
+        if nl_log.isEnabledFor(logging.DEBUG):  # [debug] nl: nothing is formatted otherwise
+            nl_log.debug("ACCEPT seq=%d sockfd=%d type=%s auth=%s peername=%s timeout_ms=%s "
+                         "keyring=%s peer_ids=%s certificate=%s unknown_attrs=%s", seq,
+                         reply.sockfd, reply.message_type.name, reply.auth_mode.name,
+                         reply.peername, reply.timeout_ms, reply.keyring, reply.peer_identities,
+                         reply.certificate, reply.unknown_attrs)
         return reply
 
     def _own_fd(self, reply: AcceptReply, fds: list[int]) -> AcceptReply:

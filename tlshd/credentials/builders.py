@@ -239,9 +239,26 @@ def _base_context(method: int, verify_mode: int, ciphersuites: str | None,
     return ctx
 
 
+_told_no_groups = False
+
+
+def _crypto_version() -> str:
+    import cryptography
+
+    return str(cryptography.__version__)
+
+
 def _set_groups(ctx: SSL.Context, groups: str | None) -> None:
     """Lenient, as a service at boot must be: a list this OpenSSL cannot use at all is
-    logged and the default taken (``tlshd doctor`` reports it as an error)."""
+    logged and the default taken. A binding that cannot set groups at all (cryptography 43,
+    Debian trixie's) leaves OpenSSL's own defaults, and says so once if groups were set."""
+    if not _openssl.HAS_GROUPS:
+        global _told_no_groups  # noqa: PLW0603 - one line per process, not per context
+        if groups and not _told_no_groups:
+            log.warning("[authenticate] groups: this OpenSSL binding (cryptography %s) cannot "
+                        "set key exchange groups; OpenSSL's defaults are used", _crypto_version())
+            _told_no_groups = True
+        return
     if groups:
         try:
             _openssl.set_groups(ctx, groups)

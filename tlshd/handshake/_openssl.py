@@ -24,6 +24,8 @@ Why each call is needed:
   key-log callback, since that is where the traffic secrets come from.
 * ``SSL_CTX_set1_curves_list`` (``SSL_CTX_set1_groups_list`` is a macro for it): the
   key exchange groups and which of them get a key share; pyOpenSSL has no call for it.
+  Optional (:data:`HAS_GROUPS`): the binding of cryptography 43 (Debian trixie's
+  python3-cryptography) does not export it, and OpenSSL's own default groups then apply.
 * ``SSL_CTX_set_ciphersuites`` and ``SSL_get0_group_name``: what pyOpenSSL's
   ``Context.set_tls13_ciphersuites`` and ``Connection.get_group_name`` do, for
   pyOpenSSL releases older than those methods (Debian trixie's python3-openssl 25.0.0
@@ -49,8 +51,6 @@ REQUIRED_SYMBOLS: tuple[str, ...] = (
     "X509_verify_cert_error_string",
     "SSL_CTX_get_keylog_callback",
     "SSL_CTX_set_ciphersuites",
-    "SSL_CTX_set1_curves_list",
-    "ERR_clear_error",
 )
 
 # (pyOpenSSL class, private attribute holding the OpenSSL pointer)
@@ -145,12 +145,21 @@ def group_name(conn: SSL.Connection) -> str | None:
     return None if text == _ffi.NULL else str(_ffi.string(text).decode())
 
 
+HAS_GROUPS = hasattr(_lib, "SSL_CTX_set1_curves_list") and hasattr(_lib, "ERR_clear_error")
+
+
+class GroupsUnsupportedError(BindingError):
+    """This binding cannot set the key exchange groups (:data:`HAS_GROUPS` is false)."""
+
+
 def set_groups(context: SSL.Context, groups: str) -> str:
     """Set the key exchange groups; returns the list in force. ``groups`` is in OpenSSL 3.5's
     syntax (``?`` skips a group this OpenSSL lacks, ``*`` gives it a key share in the
     ClientHello, `` / `` separates tuples of equal server preference). An older OpenSSL,
     which knows none of it, gets the plain list of the groups it has, and sends a key share
     for the first. SSL.Error if it has none of them."""
+    if not HAS_GROUPS:
+        raise GroupsUnsupportedError("this OpenSSL binding has no SSL_CTX_set1_groups_list")
     ctx = context._context  # type: ignore[attr-defined, unused-ignore]
     if _lib.SSL_CTX_set1_curves_list(ctx, groups.encode("ascii")) == 1:
         return groups

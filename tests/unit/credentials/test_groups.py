@@ -20,6 +20,8 @@ CLASSICAL = "?*X25519:?secp256r1:?X448:?secp384r1:?secp521r1"
 
 
 def _has(group: str) -> bool:
+    if not _openssl.HAS_GROUPS:
+        return False
     try:
         return _openssl.set_groups(SSL.Context(SSL.TLS_CLIENT_METHOD), group) == group
     except SSL.Error:
@@ -27,6 +29,8 @@ def _has(group: str) -> bool:
 
 
 HAS_HYBRID = _has("X25519MLKEM768")
+needs_groups = pytest.mark.skipif(not _openssl.HAS_GROUPS,
+                                  reason="this binding cannot set groups (cryptography 43)")
 
 
 @pytest.fixture(scope="module")
@@ -85,12 +89,14 @@ def pair(client_ctx: SSL.Context, server_ctx: SSL.Context) -> tuple[SessionResul
     return result.session, server_flights
 
 
+@needs_groups
 def test_the_default_sends_one_key_share_for_the_hybrid(pki: PKI) -> None:
     engine = HandshakeEngine(client(pki), Role.CLIENT, peername="server.test")
     expected = [X25519MLKEM768] if HAS_HYBRID else [X25519]
     assert key_shares(engine.data_to_send()) == expected
 
 
+@needs_groups
 def test_two_default_ends_agree_on_the_hybrid_without_a_retry(pki: PKI) -> None:
     session, flights = pair(client(pki), server(pki))
     assert session.group_name in (("X25519MLKEM768",) if HAS_HYBRID else ("x25519", "X25519"))
@@ -113,6 +119,7 @@ def test_a_default_server_asks_a_hybrid_capable_client_for_the_hybrid(pki: PKI) 
     assert flights == 2
 
 
+@needs_groups
 def test_the_classical_list_sends_one_x25519_share(pki: PKI) -> None:
     engine = HandshakeEngine(client(pki, CLASSICAL), Role.CLIENT, peername="server.test")
     assert key_shares(engine.data_to_send()) == [X25519]
@@ -121,17 +128,20 @@ def test_the_classical_list_sends_one_x25519_share(pki: PKI) -> None:
     assert flights == 1
 
 
+@needs_groups
 def test_an_older_openssl_syntax_falls_back_to_the_names_it_has() -> None:
     ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
     # a name no OpenSSL has, without "?": the 3.5 syntax refuses the whole list
     assert _openssl.set_groups(ctx, "*NoSuchGroup / X25519:secp256r1") == "X25519:secp256r1"
 
 
+@needs_groups
 def test_a_list_with_no_usable_group_is_an_error_for_the_binding() -> None:
     with pytest.raises(SSL.Error):
         _openssl.set_groups(SSL.Context(SSL.TLS_CLIENT_METHOD), "NoSuchGroup:Nor-This")
 
 
+@needs_groups
 def test_a_context_with_no_usable_group_logs_and_takes_the_default(
         pki: PKI, caplog: pytest.LogCaptureFixture) -> None:
     engine = HandshakeEngine(client(pki, "NoSuchGroup"), Role.CLIENT, peername="server.test")
@@ -147,6 +157,7 @@ def test_the_config_key_is_read_and_a_bad_value_is_warned_about() -> None:
     assert parse_config("").groups == ""
 
 
+@needs_groups
 def test_psk_contexts_take_the_groups_too() -> None:
     ctx = builders.psk_context(SSL.TLS_CLIENT_METHOD, "TLS_AES_128_GCM_SHA256", CLASSICAL)
     conn = SSL.Connection(ctx, None)
@@ -154,3 +165,18 @@ def test_psk_contexts_take_the_groups_too() -> None:
     with pytest.raises(SSL.WantReadError):
         conn.do_handshake()
     assert key_shares(conn.bio_read(65536)) == [X25519]
+
+
+def test_a_binding_without_groups_keeps_openssls_defaults_and_says_so_once(
+        pki: PKI, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_openssl, "HAS_GROUPS", False)
+    monkeypatch.setattr(builders, "_told_no_groups", False)
+    client(pki)  # the default: nothing to say
+    assert "cannot set key exchange groups" not in caplog.text
+    client(pki, CLASSICAL)
+    client(pki, CLASSICAL)
+    assert caplog.text.count("cannot set key exchange groups") == 1
+    with pytest.raises(_openssl.GroupsUnsupportedError):
+        _openssl.set_groups(SSL.Context(SSL.TLS_CLIENT_METHOD), CLASSICAL)
+    session, _ = pair(client(pki, CLASSICAL), server(pki))  # and it still works
+    assert session.cipher_name
