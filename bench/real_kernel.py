@@ -14,7 +14,9 @@ same root, 2 vCPUs, the same accelerator: the first boot's choice is imposed on 
 once with this checkout's agent, once with the reference. Each boot
 plays ``nvme_loop N`` (N NVMe/TCP connect + disconnect cycles: PSK handshakes, 6 per cycle) and
 ``nfs_loop N`` (N NFSv4.2 ``xprtsec=tls`` mount + umount cycles: an anonymous client and an
-x509 server handshake per cycle). Every time comes from the kernel's tracepoints
+x509 server handshake per cycle), then ``nvme_burst 4`` (4 connects at once: the handshakes of
+all their queues together; ``burst_ratio`` is tlshd's wall time over the reference's, issue
+16's target <= 0.7). Every time comes from the kernel's tracepoints
 (``handshake_submit`` -> ``handshake_cmd_accept`` -> ``handshake_cmd_done``), not from an agent.
 
 Prints a table, then ``key=value`` lines: per agent and kind (psk, x509) the median and p90
@@ -42,6 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 RUN_GUEST = REPO / "scripts" / "qemu" / "run-guest.sh"
 AGENTS = ("tlshd", "reference")
 KINDS = {"psk": "nvme_loop", "x509": "nfs_loop"}
+BURST = 4  # NVMe/TCP connects at once: each an admin queue and one I/O queue per vCPU
 
 
 def boot(agent: str, out: Path, cycles: int, accel: str, kernel: str, groups: str) -> str:
@@ -50,7 +53,7 @@ def boot(agent: str, out: Path, cycles: int, accel: str, kernel: str, groups: st
     env = dict(os.environ, TLSHD_GUEST_AGENT=agent, TLSHD_QEMU_ACCEL=accel,
                TLSHD_QEMU_KERNEL=kernel, TLSHD_GUEST_GROUPS=groups,
                TLSHD_GUEST_REFERENCE="1.4" if kernel == "7.3" else "")
-    scenarios = ["nvme_loop", str(cycles), "nfs_loop", str(cycles)]
+    scenarios = ["nvme_loop", str(cycles), "nfs_loop", str(cycles), "nvme_burst", str(BURST)]
     proc = subprocess.run(["bash", str(RUN_GUEST), str(out), *scenarios], env=env,
                           stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -110,6 +113,11 @@ def main() -> int:
                 res.get(f"{scenario}.agent_peak_rss_kb", "nan")) / 1024
             rows.append((agent, kind, len(t), res.get(f"{scenario}.cycles_ok", "?"), accept, done,
                          max(x.accept_to_done_ms for x in t)))
+        figures[f"{agent}_burst_seconds"] = float(res.get("nvme_burst.seconds", "nan"))
+        figures[f"{agent}_burst_connects_ok"] = float(res.get("nvme_burst.connects_ok", "nan"))
+        figures[f"{agent}_burst_handshakes"] = len(timings(out, "nvme_burst"))
+        figures[f"{agent}_burst_cpu_s"] = float(res.get("nvme_burst.agent_cpu_s", "nan"))
+    figures["burst_ratio"] = figures["tlshd_burst_seconds"] / figures["reference_burst_seconds"]
     for kind in KINDS:
         figures[f"accept_to_done_ratio_{kind}"] = (figures[f"tlshd_{kind}_accept_to_done_ms"]
                                                    / figures[f"reference_{kind}_accept_to_done_ms"])

@@ -18,6 +18,7 @@
 #   nfs_tls_on_mtls     an xprtsec=tls mount of an mtls export: handshakes succeed, mount refused
 #   nfs_untrusted_ca    the server's certificate comes from a CA the client does not trust
 #   nvme_loop N / nfs_loop N   N connect/disconnect (mount/umount) cycles, for bench/real_kernel
+#   nvme_burst N        N NVMe/TCP connects at once (their queues' handshakes together)
 # Environment: TLSHD_GUEST_AGENT=tlshd (default) | reference (ktls-utils' /usr/sbin/tlshd);
 # TLSHD_GUEST_WORKERS: tlshd's worker count (default: its own, one per CPU).
 #
@@ -519,6 +520,33 @@ s_nvme_loop() {  # $1 cycles: connect, wait live, disconnect
     result seconds "$(elapsed "$t0" "$(now)")"
 }
 
+s_nvme_burst() {  # $1 connects at once (duplicate_connect): admin and I/O queues' handshakes together
+    setup_nvmet
+    local i t0 pids= ok=0 ctrl
+    local opts="transport=tcp,traddr=127.0.0.1,trsvcid=4420,nqn=$SUBNQN,hostnqn=$HOSTNQN"
+    opts="$opts,hostid=$HOSTID,tls,duplicate_connect"
+    cost_begin
+    t0=$(now)
+    for i in $(seq "$1"); do
+        # a connect's write returns once its admin and I/O queues are connected
+        ( exec 3<> /dev/nvme-fabrics && echo "$opts" >&3 && read -r reply <&3 &&
+          echo "$reply" > "$WORK/burst.$i" ) 2> /dev/null &
+        pids="$pids $!"
+    done
+    # shellcheck disable=SC2086
+    wait $pids
+    result seconds "$(elapsed "$t0" "$(now)")"
+    cost_end
+    for i in $(seq "$1"); do
+        ctrl=$(sed -n 's/.*instance=\([0-9]*\).*/nvme\1/p' "$WORK/burst.$i" 2> /dev/null)
+        [ -n "$ctrl" ] || continue
+        [ "$(nvme_wait_live "$ctrl")" = live ] && ok=$((ok + 1))
+        echo 1 > "/sys/class/nvme/$ctrl/delete_controller"
+        rm -f "$WORK/burst.$i"
+    done
+    result connects_ok "$ok"
+}
+
 # ---- NFSv4.2 -------------------------------------------------------------------------------------
 NFSD_READY=
 setup_nfsd() {
@@ -627,7 +655,7 @@ agent_start
 while [ $# -gt 0 ]; do
     name=$1; shift
     args=()
-    case "$name" in *_loop) args=("$1"); shift ;; esac
+    case "$name" in *_loop|*_burst) args=("$1"); shift ;; esac
     if ! declare -F "s_$name" > /dev/null; then say "unknown scenario $name"; continue; fi
     scenario_begin "$name"
     [ -n "$AGENT_PID" ] || case "$name" in *no_agent|*done_*|*_startup) ;; *) agent_start ;; esac
