@@ -1,7 +1,7 @@
 """tlshd against the reference agent (ktls-utils' tlshd) on a real Linux under QEMU.
 
     .venv/bin/python bench/real_kernel.py [--kernel 6.12|7.3] [--cycles N] [--out DIR]
-                                          [--groups default|classical]
+                                          [--groups default|classical] [--privsep on|off]
 
 ``--kernel 6.12`` (default): Debian trixie's Linux 6.12 against trixie's ktls-utils 1.0.0;
 ``--kernel 7.3``: trixie-backports' Linux 7.3 against sid's ktls-utils 1.4.0
@@ -47,11 +47,12 @@ KINDS = {"psk": "nvme_loop", "x509": "nfs_loop"}
 BURST = 4  # NVMe/TCP connects at once: each an admin queue and one I/O queue per vCPU
 
 
-def boot(agent: str, out: Path, cycles: int, accel: str, kernel: str, groups: str) -> str:
+def boot(agent: str, out: Path, cycles: int, accel: str, kernel: str, groups: str,
+         privsep: str) -> str:
     """One boot with ``agent``; returns the accelerator it ran under."""
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, TLSHD_GUEST_AGENT=agent, TLSHD_QEMU_ACCEL=accel,
-               TLSHD_QEMU_KERNEL=kernel, TLSHD_GUEST_GROUPS=groups,
+               TLSHD_QEMU_KERNEL=kernel, TLSHD_GUEST_GROUPS=groups, TLSHD_GUEST_PRIVSEP=privsep,
                TLSHD_GUEST_REFERENCE="1.4" if kernel == "7.3" else "")
     scenarios = ["nvme_loop", str(cycles), "nfs_loop", str(cycles), "nvme_burst", str(BURST)]
     proc = subprocess.run(["bash", str(RUN_GUEST), str(out), *scenarios], env=env,
@@ -81,6 +82,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--kernel", choices=("6.12", "7.3"), default="6.12")
     parser.add_argument("--groups", choices=("default", "classical"), default="default")
+    parser.add_argument("--privsep", choices=("on", "off"), default="on",
+                        help="tlshd's [agent] privsep (the default is on)")
     args = parser.parse_args()
     base = args.out or Path(tempfile.mkdtemp(prefix="tlshd-real-bench-"))
     figures: dict[str, float] = {}
@@ -89,7 +92,8 @@ def main() -> int:
     for agent in AGENTS:
         out = base / agent
         used = boot(agent, out, args.cycles, accel, args.kernel,
-                    "" if args.groups == "default" else args.groups)
+                    "" if args.groups == "default" else args.groups,
+                    "off" if args.privsep == "off" else "")
         if accel not in ("auto", used):
             raise SystemExit(f"{agent} ran under {used}, the other agent under {accel}")
         accel = used  # the second agent boots under the first one's accelerator
@@ -124,7 +128,8 @@ def main() -> int:
         figures[f"cpu_ratio_{kind}"] = (figures[f"tlshd_{kind}_cpu_ms_per_hs"]
                                         / figures[f"reference_{kind}_cpu_ms_per_hs"])
     print(f"Linux {args.kernel} under QEMU ({accel}), {args.cycles} cycles each, tlshd groups "
-          f"{args.groups}; times from the handshake tracepoints; output in {base}")
+          f"{args.groups}, privsep {args.privsep}; times from the handshake tracepoints; "
+          f"output in {base}")
     print(f"{'agent':<10} {'kind':<5} {'handshakes':>10} {'cycles ok':>9} "
           f"{'submit->accept':>15} {'accept->done':>13} {'max':>8}")
     for agent, kind, n, ok, accept, done, worst in rows:

@@ -188,6 +188,8 @@ x509.private_key=$p/client.key
 x509.truststore=$p/ca.pem
 x509.certificate=$p/$1.crt
 x509.private_key=$p/$1.key
+$( [ "$AGENT_KIND" != reference ] && [ "${TLSHD_GUEST_PRIVSEP:-}" = off ] &&
+   printf '\n[agent]\nprivsep=false\n' )
 EOF
 }
 

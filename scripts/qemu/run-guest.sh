@@ -25,7 +25,8 @@
 # or with TLSHD_GUEST_REFERENCE=1.4 sid's 1.4.0 (scripts/qemu/ktls-utils-1.4.sh).
 # TLSHD_GUEST_TRACE=sunrpc also traces the sunrpc socket events (guest.sh).
 # TLSHD_GUEST_GROUPS=classical gives this checkout's agent classical groups only (one X25519 key
-# share) instead of its default, the post-quantum hybrid (bench/real_kernel.py --groups).
+# share) instead of its default, the post-quantum hybrid (bench/real_kernel.py --groups);
+# TLSHD_GUEST_PRIVSEP=off runs it without privilege separation (--privsep off).
 # TLSHD_QEMU_ACCEL=auto (default) boots with KVM when a short probe boot under KVM works, else
 # with TCG (on this project's machines /dev/kvm exists but nested KVM fails at once:
 # "kvm_buf_set_msrs: Assertion ... failed", "failed to set MSR 0x10a"); kvm or tcg force one.
@@ -148,7 +149,7 @@ ACCEL_OPTS=()
 echo "RESULT accel=$ACCEL" > "$OUT/host-results"
 
 # ---- boot --------------------------------------------------------------------------------------
-GUEST="TLSHD_GUEST_AGENT=${TLSHD_GUEST_AGENT:-tlshd} TLSHD_GUEST_REFERENCE=${TLSHD_GUEST_REFERENCE:-} TLSHD_GUEST_WORKERS=${TLSHD_GUEST_WORKERS:-} TLSHD_GUEST_GROUPS=${TLSHD_GUEST_GROUPS:-} TLSHD_GUEST_TRACE=${TLSHD_GUEST_TRACE:-} bash /work/tlshd/scripts/qemu/guest.sh /out ${SCENARIOS[*]}"
+GUEST="TLSHD_GUEST_AGENT=${TLSHD_GUEST_AGENT:-tlshd} TLSHD_GUEST_REFERENCE=${TLSHD_GUEST_REFERENCE:-} TLSHD_GUEST_WORKERS=${TLSHD_GUEST_WORKERS:-} TLSHD_GUEST_GROUPS=${TLSHD_GUEST_GROUPS:-} TLSHD_GUEST_PRIVSEP=${TLSHD_GUEST_PRIVSEP:-} TLSHD_GUEST_TRACE=${TLSHD_GUEST_TRACE:-} bash /work/tlshd/scripts/qemu/guest.sh /out ${SCENARIOS[*]}"
 log "kernel $REL, virtme-ng $(vng --version 2>&1 | awk '{print $2}'), $ACCEL, output $OUT"
 rc=1
 for try in $(seq "$TRIES"); do
