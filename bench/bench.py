@@ -1,7 +1,7 @@
 """The agent against OpenSSL itself, measured in one run on this machine (issue 16).
 
     .venv/bin/python bench/bench.py [--seconds S] [--pairs N] [--concurrency C] [--workers W]
-                                    [--groups LIST]
+                                    [--groups LIST] [--privsep on|off]
 
 Prints a table, then ``key=value`` figures. The headline is CPU per handshake side:
 
@@ -284,6 +284,8 @@ def agent_figures(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
     # workers, at most the default cap per worker with the default arguments (16 pairs, 2
     # workers), so the raised cap does not change them
     text = config.read_text() + f"max_inflight={STALLED + 28}\nlog_success=false\n"
+    if args.privsep == "off":
+        text += "privsep=false\n"
     if args.groups:
         text = text.replace("[authenticate]\n", f"[authenticate]\ngroups={args.groups}\n", 1) \
             if "[authenticate]\n" in text else text + f"\n[authenticate]\ngroups={args.groups}\n"
@@ -380,6 +382,8 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--groups", default="", help="[authenticate] groups for both")
+    parser.add_argument("--privsep", choices=("on", "off"), default="on",
+                        help="[agent] privsep (on: the default, as root)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         figures = agent_figures(args, Path(tmp))
