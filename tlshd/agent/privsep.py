@@ -41,7 +41,6 @@ import array
 import base64
 import contextlib
 import errno
-import gc
 import json
 import logging
 import os
@@ -663,17 +662,6 @@ def log_problem(exc: TlshdError) -> None:
     log.error("handshake process cannot serve: %s", exc)
 
 
-def fork_frozen() -> int:
-    """fork(2) with the objects that exist now frozen out of the child's garbage collector
-    (gc.freeze): its collections then never write to the pages it shares with the parent, so
-    they stay shared (PSS, not copied: docs/performance.md). The parent's are unfrozen again."""
-    gc.freeze()
-    pid = os.fork()
-    if pid != 0:
-        gc.unfreeze()
-    return pid
-
-
 def split(upcall: Upcall, user: sandbox.WorkerUser, paths: frozenset[str],
           stop: Callable[[], bool], serve: Callable[[MonitorClient], int],
           report: Callable[[TlshdError], None] = log_problem) -> int:
@@ -682,7 +670,7 @@ def split(upcall: Upcall, user: sandbox.WorkerUser, paths: frozenset[str],
     cannot be confined, or cannot serve) goes to ``report`` there."""
     requests, child_requests = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     notify, child_notify = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    pid = fork_frozen()
+    pid = os.fork()
     if pid == 0:
         _be_handshake_process(upcall, user, (requests, notify), (child_requests, child_notify),
                               serve, report)

@@ -235,7 +235,7 @@ class Supervisor:
             self._spawn()
 
     def _spawn(self) -> None:
-        pid = privsep.fork_frozen()
+        pid = os.fork()
         if pid == 0:
             self._become_worker()
         self._children[pid] = self.generation.number

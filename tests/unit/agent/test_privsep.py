@@ -9,7 +9,6 @@ talking nonsense. Whatever way it ends, the requests it held get DONE EIO at onc
 from __future__ import annotations
 
 import errno
-import os
 import socket
 import threading
 import uuid
@@ -276,17 +275,3 @@ def test_a_lost_upcall_is_told_once_and_not_spun_on(rig: Rig) -> None:
     time.sleep(1.0)
     assert calls[0] == 1
 
-
-def test_fork_frozen_freezes_the_childs_objects_and_not_the_parents() -> None:
-    import gc
-
-    read, write = os.pipe()
-    pid = privsep.fork_frozen()
-    if pid == 0:  # the child: what existed at fork is frozen
-        os.write(write, b"1" if gc.get_freeze_count() > 0 else b"0")
-        os._exit(0)
-    os.close(write)
-    assert os.read(read, 1) == b"1"
-    os.close(read)
-    os.waitpid(pid, 0)
-    assert gc.get_freeze_count() == 0
