@@ -8,7 +8,8 @@ use ``=`` (native order, standard sizes), like pyroute2.
 
 The four messages of every request (READY, the ACCEPT request and reply, DONE)
 and kernel-sim's SETSOCKOPT are packed and read here with ``struct``, without
-pyroute2's generic machinery: it cost a tenth of the agent's CPU per handshake.
+pyroute2's generic machinery (with the kTLS batch, a quarter of the agent's
+CPU per handshake side: docs/performance.md).
 pyroute2's message classes (``spec.CtrlMsg``, ``spec.AcceptMsg``, ...) stay the
 single declaration of the attribute sets: the strict rules below are derived
 from them, pyroute2 packs the requests that are not on the hot path (nlctrl,
