@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import math
 import multiprocessing
 import os
 import resource
@@ -268,6 +269,18 @@ def stalled_rss(kernel: Kernel, agent_pids: list[int]) -> tuple[float, float]:
     return grown, pss_grown
 
 
+def ratio(numerator: float, denominator: float) -> float:
+    """numerator / denominator, or NaN where the denominator measured nothing (CPU time from
+    /proc counts in clock ticks, 10 ms: a short run can read 0)."""
+    return numerator / denominator if denominator else math.nan
+
+
+def print_figures(figures: dict[str, float]) -> None:
+    """Every figure as ``key=value``, one per line, the form the smoke tests and docs read."""
+    for key, value in figures.items():
+        print(f"{key}={value:.3f}")
+
+
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(p * len(ordered)))] if ordered else 0.0
@@ -344,7 +357,7 @@ def measure(kind: str, pair: Callable[[], object], pids: list[int],
     agent, harness = cpu_s(pids) - agent0, harness_cpu_s() - harness0
     return {f"agent_cpu_ms_{kind}": 1000 * agent / sides,
             f"harness_cpu_ms_{kind}": 1000 * harness / sides,
-            f"harness_share_{kind}": harness / (harness + agent),
+            f"harness_share_{kind}": ratio(harness, harness + agent),
             f"agent_{kind}_hs_per_s": sides / wall}
 
 
@@ -393,15 +406,15 @@ def main() -> int:
             figures[f"ceiling_cpu_ms_{kind}"] = result["cpu_ms"]
             figures[f"ceiling_{'' if kind == 'x509' else 'psk_'}hs_per_s"] = result["hs_per_s"]
     for kind in ("x509", "psk"):
-        figures[f"cpu_ratio_{kind}"] = (figures[f"ceiling_cpu_ms_{kind}"]
-                                        / figures[f"agent_cpu_ms_{kind}"])
-    figures["rate_ratio_x509"] = figures["agent_x509_hs_per_s"] / figures["ceiling_hs_per_s"]
-    figures["rate_ratio_psk"] = figures["agent_psk_hs_per_s"] / figures["ceiling_psk_hs_per_s"]
+        figures[f"cpu_ratio_{kind}"] = ratio(figures[f"ceiling_cpu_ms_{kind}"],
+                                             figures[f"agent_cpu_ms_{kind}"])
+    figures["rate_ratio_x509"] = ratio(figures["agent_x509_hs_per_s"], figures["ceiling_hs_per_s"])
+    figures["rate_ratio_psk"] = ratio(figures["agent_psk_hs_per_s"],
+                                      figures["ceiling_psk_hs_per_s"])
     print(f"{'figure':<28} {'value':>12}")
     for key, value in figures.items():
         print(f"{key:<28} {value:>12.3f}")
-    for key, value in figures.items():
-        print(f"{key}={value:.3f}")
+    print_figures(figures)
     return 0
 
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from OpenSSL import SSL
 
-from bench.bench import _memory_pair, _reply
+from bench.bench import _memory_pair, _reply, print_figures, ratio
 from kernel_sim.demo import write_demo_config, write_demo_pki
 from tlshd.config import parse_config
 from tlshd.credentials.contexts import Contexts
@@ -179,9 +179,8 @@ def main() -> int:
     figures = {f"cpu_ms_{kind}": statistics.median(v) for kind, v in results.items()}
     figures["python_bytes_ms"] = figures["cpu_ms_engine"] - figures["cpu_ms_fd"]
     figures["socket_ms"] = figures["cpu_ms_fd"] - figures["cpu_ms_memory"]
-    figures["fd_gain"] = figures["cpu_ms_engine"] / figures["cpu_ms_fd"]
-    for key, value in figures.items():
-        print(f"{key}={value:.3f}")
+    figures["fd_gain"] = ratio(figures["cpu_ms_engine"], figures["cpu_ms_fd"])
+    print_figures(figures)
     return 0
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench import children, cpu_s, psk_pair, pss_kb, rate
+from bench.bench import children, cpu_s, print_figures, psk_pair, pss_kb, rate, ratio
 from bench.bench_agent import one_pair
 from kernel_sim.demo import start_agent, write_demo_config, write_demo_pki
 from kernel_sim.kernel import Kernel, NetNS
@@ -87,12 +87,11 @@ def main() -> int:
     for mode, rounds in results.items():
         for name in ("cpu_ms", "psk_cpu_ms", "hs_per_s", "psk_hs_per_s", "pss_mb"):
             figures[f"{name}_{mode}"] = statistics.median(r[name] for r in rounds)
-    figures["cpu_ratio"] = figures["cpu_ms_on"] / figures["cpu_ms_off"]
-    figures["psk_cpu_ratio"] = figures["psk_cpu_ms_on"] / figures["psk_cpu_ms_off"]
-    figures["rate_ratio"] = figures["hs_per_s_on"] / figures["hs_per_s_off"]
-    figures["psk_rate_ratio"] = figures["psk_hs_per_s_on"] / figures["psk_hs_per_s_off"]
-    for key, value in figures.items():
-        print(f"{key}={value:.3f}")
+    figures["cpu_ratio"] = ratio(figures["cpu_ms_on"], figures["cpu_ms_off"])
+    figures["psk_cpu_ratio"] = ratio(figures["psk_cpu_ms_on"], figures["psk_cpu_ms_off"])
+    figures["rate_ratio"] = ratio(figures["hs_per_s_on"], figures["hs_per_s_off"])
+    figures["psk_rate_ratio"] = ratio(figures["psk_hs_per_s_on"], figures["psk_hs_per_s_off"])
+    print_figures(figures)
     return 0
 
 

@@ -1,5 +1,6 @@
 """The benchmark must keep running: a short smoke, no timing assertion."""
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -66,5 +67,17 @@ def test_privsep_cost_smoke_prints_both_modes():
                           check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     figures = dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
-    for key in ("cpu_ratio", "psk_cpu_ratio", "rate_ratio", "hs_per_s_on", "hs_per_s_off"):
+    for key in ("hs_per_s_on", "hs_per_s_off", "rate_ratio", "psk_rate_ratio"):
         assert float(figures[key]) > 0, key
+    for key in ("cpu_ms_on", "cpu_ms_off", "psk_cpu_ms_on", "psk_cpu_ms_off"):
+        assert float(figures[key]) >= 0, key
+    # 3 pairs can read 0 clock ticks of CPU in one mode: the ratio is then NaN, never a crash
+    for key in ("cpu_ratio", "psk_cpu_ratio"):
+        value = float(figures[key])
+        assert value > 0 or math.isnan(value), key
+
+
+def test_ratio_is_nan_where_the_denominator_measured_nothing():
+    from bench.bench import ratio
+    assert ratio(3.0, 2.0) == 1.5
+    assert math.isnan(ratio(1.0, 0.0))
