@@ -631,9 +631,9 @@ class Worker:
         tls_ms = (hs.tls_s + hs.engine.tls_seconds) * 1000
         elapsed_ms = (self._clock() - hs.started) * 1000
         # the line before DONE (whoever sees DONE may read the log at once): busy= so far
-        line = self._log_line(hs.reply, status, elapsed_ms,
-                              f"{what}{hs.psk.describe()} busy={self._busy(hs) * 1000:.2f}ms "
-                              f"tls={tls_ms:.2f}ms", addr=hs.addr)
+        line = (f"{what}{hs.psk.describe()} busy={self._busy(hs) * 1000:.2f}ms "
+                f"tls={tls_ms:.2f}ms")
+        self._log_line(hs.reply, status, elapsed_ms, line, addr=hs.addr)
         self._release(hs.sock, status, remote, hs.reply)
         # the event after it, so that its CPU figure covers the whole request, DONE included
         self._done_event(hs.reply, status, elapsed_ms, line, tls_ms, cipher,
@@ -669,7 +669,7 @@ class Worker:
         self._done_event(reply, status, elapsed_ms, what, tls_ms, cipher)
 
     def _log_line(self, reply: AcceptReply, status: int, elapsed_ms: float, what: str, *,
-                  addr: str) -> str:
+                  addr: str) -> None:
         if (status == 0 and self._log_success) or (
                 status and self._failures.allow(source_of(addr), self._clock())):
             _log_result(reply, status, elapsed_ms, what, self.netns, addr)
@@ -677,7 +677,6 @@ class Worker:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("Handshake with '%s' (%s) %s", reply.peername or addr, addr,
                       "failed" if status else "succeeded")
-        return what
 
     def _done_event(self, reply: AcceptReply, status: int, elapsed_ms: float, what: str,
                     tls_ms: float, cipher: str, *, cpu_ms: float = 0.0) -> None:

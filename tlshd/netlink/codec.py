@@ -444,22 +444,25 @@ def _peek_sockfd(data: bytes, frame: _Frame) -> int | None:
 
 def _decode_accept_strictly(data: bytes, frame: _Frame) -> AcceptReply:
     unknown = _check(data, frame.attrs, frame.end, _ACCEPT_RULES, 0)
-    values = _scalars(data, frame.attrs, frame.end, _ACCEPT_RULES)
+    values: dict[int, int] = {}
+    peername: str | None = None
+    identities: list[int] = []
+    certificate: X509Serials | None = None
+    for attr in _walk(data, frame.attrs, frame.end):  # one pass: _check vouched for the shapes
+        rule = _ACCEPT_RULES.get(attr.type)
+        if attr.type == spec.AcceptAttr.PEER_IDENTITY:
+            identities.append(_U32.unpack_from(data, attr.start)[0])
+        elif rule is not None and rule.kind is _Kind.U32:
+            values.setdefault(attr.type, _U32.unpack_from(data, attr.start)[0])
+        elif attr.type == spec.AcceptAttr.PEERNAME:
+            peername = data[attr.start : attr.end - 1].decode("utf-8")  # checked: one NUL
+        elif attr.type == spec.AcceptAttr.CERTIFICATE:
+            certificate = _certificate(data, attr, frame)
     sockfd = _required(values, spec.AcceptAttr.SOCKFD, _ACCEPT_RULES, frame)
     if sockfd > _MAX_FD:
         raise DecodeError(f"SOCKFD {sockfd} at offset {frame.start} is not a file descriptor")
     message_type = _required(values, spec.AcceptAttr.MESSAGE_TYPE, _ACCEPT_RULES, frame)
     auth_mode = _required(values, spec.AcceptAttr.AUTH_MODE, _ACCEPT_RULES, frame)
-    peername: str | None = None
-    identities: list[int] = []
-    certificate: X509Serials | None = None
-    for attr in _walk(data, frame.attrs, frame.end):  # the non-scalar and repeated ones
-        if attr.type == spec.AcceptAttr.PEERNAME:
-            peername = data[attr.start : attr.end - 1].decode("utf-8")  # checked: one NUL
-        elif attr.type == spec.AcceptAttr.PEER_IDENTITY:
-            identities.append(_U32.unpack_from(data, attr.start)[0])
-        elif attr.type == spec.AcceptAttr.CERTIFICATE:
-            certificate = _certificate(data, attr, frame)
     return AcceptReply(
         header=frame.header,
         sockfd=sockfd,
