@@ -47,6 +47,7 @@ class HandshakeOutcome:
     status: int
     peerid: int
     seconds: float
+    tags: tuple[str, ...] = ()  # the session tags DONE carried (a kernel with the tags series)
 
 
 def wait_handshake(
@@ -68,7 +69,8 @@ def wait_handshake(
     if not done.wait(timeout_s) and kernel.tls_handshake_cancel(sock):
         return HandshakeOutcome(-errno.ETIMEDOUT, TLS_NO_PEERID, time.monotonic() - start)
     done.wait()
-    return HandshakeOutcome(box["status"], box["peerid"], time.monotonic() - start)
+    return HandshakeOutcome(box["status"], box["peerid"], time.monotonic() - start,
+                            tuple(args.session_tags))
 
 
 # --- ONC RPC record marking (RFC 5531) --------------------------------------------

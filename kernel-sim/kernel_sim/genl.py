@@ -211,6 +211,7 @@ class AttrPolicy:
 
     kind: str
     max_value: int | None = None
+    max_len: int | None = None  # a string's .len: at most this many bytes before its NUL
 
 
 _FIXED_SIZES = {"u16": 2, "u32": 4, "s32": 4}
@@ -247,6 +248,8 @@ def _check_attr(attr_type: int, raw_type: int, payload: bytes, pol: AttrPolicy) 
         raise NetlinkError(-errno.EINVAL, f"attribute {attr_type}: NLA_F_NESTED missing")
     if pol.kind == "string" and (not payload or b"\0" in payload[:-1]):
         raise NetlinkError(-errno.EINVAL, f"attribute {attr_type}: bad string")
+    if pol.max_len is not None and len(payload.rstrip(b"\0")) > pol.max_len:
+        raise NetlinkError(-errno.EINVAL, f"attribute {attr_type}: longer than {pol.max_len}")
     if pol.max_value is not None and get_u32(payload) > pol.max_value:
         raise NetlinkError(-errno.EINVAL, f"attribute {attr_type}: above {pol.max_value}")
 

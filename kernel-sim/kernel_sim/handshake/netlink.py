@@ -50,6 +50,10 @@ def accept_policy(profile: KernelProfile) -> genl.OpPolicy:
 
 
 A_DONE_TAG = 4  # the posted session-tags series (the KeyUpdate series has session-id here)
+# that series: HANDSHAKE_SESSION_TAG_MAX_LEN (the policy's max-len) and HANDSHAKE_MAX_SESSIONTAGS
+# (the tags past it are dropped, with a pr_warn_once)
+SESSION_TAG_MAX_LEN = 255
+MAX_SESSION_TAGS = 64
 
 
 def done_policy(profile: KernelProfile) -> genl.OpPolicy:
@@ -59,7 +63,7 @@ def done_policy(profile: KernelProfile) -> genl.OpPolicy:
         A_DONE_REMOTE_AUTH: genl.AttrPolicy("u32"),
     }
     if profile.done_tags:
-        attrs[A_DONE_TAG] = genl.AttrPolicy("string")
+        attrs[A_DONE_TAG] = genl.AttrPolicy("string", max_len=SESSION_TAG_MAX_LEN)
     return genl.OpPolicy(
         maxattr=max(attrs),
         attrs=attrs,
@@ -136,6 +140,8 @@ def done_doit(
         raise genl.NetlinkError(-errno.EBUSY, "no request on that socket")
     on_found(req)
     remote = tuple(genl.get_u32(p) for p in attrs.get(A_DONE_REMOTE_AUTH, []))[:TLS_MAX_PEERIDS]
+    req.session_tags = tuple(genl.get_string(p) for p in attrs.get(A_DONE_TAG, []))[
+        :MAX_SESSION_TAGS]
     if A_DONE_STATUS in attrs:
         seen = -_as_int(genl.get_u32(attrs[A_DONE_STATUS][0]))
     else:

@@ -68,6 +68,7 @@ class HandshakeReq:
     pending: bool = False
     accepted: bool = False
     priv: Any = None
+    session_tags: tuple[str, ...] = ()  # DONE's tags (the posted session-tags series)
 
 
 @dataclass(eq=False)

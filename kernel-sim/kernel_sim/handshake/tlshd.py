@@ -58,6 +58,9 @@ class TLSHandshakeArgs:
     my_cert: int = TLS_NO_CERT
     my_privkey: int = TLS_NO_PRIVKEY
     my_peerids: tuple[int, ...] = ()
+    # filled before ``done`` runs with the session tags of a successful DONE (the posted
+    # session-tags series; how that series hands them to a consumer is modelled, not copied)
+    session_tags: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -74,6 +77,7 @@ class TLSHandshakeReq:
     privkey: int = TLS_NO_PRIVKEY
     peerids: tuple[int, ...] = field(default_factory=tuple)
     peername: str | None = None
+    session_tags: list[str] = field(default_factory=list)
 
     @classmethod
     def from_args(cls, args: TLSHandshakeArgs, msg_type: int, auth_mode: int) -> TLSHandshakeReq:
@@ -85,6 +89,7 @@ class TLSHandshakeReq:
             timeout_ms=args.timeout_ms,
             keyring=args.keyring,
             peername=args.peername,
+            session_tags=args.session_tags,
         )
 
 
@@ -123,4 +128,6 @@ class TLSProto:
         """``tls_handshake_done``: only the first of at most 5 remote ids reaches the consumer."""
         treq: TLSHandshakeReq = req.priv
         peerid = remote_auth[0] if remote_auth else TLS_NO_PEERID
+        if status == 0:
+            treq.session_tags[:] = req.session_tags
         treq.consumer_done(treq.consumer_data, status, peerid)
