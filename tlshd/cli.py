@@ -65,12 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="tlshd", description="TLS handshake agent for the Linux kernel's kTLS consumers")
     parser.add_argument("command", nargs="?", default="agent",
-                        choices=("agent", "run", "demo", "doctor", "status", "install"),
+                        choices=("agent", "run", "demo", "doctor", "status", "install",
+                                 "tags"),
                         help="agent (default): serve the kernel; doctor: check this host and "
                              "say what to fix; status: what the running agent of this network "
                              "namespace is doing; demo: kernel-sim demonstration; run: agent if "
                              "this kernel has the handshake family, else demo; install: "
-                             "the systemd units and a commented /etc/tlshd/config")
+                             "the systemd units and a commented /etc/tlshd/config; tags "
+                             "CERT...: the session tags a client certificate would get")
+    parser.add_argument("files", nargs="*", type=Path, metavar="CERT",
+                        help="tags: certificate files (PEM or DER)")
     parser.add_argument("-c", "--config", type=Path, help="configuration file "
                         "(default /etc/tlshd/config, then /etc/tlshd.conf)")
     parser.add_argument("-s", "--stderr", action="store_true",
@@ -88,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, *, held: Held | None = None) -> int:
     """``held``: the group membership tlshd.early took before this module was imported; the
     supervisor keeps it until its workers listen, and it goes with the process on failure."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     if args.command == "run" and not _kernel_has_family():
         print("tlshd run: this kernel has no 'handshake' netlink family (CONFIG_NET_HANDSHAKE, "
               "Linux 6.4+), so nothing could reach an agent: running the kernel-sim demo "
@@ -110,8 +114,13 @@ def main(argv: Sequence[str] | None = None, *, held: Held | None = None) -> int:
         from tlshd.doctor import run_doctor
 
         return run_doctor(args.config, args.upcall, sys.stdout)
+    if args.files and args.command != "tags":
+        print(f"tlshd {args.command}: unexpected arguments", file=sys.stderr)
+        return 2
     try:
         config = _load(args)
+        if args.command == "tags":
+            return _tags(config, args.files)
         if args.command == "status":
             return _status(config, as_json=args.json)
         from tlshd.agent.supervisor import configure_logging, serve
@@ -149,6 +158,16 @@ def _status(config: Config, *, as_json: bool) -> int:
     print(json.dumps(doc, indent=2) if as_json else format_status(doc), end="" if not as_json
           else "\n")
     return 0
+
+
+def _tags(config: Config, files: list[Path]) -> int:
+    from tlshd.tags import load_tags
+    from tlshd.tags.explain import explain
+
+    if not files:
+        print("tlshd tags: name one or more certificate files", file=sys.stderr)
+        return 2
+    return explain(load_tags(config.tags_dir), files, sys.stdout)
 
 
 def _kernel_has_family() -> bool:

@@ -50,10 +50,11 @@ _KNOWN: dict[str, tuple[str, ...]] = {
     "authenticate.server": _X509_KEYS + _PQ_KEYS,
     "agent": ("workers", "max_inflight", "handshake_timeout_ms", "require_client_cert", "upcall",
               "log_success", "cn_fallback", "first_flight_timeout_ms", "max_inflight_per_peer",
-              "max_waiting", "privsep", "worker_user", "failure_log_burst",
+              "max_waiting", "privsep", "worker_user", "failure_log_burst", "tags_dir",
               "metrics", "control_socket"),
 }
 _GROUP_RE = re.compile(r"^\[([^\[\]]+)\]$")
+TAGS_DIR = Path("/etc/tlshd/tags.d")  # ktls-utils 1.4.0: session tags (src/tlshd/main.c)
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ class Config:
     upcall: str = "auto"
     metrics: str = ""  # HOST:PORT of the Prometheus endpoint; off when empty
     control_socket: str = "tlshd/control"  # abstract Unix name, per network namespace
+    tags_dir: Path = TAGS_DIR  # session-tag files (ktls-utils 1.4: fixed /etc/tlshd/tags.d)
     path: Path | None = None
     warnings: tuple[str, ...] = ()
     notices: tuple[str, ...] = ()  # informational, logged at start (the relocation notice)
@@ -167,6 +169,8 @@ def parse_config(text: str, path: Path | None = None) -> Config:
         upcall=_upcall(groups, where),
         metrics=_metrics(groups, where),
         control_socket=_name(groups, "agent", "control_socket", where, "tlshd/control"),
+        tags_dir=_path(groups.get("agent", {}).get("tags_dir"), where, "[agent] tags_dir",
+                       warnings) or TAGS_DIR,
         path=path,
         warnings=tuple(warnings),
     )

@@ -21,7 +21,7 @@ import errno
 import os
 import re
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from functools import partial
@@ -39,6 +39,8 @@ from tlshd.credentials.builders import X509Credentials
 from tlshd.credentials.contexts import Contexts, file_notices
 from tlshd.errors import ConfigError, CredentialError, KeyNotFoundError, NetlinkError, TlshdError
 from tlshd.keyring import KERNEL_KEYRINGS
+from tlshd.tags import load_tags
+from tlshd.tags.rules import SUFFIXES
 from tlshd.upcall import DEFAULT_SIM_ENDPOINT, NetlinkUpcall, SimUpcall
 
 EXPIRY_WARN_DAYS = 30
@@ -129,6 +131,7 @@ def collect(config_path: Path | None, upcall: str | None,
     verdicts += check_keyrings(config.keyrings if config is not None else ())
     if config is not None:
         verdicts += check_credentials(config, now)
+        verdicts += check_tags(config.tags_dir, lambda: _kernel_takes_tags(mode))
     return verdicts
 
 
@@ -611,3 +614,51 @@ def check_contexts(config: Config) -> Verdict:
 
 def _date(moment: datetime.datetime) -> str:
     return moment.strftime("%Y-%m-%d %H:%M UTC")
+
+
+# -- session tags ---------------------------------------------------------------------------
+
+
+def check_tags(directory: Path, kernel_takes_tags: Callable[[], bool | None]) -> list[Verdict]:
+    """The session-tag files, strictly: every problem (the agent skips the rest of that file,
+    as ktls-utils does), every accepted oddity, and a reference that only works in this
+    agent's reading order (ktls-utils reads the directory unsorted)."""
+    if not directory.exists():
+        return [_ok("tags", f"no {directory}: no session tags")]
+    tags = load_tags(directory)
+    verdicts = [_fail("tags", problem, "correct the file (tls-session-tags(7)); "
+                      "tlshd tags CERT shows what a certificate gets") for problem in tags.problems]
+    verdicts += [_warn("tags", warning, "remove the key") for warning in tags.warnings]
+    verdicts += [_warn("tags", f"{tag.file}:{tag.line}: tag {tag.name} uses filter {name} of "
+                       f"{tags.filters[name].file}",
+                       "ktls-utils reads tags.d in directory order, not sorted: define the "
+                       "filters in the same file") for tag in tags.tags.values()
+                 for _, name in tag.items if tags.filters[name].file != tag.file]
+    ignored = sorted(p.name for p in directory.iterdir()
+                     if p.is_file() and not p.name.endswith(SUFFIXES))
+    summary = (f"{len(tags.tags)} tag(s) and {len(tags.filters)} filter(s) from "
+               f"{len(tags.files)} file(s) in {directory}"
+               + (f"; not read (neither .yml nor .yaml): {', '.join(ignored[:5])}"
+                  if ignored else ""))
+    if not tags.tags:
+        return [*verdicts, _ok("tags", summary)]
+    takes = kernel_takes_tags()
+    if takes is False:
+        return [*verdicts, _warn("tags", f"{summary}; this kernel's DONE takes no session tags",
+                                 "they show in the log and tlshd status only (the kernel "
+                                 "side is a posted series, not in Linux 6.12 or 7.3)")]
+    return [*verdicts, _ok("tags", summary + ("; the kernel takes them in DONE" if takes
+                                              else ""))]
+
+
+def _kernel_takes_tags(mode: str) -> bool | None:
+    """Whether the upcall's DONE declares session tags; None when it cannot be asked."""
+    try:
+        upcall = (SimUpcall(mode.partition(":")[2] or DEFAULT_SIM_ENDPOINT, join=False)
+                  if mode.startswith("kernel-sim") else NetlinkUpcall(join=False))
+    except (TlshdError, OSError):
+        return None
+    try:
+        return upcall.session_tags
+    finally:
+        upcall.close()

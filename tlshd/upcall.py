@@ -91,7 +91,8 @@ class Upcall(Protocol):
 
     def accept(self) -> AcceptReply | None: ...
 
-    def done(self, sockfd: int, status: int, remote_auth: Sequence[int]) -> None: ...
+    def done(self, sockfd: int, status: int, remote_auth: Sequence[int],
+             tags: Sequence[str] = ()) -> None: ...
 
     def setsockopt(self, fd: int, level: int, optname: int, value: bytes) -> None: ...
 
@@ -263,14 +264,18 @@ class _GenlUpcall:
         _close_fds(fds)
         return error.sockfd if isinstance(error, codec.AcceptDecodeError) else None
 
-    def done(self, sockfd: int, status: int, remote_auth: Sequence[int]) -> None:
+    def done(self, sockfd: int, status: int, remote_auth: Sequence[int],
+             tags: Sequence[str] = ()) -> None:
+        """DONE. ``tags`` go only with a success and only where the kernel declares them
+        (ktls-utils 1.4.0 netlink.c, tlshd_genl_done: after REMOTE_AUTH, status 0 only)."""
         seq = next(self._seq)
-        nl_log.debug("DONE seq=%d sockfd=%d status=%d remote_auth=%s", seq, sockfd, status,
-                     tuple(remote_auth))
+        nl_log.debug("DONE seq=%d sockfd=%d status=%d remote_auth=%s tags=%d", seq, sockfd,
+                     status, tuple(remote_auth), len(tags))
         if not self._declares(spec.HandshakeCmd.DONE, spec.DoneAttr.REMOTE_AUTH):
             remote_auth = ()  # a kernel whose DONE policy lacks it would refuse the message
+        sent = tuple(tags[:spec.MAX_SESSION_TAGS]) if status == 0 and self.session_tags else ()
         self._request.send(codec.encode_done(self.family.family_id, seq, status, sockfd,
-                                             tuple(remote_auth)))
+                                             tuple(remote_auth), sent))
         self._replies(seq, "DONE")
 
     @property
@@ -279,7 +284,7 @@ class _GenlUpcall:
         in the KeyUpdate series attribute 4 is a session id, and in 6.12 and 7.3 nothing)."""
         if self.policy is None:
             return False
-        kind = self.policy.ops.get(spec.HandshakeCmd.DONE, {}).get(DONE_TAG_ATTR)
+        kind = self.policy.ops.get(spec.HandshakeCmd.DONE, {}).get(spec.DONE_TAG)
         return kind in (NL_ATTR_TYPE_STRING, NL_ATTR_TYPE_NUL_STRING)
 
     def _declares(self, op: int, attr: int) -> bool:
@@ -295,7 +300,6 @@ class _GenlUpcall:
 
 
 _OP_NAMES = {int(c): c.name for c in spec.HandshakeCmd}
-DONE_TAG_ATTR = 4
 NL_ATTR_TYPE_STRING, NL_ATTR_TYPE_NUL_STRING = 11, 12
 
 

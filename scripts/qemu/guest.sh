@@ -188,8 +188,20 @@ x509.private_key=$p/client.key
 x509.truststore=$p/ca.pem
 x509.certificate=$p/$1.crt
 x509.private_key=$p/$1.key
+$( [ "$AGENT_KIND" != reference ] && printf '\n[agent]\ntags_dir=%s\n' "$WORK/tags.d" )
 $( [ "$AGENT_KIND" != reference ] && [ "${TLSHD_GUEST_PRIVSEP:-}" = off ] &&
-   printf '\n[agent]\nprivsep=false\n' )
+   echo 'privsep=false' )
+EOF
+    # session tags (docs/session-tags.md) for this agent: no released kernel takes them in
+    # DONE, so the server lines show them and every DONE must still be accepted
+    mkdir -p "$WORK/tags.d"
+    cat > "$WORK/tags.d/guest.yml" <<'EOF'
+filters:
+  test-ca: {type: x509.tbs.issuer, pattern: "CN=tlshd test CA,*"}
+  any-certificate: {type: x509.tbs.version, pattern: "*"}
+tags:
+  test-clients: {filter: [test-ca]}
+  no-certificate: {filter: ["not any-certificate"]}
 EOF
 }
 

@@ -209,6 +209,22 @@ def test_agent_log_matches_the_kernel(guest: Guest) -> None:
     assert guest.r("nvme_done_status", "agent_exit") == "0"
 
 
+def test_session_tags_are_logged_and_never_sent_to_a_kernel_that_does_not_declare_them(
+        guest: Guest) -> None:
+    """The guest's agent has a tags.d (scripts/qemu/guest.sh). Neither 6.12.117 nor 7.3.4
+    declares DONE attribute 4, so the tags appear in the server lines only, and the DONEs
+    that would have carried them were accepted: the mounts went through."""
+    log = guest.agent_log(skip=("nvme_startup",))
+    servers = [line for line in log.splitlines() if "role=server auth=X509" in line
+               and " status=0 " in line]
+    assert servers, log
+    assert all(line.count(" tags=") == 1 for line in servers), servers
+    assert any(" tags=test-clients " in line for line in servers), servers  # nfs_mtls
+    assert any(" tags=no-certificate " in line for line in servers), servers  # nfs_tls
+    assert not any(" tags=" in line for line in log.splitlines() if "role=client" in line)
+    assert guest.r("nfs_mtls", "mount_proto") == "vers=4.2,xprtsec=mtls"
+
+
 def test_no_agent_fails_at_once(guest: Guest) -> None:
     assert float(guest.r("nvme_no_agent", "connect_seconds")) < 5
     assert guest.r("nvme_no_agent", "dmesg_target") == "nvmet_tcp: failed to start TLS, err=-3"

@@ -55,6 +55,7 @@ class Done:
     tls_ms: float = 0.0  # CPU inside OpenSSL
     cpu_ms: float = 0.0  # CPU of the whole request, ACCEPT reply to DONE (0: not measured)
     pid: int = 0
+    tags: tuple[str, ...] = ()  # the session tags the peer's certificate got (tlshd.tags)
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ EventSink = Callable[[WorkerEvent], None]
 _KINDS: dict[str, type[WorkerEvent]] = {"ready": Ready, "start": Start, "done": Done,
                                         "limit": Limit, "fatal": Fatal}
 _NAMES = {cls: name for name, cls in _KINDS.items()}
+MAX_LIST, MAX_LIST_ITEM = 64, 255  # a Done's session tags
 _TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,)}
 
 
@@ -90,6 +92,7 @@ def _text(event: WorkerEvent, pid: int | None = None) -> str:
         fields["pid"] = pid
     if isinstance(event, Done):
         fields["what"] = event.what[:300]
+        fields["tags"] = _bounded_tags(event.tags)
     return _JSON.encode(fields)
 
 
@@ -174,6 +177,27 @@ def _checked(cls: type[WorkerEvent], raw: dict[str, Any]) -> dict[str, Any]:
                 raise DecodeError(f"worker event field {name!r} missing")
             continue
         value = raw[name]
+        if str(spec.type) == "tuple[str, ...]":
+            raw[name] = _strings(name, value)
+            continue
         if isinstance(value, bool) or not isinstance(value, _TYPES[str(spec.type)]):
             raise DecodeError(f"worker event field {name!r} mistyped")
     return raw
+
+
+def _strings(name: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or len(value) > MAX_LIST or not all(
+            isinstance(v, str) and len(v) <= MAX_LIST_ITEM for v in value):
+        raise DecodeError(f"worker event field {name!r} mistyped")
+    return tuple(value)
+
+
+def _bounded_tags(tags: tuple[str, ...], budget: int = 2048) -> list[str]:
+    """As many whole tags as fit ``budget`` characters: a Done event stays one datagram."""
+    kept: list[str] = []
+    for tag in tags[:MAX_LIST]:
+        budget -= len(tag) + 3
+        if budget < 0:
+            break
+        kept.append(tag[:MAX_LIST_ITEM])
+    return kept

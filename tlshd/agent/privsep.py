@@ -72,6 +72,7 @@ from tlshd.handshake.secrets import HashAlg
 from tlshd.keylog import KEYLOG
 from tlshd.ktls import SOL_TCP, SOL_TLS, TCP_ULP, BatchSockoptError
 from tlshd.netlink.messages import AcceptReply, Header, X509Serials
+from tlshd.netlink.spec import MAX_SESSION_TAGS as MAX_DONE_TAGS
 from tlshd.netlink.spec import AuthMode, MsgType
 from tlshd.upcall import BrokenAcceptError, Upcall
 
@@ -228,9 +229,11 @@ class Monitor:
     """The privileged half of a worker: serves one handshake process until it ends."""
 
     def __init__(self, upcall: Upcall, requests: socket.socket, notify: socket.socket,
-                 paths: frozenset[str], keys: LocalKeys = LOCAL_KEYS) -> None:
+                 paths: frozenset[str], keys: LocalKeys = LOCAL_KEYS,
+                 tag_names: frozenset[str] = frozenset()) -> None:
         self.upcall, self.requests, self.notify = upcall, requests, notify
         self.paths, self.keys = paths, keys
+        self.tag_names = tag_names  # the session tags a DONE may carry: the loaded ones
         self.handles: dict[int, _Request] = {}
         self.violation: str | None = None  # why the handshake process was cut off
         self._lost = False  # the upcall's READY channel failed (told to the handshake process)
@@ -370,17 +373,28 @@ class Monitor:
         if any(r not in request.served and r not in self.peer_keys
                and r not in request.reply.peer_identities for r in remote):
             raise MonitorProtocolError("a peer id that is not this request's")
+        tags = self._tags(message)
         del self.handles[handle]
-        answer = self._send_done(handle, status, remote)
+        answer = self._send_done(handle, status, remote, tags)
         if answer.get("fail"):
             log.error("DONE for fd %d failed: %s", handle, answer["message"])
         _close([handle])
         self.keys.release(request.reply)
         return answer, []
 
-    def _send_done(self, fd: int, status: int, remote: Sequence[int]) -> dict[str, Any]:
+    def _tags(self, message: dict[str, Any]) -> tuple[str, ...]:
+        """The session tags of a DONE: loaded tag names only, each once, at most 64."""
+        tags = message.get("tags", [])
+        if (not isinstance(tags, list) or len(tags) > MAX_DONE_TAGS
+                or len(set(tags)) != len(tags) or not all(
+                    isinstance(t, str) and t in self.tag_names for t in tags)):
+            raise MonitorProtocolError("session tags that are not the loaded ones")
+        return tuple(tags)
+
+    def _send_done(self, fd: int, status: int, remote: Sequence[int],
+                   tags: Sequence[str] = ()) -> dict[str, Any]:
         try:
-            self.upcall.done(fd, status, remote)
+            self.upcall.done(fd, status, remote, tags)
         except TlshdError as exc:
             return {"fail": "done", "message": str(exc)}
         return {}
@@ -566,13 +580,17 @@ class MonitorClient:
             raise TransportError(answer["message"])
         return None
 
-    def done(self, sockfd: int, status: int, remote_auth: Sequence[int]) -> None:
+    def done(self, sockfd: int, status: int, remote_auth: Sequence[int],
+             tags: Sequence[str] = ()) -> None:
         handle = self._handles.pop(sockfd, None)
         if handle is None:
             raise TransportError(f"DONE for fd {sockfd}, which is not a request")
+        message: dict[str, Any] = {"op": "done", "h": handle, "status": status,
+                                   "remote": list(remote_auth)}
+        if tags:
+            message["tags"] = list(tags)
         try:  # one way: the monitor logs a DONE the kernel refused
-            send(self.requests, {"op": "done", "h": handle, "status": status,
-                                 "remote": list(remote_auth)})
+            send(self.requests, message)
         except OSError as exc:
             raise TransportError(f"monitor: {exc}") from None
 
@@ -664,7 +682,8 @@ def log_problem(exc: TlshdError) -> None:
 
 def split(upcall: Upcall, user: sandbox.WorkerUser, paths: frozenset[str],
           stop: Callable[[], bool], serve: Callable[[MonitorClient], int],
-          report: Callable[[TlshdError], None] = log_problem) -> int:
+          report: Callable[[TlshdError], None] = log_problem,
+          tag_names: frozenset[str] = frozenset()) -> int:
     """Fork the handshake process, confine it and run ``serve`` there; be its monitor here.
     Returns the handshake process's exit code. A TlshdError in the handshake process (it
     cannot be confined, or cannot serve) goes to ``report`` there."""
@@ -678,7 +697,7 @@ def split(upcall: Upcall, user: sandbox.WorkerUser, paths: frozenset[str],
     child_notify.close()
     _forward_sigterm(pid)
     try:
-        return Monitor(upcall, requests, notify, paths).serve(pid, stop)
+        return Monitor(upcall, requests, notify, paths, tag_names=tag_names).serve(pid, stop)
     finally:
         requests.close()
         notify.close()

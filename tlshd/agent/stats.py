@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tlshd.agent.events import Done, Limit, Start
+from tlshd.tags import TagSet
 
 RECENT_FAILURES = 50
 CPU_SAMPLES = 10_000  # the last successful requests whose CPU cost is kept for percentiles
@@ -47,6 +48,14 @@ class Stats:
     # OpenSSL)
     cpu_ms: deque[tuple[str, float, float]] = field(
         default_factory=lambda: deque(maxlen=CPU_SAMPLES))
+    tagged: Counter[str] = field(default_factory=Counter)  # session tag -> sessions given it
+    tag_files: dict[str, Any] = field(default_factory=dict)  # the load in force (set_tags)
+
+    def set_tags(self, tags: TagSet) -> None:
+        """The session-tag files in force: at start and after each reload."""
+        self.tag_files = {"directory": str(tags.directory), "files": list(tags.files),
+                          "tags": sorted(tags.tags), "filters": len(tags.filters),
+                          "problems": list(tags.problems)}
 
     def apply(self, event: Start | Done | Limit, now: float) -> None:
         if isinstance(event, Limit):
@@ -61,8 +70,11 @@ class Stats:
         self.statuses[status_name(event.status)] += 1
         if event.status:
             self.failures.append({"at": now, **{k: getattr(event, k) for k in _DONE_FIELDS}})
-        elif event.cpu_ms > 0:
-            self.cpu_ms.append((event.auth, event.cpu_ms, max(0.0, event.cpu_ms - event.tls_ms)))
+        else:
+            self.tagged.update(event.tags)
+            if event.cpu_ms > 0:
+                self.cpu_ms.append((event.auth, event.cpu_ms,
+                                    max(0.0, event.cpu_ms - event.tls_ms)))
 
     def worker_gone(self, pid: int) -> None:
         """A worker exited: what it had in flight is no longer in flight (for us)."""
@@ -86,6 +98,7 @@ class Stats:
             "request_cpu_ms": {auth: _cpu_summary([(t, o) for a, t, o in self.cpu_ms
                                                    if auth in ("all", a)])
                                for auth in ("all", *sorted({a for a, _, _ in self.cpu_ms}))},
+            "session_tags": {**self.tag_files, "sessions": dict(sorted(self.tagged.items()))},
             "recent_failures": [{**f, "age_s": round(now - f.pop("at", now), 3)}
                                 for f in (dict(x) for x in self.failures)],
         }
@@ -124,6 +137,12 @@ def format_status(doc: dict[str, Any]) -> str:
                                               doc["done_statuses"].items()) or "none"))
     if doc.get("limits"):
         lines.append("limits hit: " + ", ".join(f"{k} {v}" for k, v in doc["limits"].items()))
+    tags = doc.get("session_tags") or {}
+    if tags.get("files") or tags.get("sessions"):
+        lines.append(f"session tags: {len(tags.get('tags', []))} from "
+                     f"{len(tags.get('files', []))} file(s) in {tags.get('directory')}"
+                     + (f", {len(tags['problems'])} problem(s)" if tags.get("problems") else ""))
+        lines += [f"  {name:<24} {count}" for name, count in tags.get("sessions", {}).items()]
     lines.append("recent failures:")
     lines += [f"  {f['age_s']:.0f} s ago: {f['role']} {f['auth']} peer={f['peer']} "
               f"status={f['status']} ({status_name(f['status'])}) {f['what']}"

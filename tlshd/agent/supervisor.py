@@ -46,6 +46,7 @@ from tlshd.credentials.contexts import Contexts
 from tlshd.credentials.keys import LOCAL_KEYS, RequestKeys, link_keyrings
 from tlshd.early import Held
 from tlshd.errors import ConfigError, CredentialError, DecodeError, TlshdError
+from tlshd.tags import TagSet
 from tlshd.upcall import Upcall, open_upcall
 
 log = logging.getLogger("tlshd")
@@ -81,7 +82,8 @@ def run_worker(config: Config, contexts: Contexts, stop: _Stop,
 
         try:
             return privsep.split(upcall, user, paths, lambda: stop.requested, serve_confined,
-                                 report or privsep.log_problem)
+                                 report or privsep.log_problem,
+                                 tag_names=frozenset(contexts.tags.tags))
         finally:
             upcall.close()
     return _serve(upcall, contexts, config, stop, events)
@@ -102,7 +104,7 @@ def _serve(upcall: Upcall, contexts: Contexts, config: Config, stop: _Stop,
                     first_flight_timeout_ms=config.first_flight_timeout_ms,
                     max_inflight_per_peer=config.max_inflight_per_peer,
                     max_waiting=config.max_waiting, keys=keys,
-                    failure_log_burst=config.failure_log_burst)
+                    failure_log_burst=config.failure_log_burst, tags=contexts.tags)
     if events is not None:
         events(Ready())
     warm_up(contexts)  # after Ready: a READY meanwhile waits in the socket, start-up does not
@@ -145,6 +147,7 @@ class Supervisor:
         self._held = held
         self.generation = _build_generation(0, first)
         self.stats = Stats(time.monotonic(), config_path=str(first.path or ""))
+        self.stats.set_tags(self.generation.contexts.tags)
         self.metrics = Metrics() if first.metrics else None
         self._sel = selectors.DefaultSelector()
         self._events_r, self._events_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -351,6 +354,7 @@ class Supervisor:
         self._restarts.clear()  # the new generation starts whole
         self.generation = new
         self.stats.config_path = str(new.config.path or "")
+        self.stats.set_tags(new.contexts.tags)
         self._spawn_generation()
         _signal_all(set(old), signal.SIGTERM)  # they drain: in-flight handshakes finish
         self.stats.reloads += 1
@@ -422,6 +426,7 @@ def _build_generation(number: int, config: Config,
     need a bad file fail, and the log and ``tlshd doctor`` say why). A reload that would make
     credentials unusable that work now is refused, and the running generation goes on."""
     contexts = Contexts.from_config(config)
+    log_tags(contexts.tags)
     if previous is not None:
         new = set(contexts.problems()) - set(previous.contexts.problems())
         if new:
@@ -429,6 +434,18 @@ def _build_generation(number: int, config: Config,
     for name, serial in link_keyrings(config.keyrings, str(config.path or "")):
         log.info("keyring %s (%d) linked into the session keyring", name, serial)
     return Generation(number, config, contexts)
+
+
+def log_tags(tags: TagSet) -> None:
+    """What a load of the session-tag files gave: problems as errors (each stopped a file, as
+    in ktls-utils), the count as a notice where there are any."""
+    for problem in tags.problems:
+        log.error("session tags: %s", problem)
+    for warning in tags.warnings:
+        log.warning("session tags: %s", warning)
+    if tags.files:
+        log.info("session tags: %d tag(s), %d filter(s) from %d file(s) in %s", len(tags.tags),
+                 len(tags.filters), len(tags.files), tags.directory)
 
 
 def _event_sender(sock: socket.socket) -> EventBatch:

@@ -69,6 +69,7 @@ from tlshd.keylog import KEYLOG
 from tlshd.ktls import install_ktls, ktls_params_from_secrets, suite_from_openssl_name
 from tlshd.netlink.messages import AcceptReply
 from tlshd.netlink.spec import AuthMode, MsgType
+from tlshd.tags import TagSet
 from tlshd.untrusted import show
 from tlshd.upcall import BrokenAcceptError, Upcall
 
@@ -290,8 +291,11 @@ class Worker:
         max_inflight_per_peer: int = 64,
         max_waiting: int = 256,
         failure_log_burst: int = 5,
+        tags: TagSet | None = None,
     ) -> None:
         self.upcall = upcall
+        # session tags (tlshd.tags): matched on a server handshake's peer certificate
+        self._tags = tags if tags else None
         self._default_timeout_s = default_timeout_ms / 1000
         self._max_inflight = max_inflight
         self._keys = keys
@@ -318,7 +322,7 @@ class Worker:
             "timer": time.thread_time, "keylog": KEYLOG.write if KEYLOG.path else None})
         self.by_source: dict[str, int] = {}
         self._held: list[tuple[float, socket.socket, int, tuple[int, ...],
-                               AcceptReply | None]] = []
+                               AcceptReply | None, tuple[str, ...]]] = []
         self.netns = netns_label()
         self._sel = selectors.DefaultSelector()
         self._sel.register(upcall.notify_fileno(), selectors.EVENT_READ, None)
@@ -563,10 +567,20 @@ class Worker:
         install_ktls(self.upcall, hs.sock.fileno(), params)
         # PSK: the key's serial (the NVMe host looks it up); x509: the peer certificate's key
         peer = hs.psk.psk.serial if hs.psk.psk else self._peer_identity(session)
+        tags = self._session_tags(hs.reply, session)
+        shown = f" tags={','.join(tags)}" if tags else ""
         self._finish(hs, 0, (peer,) if peer else (),
-                     f"ok cipher={suite.openssl_name}{_subject(session.peer_certificate_der)}",
-                     cipher=suite.openssl_name)
+                     f"ok cipher={suite.openssl_name}{_subject(session.peer_certificate_der)}"
+                     f"{shown}", cipher=suite.openssl_name, tags=tags)
         self.completed += 1
+
+    def _session_tags(self, reply: AcceptReply, session: SessionResult) -> tuple[str, ...]:
+        """ktls-utils 1.4.0 (src/tlshd/server.c) matches tags in the x509 server handshake
+        only: never as client, never with PSK."""
+        if (self._tags is None or reply.message_type != MsgType.SERVERHELLO
+                or reply.auth_mode != AuthMode.X509):
+            return ()
+        return self._tags.assign(session.peer_certificate_der)
 
     def _send_final_flight(self, hs: Handshake) -> None:
         hs.sock.settimeout(max(0.1, hs.deadline - self._clock()))
@@ -616,7 +630,7 @@ class Worker:
         return True
 
     def _finish(self, hs: Handshake, status: int, remote: tuple[int, ...], what: str, *,
-                cipher: str = "-") -> None:
+                cipher: str = "-", tags: tuple[str, ...] = ()) -> None:
         self.inflight.pop(hs.sock.fileno(), None)
         if hs.source:
             left = self.by_source.get(hs.source, 1) - 1
@@ -634,30 +648,31 @@ class Worker:
         line = (f"{what}{hs.psk.describe()} busy={self._busy(hs) * 1000:.2f}ms "
                 f"tls={tls_ms:.2f}ms")
         self._log_line(hs.reply, status, elapsed_ms, line, addr=hs.addr)
-        self._release(hs.sock, status, remote, hs.reply)
+        self._release(hs.sock, status, remote, hs.reply, tags)
         # the event after it, so that its CPU figure covers the whole request, DONE included
         self._done_event(hs.reply, status, elapsed_ms, line, tls_ms, cipher,
-                         cpu_ms=self._busy(hs) * 1000)
+                         cpu_ms=self._busy(hs) * 1000, tags=tags)
 
     @staticmethod
     def _busy(hs: Handshake) -> float:
         return hs.busy_s + (time.thread_time() - hs.pass_begun if hs.pass_begun else 0.0)
 
     def _release(self, sock: socket.socket, status: int, remote: tuple[int, ...],
-                 reply: AcceptReply | None) -> None:
+                 reply: AcceptReply | None, tags: tuple[str, ...] = ()) -> None:
         """DONE, then close our copy of the fd: now, or after ``delay_done``."""
         if self._delay_done_s > 0:
-            self._held.append((self._clock() + self._delay_done_s, sock, status, remote, reply))
+            self._held.append((self._clock() + self._delay_done_s, sock, status, remote, reply,
+                               tags))
             return
-        self._done(sock.fileno(), status, remote)
+        self._done(sock.fileno(), status, remote, tags)
         sock.close()
         if reply is not None:
             self._keys.release(reply)
 
     def _send_held(self, now: float) -> None:
         while self._held and self._held[0][0] <= now:
-            _, sock, status, remote, reply = self._held.pop(0)
-            self._done(sock.fileno(), status, remote)
+            _, sock, status, remote, reply, tags = self._held.pop(0)
+            self._done(sock.fileno(), status, remote, tags)
             sock.close()
             if reply is not None:
                 self._keys.release(reply)
@@ -679,15 +694,18 @@ class Worker:
                       "failed" if status else "succeeded")
 
     def _done_event(self, reply: AcceptReply, status: int, elapsed_ms: float, what: str,
-                    tls_ms: float, cipher: str, *, cpu_ms: float = 0.0) -> None:
+                    tls_ms: float, cipher: str, *, cpu_ms: float = 0.0,
+                    tags: tuple[str, ...] = ()) -> None:
         self._events(Done(role=_role(reply), auth=_auth_name(reply),
                           peer=reply.peername or "-", cipher=cipher, status=status,
                           ms=round(elapsed_ms, 3), what=what[:300], netns=self.netns,
-                          tls_ms=round(tls_ms, 3), cpu_ms=round(cpu_ms, 3)))
+                          tls_ms=round(tls_ms, 3), cpu_ms=round(cpu_ms, 3), tags=tags))
 
-    def _done(self, fd: int, status: int, remote: tuple[int, ...]) -> None:
+    def _done(self, fd: int, status: int, remote: tuple[int, ...],
+              tags: tuple[str, ...] = ()) -> None:
         try:
-            self.upcall.done(fd, status, remote)
+            self.upcall.done(fd, status, remote, tags) if tags else self.upcall.done(
+                fd, status, remote)
         except TlshdError as exc:  # a lost channel also shows on the READY socket: we exit there
             log.error("DONE for fd %d failed: %s", fd, exc)
 

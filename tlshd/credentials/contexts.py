@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from OpenSSL import SSL
@@ -36,6 +36,7 @@ from tlshd.handshake.secrets import HashAlg
 from tlshd.ktls import CipherSuite
 from tlshd.netlink.messages import AcceptReply
 from tlshd.netlink.spec import AuthMode, MsgType
+from tlshd.tags import TAGS_DIR, TagSet, load_tags
 
 log = logging.getLogger("tlshd")
 
@@ -195,6 +196,7 @@ class Contexts:
     psk_client: dict[HashAlg, SSL.Context]
     psk_server: dict[HashAlg, SSL.Context]
     keys: RequestKeys = LOCAL_KEYS  # where keyring-provisioned certificates are read
+    tags: TagSet = field(default_factory=lambda: TagSet(TAGS_DIR))  # session tags in force
 
     @classmethod
     def from_config(cls, config: Config) -> Contexts:
@@ -208,7 +210,8 @@ class Contexts:
             server_slot = _server_slot(config)
         return cls(config, _client_slot(config, anonymous=True), client_x509, server_slot,
                    _psk_contexts(SSL.TLS_CLIENT_METHOD, config.groups),
-                   _psk_contexts(SSL.TLS_SERVER_METHOD, config.groups))
+                   _psk_contexts(SSL.TLS_SERVER_METHOD, config.groups),
+                   tags=load_tags(config.tags_dir))
 
     @property
     def slots(self) -> tuple[CredentialSlot, ...]:

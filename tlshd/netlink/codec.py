@@ -568,13 +568,16 @@ def encode_accept(
 
 
 def encode_done(
-    family_id: int, seq: int, status: int, sockfd: int, remote_auth: Sequence[int] = ()
+    family_id: int, seq: int, status: int, sockfd: int, remote_auth: Sequence[int] = (),
+    tags: Sequence[str] = (),
 ) -> bytes:
     """HANDSHAKE_CMD_DONE with NLM_F_ACK, so success is confirmed by an Ack.
 
     ``status`` is 0 or a positive errno up to 4095 (newer kernels reject more
     with EINVAL). The kernel keeps at most 5 REMOTE_AUTH serials and hands only
-    the first to the consumer, so more than 5 is refused here.
+    the first to the consumer, so more than 5 is refused here. ``tags`` go as attribute 4
+    (NUL strings, the posted session-tags series): send them only where the kernel's policy
+    declares it; each is 1 to 255 bytes with no NUL, at most 64.
     """
     _check_family_id(family_id)
     if not 0 <= status <= spec.MAX_ERRNO:
@@ -588,6 +591,14 @@ def encode_done(
             raise ValueError(f"REMOTE_AUTH serial out of u32 range: {serial}")
     attrs = [_nla_u32(spec.DoneAttr.STATUS, status), _nla_u32(spec.DoneAttr.SOCKFD, sockfd)]
     attrs += [_nla_u32(spec.DoneAttr.REMOTE_AUTH, serial) for serial in remote_auth]
+    if len(tags) > spec.MAX_SESSION_TAGS:
+        raise ValueError(f"at most {spec.MAX_SESSION_TAGS} session tags, not {len(tags)}")
+    for tag in tags:
+        value = tag.encode()
+        if not 0 < len(value) <= spec.SESSION_TAG_MAX_LEN or b"\0" in value:
+            raise ValueError(f"a session tag of {len(value)} bytes (1 to "
+                             f"{spec.SESSION_TAG_MAX_LEN}, no NUL)")
+        attrs.append(_nla(spec.DONE_TAG, value + b"\0"))
     return _message(family_id, spec.NLM_F_REQUEST | spec.NLM_F_ACK, seq,
                     spec.HandshakeCmd.DONE, spec.FAMILY_VERSION, b"".join(attrs))
 

@@ -190,6 +190,13 @@ class DoneAttr(IntEnum):
     REMOTE_AUTH = 3  # multi-attr, at most MAX_PEER_IDS are used
 
 
+# DONE attribute 4 in the posted session-tags series ("tag", a NUL string, multi-attr), but
+# "session-id" in the KeyUpdate series: sent only where the kernel's policy declares a string
+DONE_TAG = 4
+SESSION_TAG_MAX_LEN = 255  # HANDSHAKE_SESSION_TAG_MAX_LEN
+MAX_SESSION_TAGS = 64  # HANDSHAKE_MAX_SESSIONTAGS
+
+
 # --- attribute sets, declared for pyroute2 (used by codec only) -------------
 # ``multi_attrs`` is ours, not pyroute2's: attribute types that may repeat.
 

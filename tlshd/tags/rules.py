@@ -33,13 +33,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from tlshd.config import TAGS_DIR
 from tlshd.tags import miniyaml
 from tlshd.tags.miniyaml import Map, Node, Scalar, Seq
 from tlshd.tags.x509 import KEY_USAGE_NAMES, CertFacts, facts_of
 
 log = logging.getLogger("tlshd")
 
-TAGS_DIR = Path("/etc/tlshd/tags.d")
 SUFFIXES = (".yml", ".yaml")
 MAX_NAME = 255
 MAX_WILDCARDS = 16

@@ -107,3 +107,20 @@ def test_event_batch_waits_for_flush_but_sends_ready_and_fatal_at_once() -> None
     assert decode_all(sent[-1]) == [Ready(pid=9)]
     batch(Fatal("no endpoint"))
     assert decode_all(sent[-1]) == [Fatal("no endpoint", pid=9)]
+
+
+def test_a_dones_session_tags_round_trip_and_are_bounded() -> None:
+    tagged = Done(**{**DONE.__dict__, "tags": ("staff", "not-self-signed")})
+    assert decode(encode(tagged)) == tagged
+    many = Done(**{**DONE.__dict__, "tags": tuple("t" * 200 + str(i) for i in range(64))})
+    decoded = decode(encode(many))
+    assert isinstance(decoded, Done) and 0 < len(decoded.tags) < 64  # whole tags, one datagram
+    assert all(t in many.tags for t in decoded.tags)
+
+
+@pytest.mark.parametrize("tags", ["staff", [1], ["x" * 256]])
+def test_mistyped_session_tags_are_refused(tags: object) -> None:
+    raw = json.loads(encode(DONE))
+    raw["tags"] = tags
+    with pytest.raises(DecodeError):
+        decode(json.dumps(raw).encode())

@@ -275,3 +275,32 @@ def test_a_lost_upcall_is_told_once_and_not_spun_on(rig: Rig) -> None:
     time.sleep(1.0)
     assert calls[0] == 1
 
+
+
+def test_done_may_carry_only_the_loaded_session_tags(
+    rig: Rig, tcp: tuple[socket.socket, socket.socket]
+) -> None:
+    rig.monitor.tag_names = frozenset({"staff"})
+    consumer = rig.submit(tcp[0])
+    reply = rig.client.accept()
+    assert reply is not None
+    with socket.socket(fileno=reply.sockfd):
+        rig.client.done(reply.sockfd, errno.EACCES, (), ("staff",))
+    assert rig.kernel.wait_for(lambda: bool(consumer.calls), WAIT_S)
+    assert consumer.calls == [(-errno.EACCES, 0)]
+    assert not rig.monitor_ended()
+
+
+@pytest.mark.parametrize("tags", [["nurse"], ["staff", "staff"], "staff", [7]])
+def test_a_done_with_session_tags_that_are_not_loaded_ends_the_handshake_process(
+    rig: Rig, tcp: tuple[socket.socket, socket.socket], tags: object
+) -> None:
+    rig.monitor.tag_names = frozenset({"staff"})
+    consumer = rig.submit(tcp[0])
+    reply = rig.client.accept()
+    assert reply is not None
+    handle = rig.client._handles[reply.sockfd]
+    assert rig.raw({"op": "done", "h": handle, "status": 0, "remote": [], "tags": tags}) is None
+    assert rig.monitor_ended()
+    assert rig.kernel.wait_for(lambda: bool(consumer.calls), WAIT_S)
+    assert consumer.calls == [(-errno.EIO, 0)]  # never the forged tags

@@ -37,3 +37,23 @@ def test_request_cpu_keeps_only_the_last_samples() -> None:
 def test_no_request_yet_gives_zeros() -> None:
     assert Stats(started_at=0.0).status_document(0.0)["request_cpu_ms"] == {"all": {
         "requests": 0, "p50": 0.0, "p99": 0.0, "own_p50": 0.0, "own_p99": 0.0}}
+
+
+def test_session_tags_in_force_and_sessions_per_tag_are_in_the_status() -> None:
+    from tlshd.agent.stats import format_status
+    from tlshd.tags import parse_tag_texts
+
+    stats = Stats(0.0)
+    stats.set_tags(parse_tag_texts([("a.yml", "tags:\n  staff: {}\n  guest: {}\n"),
+                                    ("b.yml", "tags: [oops]\n")]))
+    for tags in (("guest", "staff"), ("staff",)):
+        stats.apply(Start(pid=1), 0.0)
+        stats.apply(Done(**{**done().__dict__, "tags": tags}), 1.0)
+    stats.apply(Start(pid=1), 0.0)
+    stats.apply(Done(**{**done(status=13).__dict__, "tags": ()}), 1.0)
+    doc = stats.status_document(2.0)["session_tags"]
+    assert doc["tags"] == ["guest", "staff"] and doc["files"] == ["a.yml", "b.yml"]
+    assert doc["sessions"] == {"guest": 1, "staff": 2}
+    assert len(doc["problems"]) == 1
+    text = format_status(stats.status_document(2.0))
+    assert "session tags: 2 from 2 file(s)" in text and "1 problem(s)" in text

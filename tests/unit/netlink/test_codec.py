@@ -691,3 +691,15 @@ def test_captured_accept_replies_read_as_pyroute2_reads_them(name: str) -> None:
     (ours,) = decode(data, FAMILY)
     assert isinstance(ours, AcceptReply)
     assert dataclasses.replace(ours, unknown_attrs=()) == _through_pyroute2(data)
+
+
+def test_encode_done_puts_session_tags_after_remote_auth_as_nul_strings() -> None:
+    _, _, attrs = parse_genl(encode_done(FAMILY, 9, 0, 7, [5], ["staff", "a-b_1"]))
+    assert [t for t, _ in attrs] == [1, 2, 3, 4, 4]
+    assert [p for t, p in attrs if t == 4] == [b"staff\0", b"a-b_1\0"]
+
+
+@pytest.mark.parametrize("tags", [[""], ["x" * 256], ["a\0b"], [f"t{i}" for i in range(65)]])
+def test_encode_done_refuses_tags_the_kernel_series_would_refuse(tags: list[str]) -> None:
+    with pytest.raises(ValueError, match="tag"):
+        encode_done(FAMILY, 1, 0, 7, (), tags)
