@@ -704,8 +704,7 @@ class Worker:
     def _done(self, fd: int, status: int, remote: tuple[int, ...],
               tags: tuple[str, ...] = ()) -> None:
         try:
-            self.upcall.done(fd, status, remote, tags) if tags else self.upcall.done(
-                fd, status, remote)
+            self.upcall.done(fd, status, remote, tags)
         except TlshdError as exc:  # a lost channel also shows on the READY socket: we exit there
             log.error("DONE for fd %d failed: %s", fd, exc)
 

@@ -111,7 +111,8 @@ class FakeUpcall:
             raise item
         return item
 
-    def done(self, sockfd: int, status: int, remote_auth: Sequence[int]) -> None:
+    def done(self, sockfd: int, status: int, remote_auth: Sequence[int],
+             tags: Sequence[str] = ()) -> None:
         try:
             flags: int | None = fcntl.fcntl(sockfd, fcntl.F_GETFL)
         except OSError:
