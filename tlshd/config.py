@@ -52,6 +52,7 @@ _KNOWN: dict[str, tuple[str, ...]] = {
               "log_success", "cn_fallback", "first_flight_timeout_ms", "max_inflight_per_peer",
               "max_waiting", "privsep", "worker_user", "failure_log_burst", "tags_dir",
               "metrics", "control_socket"),
+    "app": ("enabled", "socket", "allow_users"),
 }
 _GROUP_RE = re.compile(r"^\[([^\[\]]+)\]$")
 TAGS_DIR = Path("/etc/tlshd/tags.d")  # ktls-utils 1.4.0: session tags (src/tlshd/main.c)
@@ -99,6 +100,9 @@ class Config:
     metrics: str = ""  # HOST:PORT of the Prometheus endpoint; off when empty
     control_socket: str = "tlshd/control"  # abstract Unix name, per network namespace
     tags_dir: Path = TAGS_DIR  # session-tag files (ktls-utils 1.4: fixed /etc/tlshd/tags.d)
+    app_enabled: bool = False  # [app]: TLS for applications' own sockets (tlshd.app)
+    app_socket: str = "tlshd/app"  # its abstract Unix name, per network namespace
+    app_allow_users: tuple[str, ...] = ("root",)  # users (names or uids) who may ask
     path: Path | None = None
     warnings: tuple[str, ...] = ()
     notices: tuple[str, ...] = ()  # informational, logged at start (the relocation notice)
@@ -171,6 +175,11 @@ def parse_config(text: str, path: Path | None = None) -> Config:
         control_socket=_name(groups, "agent", "control_socket", where, "tlshd/control"),
         tags_dir=_path(groups.get("agent", {}).get("tags_dir"), where, "[agent] tags_dir",
                        warnings) or TAGS_DIR,
+        app_enabled=_bool(groups, "app", "enabled", where),
+        app_socket=_name(groups, "app", "socket", where, "tlshd/app"),
+        app_allow_users=tuple(u.strip() for u in _list(
+            groups.get("app", {}).get("allow_users"), where, "[app] allow_users", warnings)
+            if u.strip()) if "allow_users" in groups.get("app", {}) else ("root",),
         path=path,
         warnings=tuple(warnings),
     )

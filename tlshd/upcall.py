@@ -92,7 +92,10 @@ class Upcall(Protocol):
     def accept(self) -> AcceptReply | None: ...
 
     def done(self, sockfd: int, status: int, remote_auth: Sequence[int],
-             tags: Sequence[str] = ()) -> None: ...
+             tags: Sequence[str] = (), *, peer: str = "", cipher: str = "") -> None:
+        """``peer`` (the verified subject) and ``cipher`` are for an application's answer
+        (tlshd.appserver); the kernel's DONE has no place for them."""
+        ...
 
     def setsockopt(self, fd: int, level: int, optname: int, value: bytes) -> None: ...
 
@@ -265,7 +268,7 @@ class _GenlUpcall:
         return error.sockfd if isinstance(error, codec.AcceptDecodeError) else None
 
     def done(self, sockfd: int, status: int, remote_auth: Sequence[int],
-             tags: Sequence[str] = ()) -> None:
+             tags: Sequence[str] = (), *, peer: str = "", cipher: str = "") -> None:
         """DONE. ``tags`` go only with a success and only where the kernel declares them
         (ktls-utils 1.4.0 netlink.c, tlshd_genl_done: after REMOTE_AUTH, status 0 only)."""
         seq = next(self._seq)

@@ -295,6 +295,14 @@ class Kernel:
             self.netns_of(sock).ulp.forget(sock)
         sock.close()
 
+    def adopt(self, sock: socket.socket) -> None:
+        """An application's TCP socket becomes one of the simulated kernel's: on Linux every
+        TCP socket can take the ``tls`` ULP (``setsockopt(TCP_ULP)`` on an established one).
+        Here the sockets the simulator plays the kernel for must be named: those of its
+        consumers' requests, and these. An agent's KSIM setsockopt then reaches it, and
+        ``ktls`` gives its record layer. ``sock_release`` forgets it."""
+        self._sockets[sock_cookie(sock)] = sock
+
     def ktls(self, sock: socket.socket) -> KTLSSocket:
         """The consumer's kTLS view of its socket (after the agent installed the ULP)."""
         ktls = self.netns_of(sock).ulp.lookup(sock)

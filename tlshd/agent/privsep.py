@@ -147,6 +147,16 @@ def _close(fds: Sequence[int]) -> None:
             os.close(fd)
 
 
+MAX_DETAIL = 512  # a DONE's peer subject and cipher name, for an application's answer
+
+
+def _detail(message: dict[str, Any], key: str) -> str:
+    value = message.get(key, "")
+    if not isinstance(value, str) or len(value) > MAX_DETAIL:
+        raise MonitorProtocolError(f"a DONE {key} that is not a short string")
+    return value
+
+
 def _int(message: dict[str, Any], key: str, low: int = 0, high: int = 2**31 - 1) -> int:
     value = message.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
@@ -374,8 +384,9 @@ class Monitor:
                and r not in request.reply.peer_identities for r in remote):
             raise MonitorProtocolError("a peer id that is not this request's")
         tags = self._tags(message)
+        peer, cipher = (_detail(message, key) for key in ("peer", "cipher"))
         del self.handles[handle]
-        answer = self._send_done(handle, status, remote, tags)
+        answer = self._send_done(handle, status, remote, tags, peer=peer, cipher=cipher)
         if answer.get("fail"):
             log.error("DONE for fd %d failed: %s", handle, answer["message"])
         _close([handle])
@@ -392,9 +403,10 @@ class Monitor:
         return tuple(tags)
 
     def _send_done(self, fd: int, status: int, remote: Sequence[int],
-                   tags: Sequence[str] = ()) -> dict[str, Any]:
+                   tags: Sequence[str] = (), *, peer: str = "", cipher: str = ""
+                   ) -> dict[str, Any]:
         try:
-            self.upcall.done(fd, status, remote, tags)
+            self.upcall.done(fd, status, remote, tags, peer=peer, cipher=cipher)
         except TlshdError as exc:
             return {"fail": "done", "message": str(exc)}
         return {}
@@ -581,7 +593,7 @@ class MonitorClient:
         return None
 
     def done(self, sockfd: int, status: int, remote_auth: Sequence[int],
-             tags: Sequence[str] = ()) -> None:
+             tags: Sequence[str] = (), *, peer: str = "", cipher: str = "") -> None:
         handle = self._handles.pop(sockfd, None)
         if handle is None:
             raise TransportError(f"DONE for fd {sockfd}, which is not a request")
@@ -589,6 +601,8 @@ class MonitorClient:
                                    "remote": list(remote_auth)}
         if tags:
             message["tags"] = list(tags)
+        if peer or cipher:
+            message["peer"], message["cipher"] = peer[:MAX_DETAIL], cipher[:MAX_DETAIL]
         try:  # one way: the monitor logs a DONE the kernel refused
             send(self.requests, message)
         except OSError as exc:

@@ -19,12 +19,13 @@ import contextlib
 import dataclasses
 import logging
 import os
+import pwd
 import selectors
 import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import FrameType
 
@@ -40,14 +41,15 @@ from tlshd.agent.events import MAX_EVENT, EventBatch, EventSink, Fatal, Ready, W
 from tlshd.agent.events import decode_all as decode_events
 from tlshd.agent.stats import Stats
 from tlshd.agent.worker import Worker, warm_up
+from tlshd.appserver import AppEndpoint, CombinedUpcall, app_socket
 from tlshd.config import Config
 from tlshd.credentials import files
 from tlshd.credentials.contexts import Contexts
 from tlshd.credentials.keys import LOCAL_KEYS, RequestKeys, link_keyrings
 from tlshd.early import Held
-from tlshd.errors import ConfigError, CredentialError, DecodeError, TlshdError
+from tlshd.errors import ConfigError, CredentialError, DecodeError, TlshdError, TransportError
 from tlshd.tags import TagSet
-from tlshd.upcall import Upcall, open_upcall
+from tlshd.upcall import SimUpcall, Upcall, open_upcall
 
 log = logging.getLogger("tlshd")
 DRAIN_GRACE_S = 30.0
@@ -67,10 +69,17 @@ class _Stop:
 
 def run_worker(config: Config, contexts: Contexts, stop: _Stop,
                events: EventSink | None = None,
-               report: Callable[[TlshdError], None] | None = None) -> int:
+               report: Callable[[TlshdError], None] | None = None,
+               app_sock: socket.socket | None = None) -> int:
     """One worker process's life: serve until asked to stop, then drain. With privilege
-    separation the handshakes run in a confined child of this process (tlshd.agent.privsep)."""
-    upcall = open_upcall(config.upcall)
+    separation the handshakes run in a confined child of this process (tlshd.agent.privsep).
+    ``app_sock``: the application endpoint ([app]), served beside the kernel's requests."""
+    upcall: Upcall = open_upcall(config.upcall)
+    if app_sock is not None:
+        # kernel-sim plays the kernel for applications' sockets too; else the real one
+        sockopts = upcall if isinstance(upcall, SimUpcall) else None
+        upcall = CombinedUpcall(upcall, AppEndpoint(app_sock, allowed_uids(
+            config.app_allow_users), sockopts))
     if separated(config):
         user = sandbox.resolve_user(config.worker_user)
         paths = privsep.credential_paths((config.client, config.server))
@@ -87,6 +96,21 @@ def run_worker(config: Config, contexts: Contexts, stop: _Stop,
         finally:
             upcall.close()
     return _serve(upcall, contexts, config, stop, events)
+
+
+def allowed_uids(users: Sequence[str]) -> frozenset[int]:
+    """``[app] allow_users``: names or numeric uids; a name that does not resolve is logged
+    and skipped (``tlshd doctor`` fails it)."""
+    uids = set()
+    for user in users:
+        if user.isdigit():
+            uids.add(int(user))
+            continue
+        try:
+            uids.add(pwd.getpwnam(user).pw_uid)
+        except KeyError:
+            log.warning("[app] allow_users: no user %r; skipped", user[:64])
+    return frozenset(uids)
 
 
 def separated(config: Config) -> bool:
@@ -162,6 +186,7 @@ class Supervisor:
         self._notified_ready = False
         self._stopping = False
         self._listeners: list[socket.socket] = []
+        self._app_sock: socket.socket | None = None  # [app]: the workers serve it
 
     # --- start and stop ------------------------------------------------------------
 
@@ -187,6 +212,14 @@ class Supervisor:
         self._wake_r.setblocking(False)
         self._sel.register(self._events_r, selectors.EVENT_READ, self._on_events)
         self._sel.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
+        if config.app_enabled:
+            try:
+                self._app_sock = app_socket(config.app_socket)
+            except TransportError as exc:
+                log.error("%s; serving the kernel only", exc)
+            else:
+                log.info("application endpoint @%s (allowed: %s)", config.app_socket,
+                         ", ".join(config.app_allow_users) or "nobody")
         control = control_listener(("\0" + config.control_socket).encode())
         self._listen(control, lambda: self._serve_control(control))
         if config.metrics:
@@ -269,7 +302,7 @@ class Supervisor:
 
             try:
                 code = run_worker(self.generation.config, self.generation.contexts, stop, events,
-                                  report)
+                                  report, self._app_sock)
             except TlshdError as exc:
                 report(exc)
         except BaseException:  # the child must never return into the supervisor's code

@@ -238,6 +238,16 @@ def _subject(der: bytes | None) -> str:
     return " subject=" + show(text, 200)
 
 
+def _plain_subject(der: bytes | None) -> str:
+    """The verified peer certificate's subject (RFC 4514), for an application's answer."""
+    if not der:
+        return ""
+    try:
+        return x509.load_der_x509_certificate(der).subject.rfc4514_string()[:500]
+    except ValueError:
+        return ""
+
+
 def netns_label() -> str:
     """This process's network namespace: its ``ip netns`` name if it has one, else
     ``net:[inode]`` as /proc shows it."""
@@ -322,7 +332,7 @@ class Worker:
             "timer": time.thread_time, "keylog": KEYLOG.write if KEYLOG.path else None})
         self.by_source: dict[str, int] = {}
         self._held: list[tuple[float, socket.socket, int, tuple[int, ...],
-                               AcceptReply | None, tuple[str, ...]]] = []
+                               AcceptReply | None, tuple[str, ...], tuple[str, str]]] = []
         self.netns = netns_label()
         self._sel = selectors.DefaultSelector()
         self._sel.register(upcall.notify_fileno(), selectors.EVENT_READ, None)
@@ -571,7 +581,8 @@ class Worker:
         shown = f" tags={','.join(tags)}" if tags else ""
         self._finish(hs, 0, (peer,) if peer else (),
                      f"ok cipher={suite.openssl_name}{_subject(session.peer_certificate_der)}"
-                     f"{shown}", cipher=suite.openssl_name, tags=tags)
+                     f"{shown}", cipher=suite.openssl_name, tags=tags,
+                     peer_subject=_plain_subject(session.peer_certificate_der))
         self.completed += 1
 
     def _session_tags(self, reply: AcceptReply, session: SessionResult) -> tuple[str, ...]:
@@ -630,7 +641,7 @@ class Worker:
         return True
 
     def _finish(self, hs: Handshake, status: int, remote: tuple[int, ...], what: str, *,
-                cipher: str = "-", tags: tuple[str, ...] = ()) -> None:
+                cipher: str = "-", tags: tuple[str, ...] = (), peer_subject: str = "") -> None:
         self.inflight.pop(hs.sock.fileno(), None)
         if hs.source:
             left = self.by_source.get(hs.source, 1) - 1
@@ -648,7 +659,8 @@ class Worker:
         line = (f"{what}{hs.psk.describe()} busy={self._busy(hs) * 1000:.2f}ms "
                 f"tls={tls_ms:.2f}ms")
         self._log_line(hs.reply, status, elapsed_ms, line, addr=hs.addr)
-        self._release(hs.sock, status, remote, hs.reply, tags)
+        self._release(hs.sock, status, remote, hs.reply, tags,
+                      (peer_subject, cipher if status == 0 else ""))
         # the event after it, so that its CPU figure covers the whole request, DONE included
         self._done_event(hs.reply, status, elapsed_ms, line, tls_ms, cipher,
                          cpu_ms=self._busy(hs) * 1000, tags=tags)
@@ -658,21 +670,23 @@ class Worker:
         return hs.busy_s + (time.thread_time() - hs.pass_begun if hs.pass_begun else 0.0)
 
     def _release(self, sock: socket.socket, status: int, remote: tuple[int, ...],
-                 reply: AcceptReply | None, tags: tuple[str, ...] = ()) -> None:
-        """DONE, then close our copy of the fd: now, or after ``delay_done``."""
+                 reply: AcceptReply | None, tags: tuple[str, ...] = (),
+                 detail: tuple[str, str] = ("", "")) -> None:
+        """DONE, then close our copy of the fd: now, or after ``delay_done``. ``detail``:
+        the verified peer's subject and the cipher, for an application's answer."""
         if self._delay_done_s > 0:
             self._held.append((self._clock() + self._delay_done_s, sock, status, remote, reply,
-                               tags))
+                               tags, detail))
             return
-        self._done(sock.fileno(), status, remote, tags)
+        self._done(sock.fileno(), status, remote, tags, detail)
         sock.close()
         if reply is not None:
             self._keys.release(reply)
 
     def _send_held(self, now: float) -> None:
         while self._held and self._held[0][0] <= now:
-            _, sock, status, remote, reply, tags = self._held.pop(0)
-            self._done(sock.fileno(), status, remote, tags)
+            _, sock, status, remote, reply, tags, detail = self._held.pop(0)
+            self._done(sock.fileno(), status, remote, tags, detail)
             sock.close()
             if reply is not None:
                 self._keys.release(reply)
@@ -702,9 +716,9 @@ class Worker:
                           tls_ms=round(tls_ms, 3), cpu_ms=round(cpu_ms, 3), tags=tags))
 
     def _done(self, fd: int, status: int, remote: tuple[int, ...],
-              tags: tuple[str, ...] = ()) -> None:
+              tags: tuple[str, ...] = (), detail: tuple[str, str] = ("", "")) -> None:
         try:
-            self.upcall.done(fd, status, remote, tags)
+            self.upcall.done(fd, status, remote, tags, peer=detail[0], cipher=detail[1])
         except TlshdError as exc:  # a lost channel also shows on the READY socket: we exit there
             log.error("DONE for fd %d failed: %s", fd, exc)
 

@@ -1,0 +1,155 @@
+"""Secure sockets for applications (issue 17, step 1) through kernel-sim: a process hands its
+own connected TCP socket to the agent (tlshd.app), the agent runs the handshake with its
+configured credentials and installs kTLS on that socket, and the process then moves bulk data
+over it. kernel-sim plays the kernel for the application's sockets (Kernel.adopt)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from kernel_sim.kernel import Kernel
+from tests.pki import PKI
+from tests.sim.harness import Agent, start_agent, unique_endpoint, write_config
+from tlshd.app import Secured, SecureSocketError, secure_client, secure_server
+
+pytestmark = pytest.mark.sim
+
+
+def app_agent(kernel: Kernel, pki: PKI, tmp_path: Path, *, privsep: bool = True,
+              allow: str = "root") -> tuple[Agent, str]:
+    endpoint = f"tlshd-test-app/{kernel.endpoint}"
+    config = write_config(tmp_path, pki, kernel.endpoint, extra=(
+        f"privsep={'true' if privsep else 'false'}\n\n[app]\nenabled=true\n"
+        f"socket={endpoint}\nallow_users={allow}\n\n[agent]\n"))
+    return start_agent(kernel, config), endpoint
+
+
+def tcp_pair(kernel: Kernel) -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    kernel.adopt(client)
+    kernel.adopt(server)
+    return client, server
+
+
+def secure_pair(kernel: Kernel, endpoint: str, name: str = "localhost"
+                ) -> tuple[socket.socket, socket.socket, Secured, Secured]:
+    client, server = tcp_pair(kernel)
+    box: dict[str, object] = {}
+
+    def serve() -> None:
+        try:
+            box["server"] = secure_server(server, endpoint=endpoint)
+        except SecureSocketError as exc:
+            box["server"] = exc
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        result = secure_client(client, server_name=name, endpoint=endpoint)
+    finally:
+        thread.join(20)
+    served = box["server"]
+    if isinstance(served, Exception):
+        raise served
+    assert isinstance(served, Secured)
+    return client, server, result, served
+
+
+@pytest.mark.parametrize("privsep", [True, False], ids=["privsep", "no-privsep"])
+def test_an_application_gets_ktls_on_its_own_socket_and_bulk_data_crosses_byte_exact(
+        pki: PKI, tmp_path: Path, privsep: bool) -> None:
+    with Kernel(endpoint=unique_endpoint()) as kernel:
+        kernel.add_netns(None)
+        agent, endpoint = app_agent(kernel, pki, tmp_path, privsep=privsep)
+        try:
+            client, server, result, served = secure_pair(kernel, endpoint)
+            assert result.peer == "CN=server.test,O=tlshd tests"  # the verified server
+            assert served.peer == "CN=client.test,O=tlshd tests"  # the agent's client cert
+            assert result.cipher.startswith("TLS_") and result.cipher == served.cipher
+            up, down = os.urandom(1 << 20), os.urandom(300_000)
+            client_tls, server_tls = kernel.ktls(client), kernel.ktls(server)
+            got: list[bytes] = []
+            reader = threading.Thread(target=lambda: got.append(_read(server_tls, len(up))))
+            reader.start()
+            _write(client_tls, up)
+            reader.join(30)
+            assert got == [up]
+            writer = threading.Thread(target=_write, args=(server_tls, down))
+            writer.start()
+            assert _read(client_tls, len(down)) == down
+            writer.join(30)
+            assert any("application request: client" in line for line in agent.log)
+            kernel.sock_release(client)
+            kernel.sock_release(server)
+        finally:
+            assert agent.stop() == 0, "\n".join(agent.log)
+
+
+def _write(tls: object, data: bytes) -> None:
+    for at in range(0, len(data), 16384):
+        tls.sendmsg(data[at:at + 16384])  # type: ignore[attr-defined]
+
+
+def _read(tls: object, size: int) -> bytes:
+    out = b""
+    while len(out) < size:
+        _, chunk = tls.recvmsg(65536)  # type: ignore[attr-defined]
+        assert chunk, "EOF"
+        out += chunk
+    return out
+
+
+def test_a_wrong_server_name_fails_the_request_with_eacces_and_the_agent_serves_on(
+        pki: PKI, tmp_path: Path) -> None:
+    with Kernel(endpoint=unique_endpoint()) as kernel:
+        kernel.add_netns(None)
+        agent, endpoint = app_agent(kernel, pki, tmp_path)
+        try:
+            with pytest.raises(SecureSocketError) as info:
+                secure_pair(kernel, endpoint, name="other.test")
+            assert info.value.errno == errno.EACCES
+            secure_pair(kernel, endpoint)  # the next one succeeds
+        finally:
+            assert agent.stop() == 0, "\n".join(agent.log)
+
+
+def test_a_uid_that_is_not_allowed_gets_eacces_and_no_handshake(pki: PKI, tmp_path: Path) -> None:
+    script = (
+        "import errno, os, socket, sys\n"
+        "from tlshd.app import secure_client, SecureSocketError\n"
+        "l = socket.create_server(('127.0.0.1', 0))\n"
+        "c = socket.create_connection(l.getsockname())\n"
+        "os.setgid(65534); os.setuid(65534)\n"
+        "try:\n"
+        "    secure_client(c, server_name='localhost', endpoint=sys.argv[1])\n"
+        "except SecureSocketError as e:\n"
+        "    print('errno', e.errno, e.strerror)\n"
+    )
+    with Kernel(endpoint=unique_endpoint()) as kernel:
+        kernel.add_netns(None)
+        agent, endpoint = app_agent(kernel, pki, tmp_path)
+        try:
+            done = subprocess.run([sys.executable, "-c", script, endpoint], capture_output=True,
+                                  text=True, timeout=60, check=False)
+            assert done.stdout.startswith(f"errno {errno.EACCES} uid 65534 may not ask"), (
+                done.stdout + done.stderr)
+            assert not any("role=client" in line for line in agent.log)  # no handshake ran
+        finally:
+            assert agent.stop() == 0, "\n".join(agent.log)
+
+
+def test_without_an_agent_the_request_fails_with_econnrefused() -> None:
+    a, b = socket.socketpair()
+    with a, b, pytest.raises(SecureSocketError) as info:
+        secure_client(a, endpoint=f"tlshd-test-app/none-{os.getpid()}")
+    assert info.value.errno == errno.ECONNREFUSED
