@@ -19,6 +19,7 @@
 #   nfs_untrusted_ca    the server's certificate comes from a CA the client does not trust
 #   nvme_loop N / nfs_loop N   N connect/disconnect (mount/umount) cycles, for bench/real_kernel
 #   nvme_burst N        N NVMe/TCP connects at once (their queues' handshakes together)
+#   app_pair            tlshd.app: both ends of a loopback pair secured by the agent, bulk data
 # Environment: TLSHD_GUEST_AGENT=tlshd (default) | reference (ktls-utils' /usr/sbin/tlshd);
 # TLSHD_GUEST_WORKERS: tlshd's worker count (default: its own, one per CPU).
 #
@@ -191,6 +192,7 @@ x509.private_key=$p/$1.key
 $( [ "$AGENT_KIND" != reference ] && printf '\n[agent]\ntags_dir=%s\n' "$WORK/tags.d" )
 $( [ "$AGENT_KIND" != reference ] && [ "${TLSHD_GUEST_PRIVSEP:-}" = off ] &&
    echo 'privsep=false' )
+$( [ "$AGENT_KIND" != reference ] && printf '\n[app]\nenabled=true\nallow_users=root\n' )
 EOF
     # session tags (docs/session-tags.md) for this agent: no released kernel takes them in
     # DONE, so the server lines show them and every DONE must still be accepted
@@ -483,6 +485,14 @@ s_nvme_done_noadmin() {  # DONE sent without CAP_NET_ADMIN in the effective set
     probe_connect drop-admin
     result done_ack_without_admin "$(probe_says done_ack_without_admin | head -1)"
     result cap_net_admin_at_done "$(probe_says cap_net_admin_effective | sort -u | paste -sd, -)"
+}
+
+s_app_pair() {  # tlshd.app: the agent secures both ends of a loopback pair, then bulk data
+    local line
+    (cd "$REPO" && "$PY" scripts/qemu/app-pair.py) > "$OUT/$SCEN/app.txt" 2>&1
+    while IFS= read -r line; do
+        case $line in *=*) result "${line%%=*}" "${line#*=}" ;; esac
+    done < "$OUT/$SCEN/app.txt"
 }
 
 s_nvme_startup() {  # a connect as soon as the kernel sees a listener, while the agent loads

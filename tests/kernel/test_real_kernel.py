@@ -13,6 +13,7 @@ exactly as test_sim_scenarios.py does for kernel-sim.
 
 from __future__ import annotations
 
+import errno
 import os
 import platform
 import subprocess
@@ -36,7 +37,7 @@ REPO = Path(__file__).resolve().parents[2]
 RUN_GUEST = REPO / "scripts" / "qemu" / "run-guest.sh"
 # the no-agent and raw-agent scenarios stop the agent: they go last
 ORDER = ["nvme_psk", "nvme_psk_sha384", "nfs_tls", "nfs_mtls", "nfs_plain_refused",
-         "nfs_tls_on_mtls", "nfs_untrusted_ca", "nvme_startup", "nvme_done_status",
+         "nfs_tls_on_mtls", "nfs_untrusted_ca", "app_pair", "nvme_startup", "nvme_done_status",
          "nvme_done_noadmin", "nvme_no_agent"]
 # Issue 12 item 9: a mount loop once stalled 5 s (1 of 17 mounts, 6.12.117). A cycle past 3 s
 # is reported by guest.sh as slow; these run after nfs_untrusted_ca, with the agent serving.
@@ -223,6 +224,21 @@ def test_session_tags_are_logged_and_never_sent_to_a_kernel_that_does_not_declar
     assert any(" tags=no-certificate " in line for line in servers), servers  # nfs_tls
     assert not any(" tags=" in line for line in log.splitlines() if "role=client" in line)
     assert guest.r("nfs_mtls", "mount_proto") == "vers=4.2,xprtsec=mtls"
+
+
+def test_an_application_gets_ktls_on_its_own_sockets(guest: Guest) -> None:
+    """tlshd.app (issue 17): the agent secures both ends of a loopback pair through its
+    application endpoint; the kernel then carries 4 MiB and 1 MiB byte-exact with plain
+    send/recv on the sockets (the ULP is "tls"); uid 65534, not in allow_users, gets EACCES."""
+    assert guest.r("app_pair", "client_status") == "0", (guest.out / "app_pair").as_posix()
+    assert guest.r("app_pair", "server_status") == "0"
+    assert guest.r("app_pair", "client_peer") == "CN=server.test,O=tlshd tests"
+    assert guest.r("app_pair", "server_peer") == "CN=client.test,O=tlshd tests"
+    assert guest.r("app_pair", "client_cipher").startswith("TLS_")
+    assert guest.r("app_pair", "ulp") == "tls"
+    assert guest.r("app_pair", "up_exact") == "yes"
+    assert guest.r("app_pair", "down_exact") == "yes"
+    assert guest.r("app_pair", "other_uid_errno") == str(errno.EACCES)
 
 
 def test_no_agent_fails_at_once(guest: Guest) -> None:

@@ -1,0 +1,119 @@
+"""Guest side of the app_pair scenario (guest.sh): tlshd.app on the real kernel.
+
+A loopback TCP pair; the agent secures one end as client (server_name localhost) and the other
+as server, both through its application endpoint; then 4 MiB one way and 1 MiB the other with
+plain send/recv on the sockets (kTLS does the records), compared byte for byte. Then a child
+that has become uid 65534 asks too and must get EACCES. Prints ``key=value`` lines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import sys
+import threading
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tlshd.app import Secured, SecureSocketError, secure_client, secure_server
+
+SOL_TCP, TCP_ULP = 6, 31
+
+
+def say(key: str, value: object) -> None:
+    print(f"{key}={value}", flush=True)
+
+
+def pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    return client, server
+
+
+def read_exactly(sock: socket.socket, size: int) -> bytes:
+    chunks, got = [], 0
+    while got < size:
+        chunk = sock.recv(min(1 << 16, size - got))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def main() -> int:
+    client, server = pair()
+    box: dict[str, object] = {}
+
+    def serve() -> None:
+        try:
+            box["s"] = secure_server(server)
+        except SecureSocketError as exc:
+            box["s"] = exc
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        secured: Secured | SecureSocketError = secure_client(client, server_name="localhost")
+    except SecureSocketError as exc:
+        secured = exc
+    thread.join(30)
+    served = box.get("s")
+    for side, outcome in (("client", secured), ("server", served)):
+        if isinstance(outcome, Secured):
+            say(f"{side}_status", 0)
+            say(f"{side}_peer", outcome.peer)
+            say(f"{side}_cipher", outcome.cipher)
+        else:
+            say(f"{side}_status", getattr(outcome, "errno", "none"))
+    if not isinstance(secured, Secured) or not isinstance(served, Secured):
+        return 0
+    say("ulp", client.getsockopt(SOL_TCP, TCP_ULP, 16).rstrip(b"\0").decode())
+    up, down = os.urandom(4 << 20), os.urandom(1 << 20)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(read_exactly(server, len(up))))
+    reader.start()
+    client.sendall(up)
+    reader.join(60)
+    say("up_exact", "yes" if got and hashlib.sha256(got[0]).digest() ==
+        hashlib.sha256(up).digest() else "no")
+    writer = threading.Thread(target=server.sendall, args=(down,))
+    writer.start()
+    back = read_exactly(client, len(down))
+    writer.join(60)
+    say("down_exact", "yes" if back == down else "no")
+    client.close()
+    server.close()
+    refused()
+    return 0
+
+
+def refused() -> None:
+    """The same request from uid 65534, whom [app] allow_users does not name."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        code = "none"
+        try:
+            c, _s = pair()
+            os.setgid(65534)
+            os.setuid(65534)
+            secure_client(c, server_name="localhost")
+        except SecureSocketError as exc:
+            code = str(exc.errno)
+        except OSError as exc:
+            code = f"oserror:{exc.errno}"
+        os.write(write_end, code.encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        say("other_uid_errno", pipe.read())
+    os.waitpid(pid, 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
