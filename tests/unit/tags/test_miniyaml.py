@@ -9,28 +9,12 @@ import subprocess
 
 import pytest
 
+from tests.unit.tags.test_rules import REFERENCE_EXAMPLE
 from tlshd.tags import miniyaml
 from tlshd.tags.miniyaml import Map, Node, Scalar, Seq
 
 DOCUMENTS = [
-    # the reference's own tags.example, in part
-    """---
-filters:
-  monsters-university:
-    type: "x509.tbs.issuer"
-    pattern: "*,O=Monsters University,*"
-  valid-keyusage:
-    type: "x509.extension.keyUsage"
-    purpose:
-      - "digitalSignature"
-      - "nonRepudiation"
-
-tags:
-  ror-mu-chapter:
-    filter:
-      - "monsters-university"
-      - "valid-keyusage"
-""",
+    REFERENCE_EXAMPLE,  # ktls-utils 1.4.0 etc/tlshd/tags.example
     # flow style, comments, quotes, a sequence at its key's indentation, several documents
     """# a comment
 filters:
