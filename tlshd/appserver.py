@@ -47,6 +47,14 @@ _UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
 _MAX_FDS = 4  # more than one fd is refused; room to see (and close) a few
 
 
+APP_REQUEST = 0  # the header type of an application's request (the kernel's: its family id)
+
+
+def is_app_request(reply: AcceptReply) -> bool:
+    """The request came from an application (its header's pid is the caller's)."""
+    return reply.header.type == APP_REQUEST
+
+
 class SockoptTarget(Protocol):
     def setsockopt(self, fd: int, level: int, optname: int, value: bytes) -> None: ...
 
@@ -143,7 +151,7 @@ class AppEndpoint:
         log.info("application request: %s for pid %d uid %d%s", role, caller.pid, caller.uid,
                  f" server_name={show(name, 100)}" if name else "")
         return AcceptReply(
-            header=Header(0, 0, self._seq, caller.pid), sockfd=fds[0],
+            header=Header(APP_REQUEST, 0, self._seq, caller.pid), sockfd=fds[0],
             message_type=MsgType.CLIENTHELLO if role == "client" else MsgType.SERVERHELLO,
             auth_mode=AuthMode.X509, peername=name, timeout_ms=timeout_ms, keyring=None,
             peer_identities=(), certificate=None, unknown_attrs=())

@@ -89,6 +89,8 @@ def test_an_application_gets_ktls_on_its_own_socket_and_bulk_data_crosses_byte_e
             assert _read(client_tls, len(down)) == down
             writer.join(30)
             assert any("application request: client" in line for line in agent.log)
+            assert any("role=client" in line and " status=0 " in line and " app_pid=" in line
+                       for line in agent.log)
             kernel.sock_release(client)
             kernel.sock_release(server)
         finally:

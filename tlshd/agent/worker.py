@@ -39,6 +39,7 @@ from cryptography import x509
 
 from tlshd.agent.events import Done, EventSink, Limit, Start
 from tlshd.agent.ratelimit import FailureLimiter, source_of
+from tlshd.appserver import is_app_request
 from tlshd.credentials.chooser import Chooser, ContextProvider, PSKChoice
 from tlshd.credentials.keys import LOCAL_KEYS, RequestKeys
 from tlshd.credentials.psk import PSK
@@ -193,9 +194,9 @@ def _log_result(reply: AcceptReply, status: int, elapsed_ms: float, what: str,
     """One line per request: namespace, role, auth mode, peer (the name the kernel gave, and
     the address), DONE status, duration, outcome (ok + cipher and the peer certificate's
     subject, or why it failed)."""
-    log.info("handshake netns=%s role=%s auth=%s peer=%s addr=%s status=%d %.1fms %s", netns,
-             _role(reply), _auth_name(reply), reply.peername or "-", addr, status, elapsed_ms,
-             what)
+    log.info("handshake netns=%s role=%s auth=%s peer=%s addr=%s status=%d %.1fms %s%s",
+             netns, _role(reply), _auth_name(reply), reply.peername or "-", addr, status,
+             elapsed_ms, what, f" app_pid={reply.header.pid}" if is_app_request(reply) else "")
 
 
 def _source(sock: socket.socket) -> str:
