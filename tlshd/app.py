@@ -20,6 +20,7 @@ one back. The wire format is in :mod:`tlshd.appserver`.
 from __future__ import annotations
 
 import array
+import base64
 import errno
 import json
 import os
@@ -27,7 +28,7 @@ import socket
 from dataclasses import dataclass
 
 DEFAULT_ENDPOINT = "tlshd/app"  # an abstract Unix name, per network namespace
-MAX_REPLY = 4096
+MAX_REPLY = 64 * 1024
 _SLACK_S = 5.0  # beyond the handshake's own timeout: the agent's DONE, the reply
 
 
@@ -42,6 +43,9 @@ class Secured:
 
     peer: str  # the verified peer certificate's subject ("" when the peer sent none)
     cipher: str
+    # what the server sent before the hand-over, decrypted: read it before the socket's
+    # data (b"" unless a server speaks first within the agent's post-handshake wait)
+    data: bytes = b""
 
 
 def secure_client(sock: socket.socket, server_name: str | None = None, *,
@@ -87,4 +91,9 @@ def _result(data: bytes) -> Secured:
         raise SecureSocketError(errno.EPROTO, "a malformed answer from the agent") from None
     if status:
         raise SecureSocketError(status, str(reply.get("error") or os.strerror(status)))
-    return Secured(peer=str(reply.get("peer", "")), cipher=str(reply.get("cipher", "")))
+    try:
+        data = base64.b64decode(reply.get("data", ""), validate=True)
+    except (ValueError, TypeError):
+        raise SecureSocketError(errno.EPROTO, "a malformed answer from the agent") from None
+    return Secured(peer=str(reply.get("peer", "")), cipher=str(reply.get("cipher", "")),
+                   data=data)

@@ -20,6 +20,7 @@ judged there, and the confined handshake process sees only the requests that pas
 from __future__ import annotations
 
 import array
+import base64
 import contextlib
 import errno
 import json
@@ -41,6 +42,7 @@ from tlshd.untrusted import show
 log = logging.getLogger("tlshd")
 
 MAX_REQUEST = 4096
+MAX_ANSWER = 64 * 1024  # room for one record of data read before the hand-over
 MAX_NAME = 253  # a DNS name
 MAX_TIMEOUT_MS = 600_000
 _UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
@@ -157,7 +159,8 @@ class AppEndpoint:
             peer_identities=(), certificate=None, unknown_attrs=())
 
     def done(self, sockfd: int, status: int, remote_auth: Sequence[int],
-             tags: Sequence[str] = (), *, peer: str = "", cipher: str = "") -> None:
+             tags: Sequence[str] = (), *, peer: str = "", cipher: str = "",
+             data: bytes = b"") -> None:
         pending = self.pending.pop(sockfd, None)
         if pending is None:
             raise TransportError(f"DONE for fd {sockfd}, which is no application request")
@@ -166,6 +169,8 @@ class AppEndpoint:
             answer["error"] = os.strerror(status)
         else:
             answer.update(peer=peer, cipher=cipher)
+            if data:  # read before the hand-over: the application reads these first
+                answer["data"] = base64.b64encode(data).decode()
         self._answer(pending.address, answer)
 
     def _answer(self, address: Any, answer: dict[str, Any]) -> None:
@@ -268,9 +273,11 @@ class CombinedUpcall:
         return self.app if fd in self.app.pending else self.kernel
 
     def done(self, sockfd: int, status: int, remote_auth: Sequence[int],
-             tags: Sequence[str] = (), *, peer: str = "", cipher: str = "") -> None:
+             tags: Sequence[str] = (), *, peer: str = "", cipher: str = "",
+             data: bytes = b"") -> None:
         if sockfd in self.app.pending:
-            self.app.done(sockfd, status, remote_auth, tags, peer=peer, cipher=cipher)
+            self.app.done(sockfd, status, remote_auth, tags, peer=peer, cipher=cipher,
+                          data=data)
         else:
             self.kernel.done(sockfd, status, remote_auth, tags)
 

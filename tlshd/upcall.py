@@ -92,9 +92,11 @@ class Upcall(Protocol):
     def accept(self) -> AcceptReply | None: ...
 
     def done(self, sockfd: int, status: int, remote_auth: Sequence[int],
-             tags: Sequence[str] = (), *, peer: str = "", cipher: str = "") -> None:
-        """``peer`` (the verified subject) and ``cipher`` are for an application's answer
-        (tlshd.appserver); the kernel's DONE has no place for them."""
+             tags: Sequence[str] = (), *, peer: str = "", cipher: str = "",
+             data: bytes = b"") -> None:
+        """``peer`` (the verified subject), ``cipher`` and ``data`` (what the server sent
+        before the hand-over, decrypted) are for an application's answer (tlshd.appserver);
+        the kernel's DONE has no place for them."""
         ...
 
     def setsockopt(self, fd: int, level: int, optname: int, value: bytes) -> None: ...
@@ -268,7 +270,8 @@ class _GenlUpcall:
         return error.sockfd if isinstance(error, codec.AcceptDecodeError) else None
 
     def done(self, sockfd: int, status: int, remote_auth: Sequence[int],
-             tags: Sequence[str] = (), *, peer: str = "", cipher: str = "") -> None:
+             tags: Sequence[str] = (), *, peer: str = "", cipher: str = "",
+             data: bytes = b"") -> None:
         """DONE. ``tags`` go only with a success and only where the kernel declares them
         (ktls-utils 1.4.0 netlink.c, tlshd_genl_done: after REMOTE_AUTH, status 0 only)."""
         seq = next(self._seq)

@@ -3,7 +3,10 @@
 A loopback TCP pair; the agent secures one end as client (server_name localhost) and the other
 as server, both through its application endpoint; then 4 MiB one way and 1 MiB the other with
 plain send/recv on the sockets (kTLS does the records), compared byte for byte. Then a child
-that has become uid 65534 asks too and must get EACCES. Prints ``key=value`` lines.
+that has become uid 65534 asks too and must get EACCES. Last, a client to a Python ssl
+(OpenSSL) server that sends its two default NewSessionTickets: the first plain recv() must
+be the server's data, not EIO (the agent read the tickets before the hand-over).
+Prints ``key=value`` lines. Usage: app-pair.py PKI_DIR
 """
 
 from __future__ import annotations
@@ -88,7 +91,36 @@ def main() -> int:
     client.close()
     server.close()
     refused()
+    tickets(Path(sys.argv[1]))
     return 0
+
+
+def tickets(pki: Path) -> None:
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.load_cert_chain(pki / "server.crt", pki / "server.key")
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with context.wrap_socket(conn, server_side=True) as tls:
+            tls.sendall(tls.recv(100)[::-1])
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    sock = socket.create_connection(listener.getsockname())
+    try:
+        secure_client(sock, server_name="localhost")
+        sock.sendall(b"hello, server")
+        sock.settimeout(10)
+        say("ticket_server_read", sock.recv(100).decode(errors="replace"))
+    except OSError as exc:
+        say("ticket_server_read", f"errno:{exc.errno}")
+    thread.join(10)
+    sock.close()
+    listener.close()
 
 
 def refused() -> None:

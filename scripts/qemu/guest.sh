@@ -489,7 +489,7 @@ s_nvme_done_noadmin() {  # DONE sent without CAP_NET_ADMIN in the effective set
 
 s_app_pair() {  # tlshd.app: the agent secures both ends of a loopback pair, then bulk data
     local line
-    (cd "$REPO" && "$PY" scripts/qemu/app-pair.py) > "$OUT/$SCEN/app.txt" 2>&1
+    (cd "$REPO" && "$PY" scripts/qemu/app-pair.py "$WORK/pki") > "$OUT/$SCEN/app.txt" 2>&1
     while IFS= read -r line; do
         case $line in *=*) result "${line%%=*}" "${line#*=}" ;; esac
     done < "$OUT/$SCEN/app.txt"

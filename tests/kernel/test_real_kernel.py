@@ -239,6 +239,8 @@ def test_an_application_gets_ktls_on_its_own_sockets(guest: Guest) -> None:
     assert guest.r("app_pair", "up_exact") == "yes"
     assert guest.r("app_pair", "down_exact") == "yes"
     assert guest.r("app_pair", "other_uid_errno") == str(errno.EACCES)
+    # a Python ssl server's two NewSessionTickets: read by the agent, not EIO for recv()
+    assert guest.r("app_pair", "ticket_server_read") == "revres ,olleh"
 
 
 def test_no_agent_fails_at_once(guest: Guest) -> None:

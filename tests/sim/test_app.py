@@ -155,3 +155,78 @@ def test_without_an_agent_the_request_fails_with_econnrefused() -> None:
     with a, b, pytest.raises(SecureSocketError) as info:
         secure_client(a, endpoint=f"tlshd-test-app/none-{os.getpid()}")
     assert info.value.errno == errno.ECONNREFUSED
+
+
+def _tls_server(pki: PKI, behave) -> tuple[int, threading.Thread]:
+    """A Python ssl (OpenSSL) TLS 1.3 server on loopback that sends its default two
+    NewSessionTickets after the handshake, then runs ``behave(conn)``."""
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.load_cert_chain(pki.server.cert, pki.server.key)
+    assert context.num_tickets == 2
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        with listener:
+            conn, _ = listener.accept()
+            with context.wrap_socket(conn, server_side=True) as tls:
+                behave(tls)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener.getsockname()[1], thread
+
+
+def _client_to(kernel: Kernel, endpoint: str, port: int) -> tuple[socket.socket, Secured]:
+    sock = socket.create_connection(("127.0.0.1", port))
+    kernel.adopt(sock)
+    return sock, secure_client(sock, server_name="localhost", endpoint=endpoint)
+
+
+def test_the_servers_tickets_never_reach_the_application(pki: PKI, tmp_path: Path) -> None:
+    """kTLS hands a plain read() a non-data record as EIO: the agent reads the server's
+    NewSessionTickets itself before it hands the socket back, and kTLS starts after them."""
+    def echo(tls) -> None:
+        tls.sendall(tls.recv(100)[::-1])
+
+    with Kernel(endpoint=unique_endpoint()) as kernel:
+        kernel.add_netns(None)
+        agent, endpoint = app_agent(kernel, pki, tmp_path)
+        try:
+            port, thread = _tls_server(pki, echo)
+            sock, result = _client_to(kernel, endpoint, port)
+            assert result.data == b""
+            tls = kernel.ktls(sock)
+            tls.sendmsg(b"hello, server")
+            record_type, data = tls.recvmsg(100)
+            assert (record_type, data) == (23, b"revres ,olleh")  # data, not a ticket
+            thread.join(10)
+            assert any("post_handshake_records=2" in line for line in agent.log), agent.log[-3:]
+            kernel.sock_release(sock)
+        finally:
+            assert agent.stop() == 0, "\n".join(agent.log)
+
+
+def test_a_server_that_speaks_first_gets_its_first_record_to_the_application(
+        pki: PKI, tmp_path: Path) -> None:
+    def banner(tls) -> None:
+        tls.sendall(b"220 ready\r\n")
+        tls.sendall(b"second record\r\n")
+        tls.recv(10)
+
+    with Kernel(endpoint=unique_endpoint()) as kernel:
+        kernel.add_netns(None)
+        agent, endpoint = app_agent(kernel, pki, tmp_path)
+        try:
+            port, thread = _tls_server(pki, banner)
+            sock, result = _client_to(kernel, endpoint, port)
+            assert result.data == b"220 ready\r\n"  # read by the agent, in the answer
+            tls = kernel.ktls(sock)
+            assert tls.recvmsg(100) == (23, b"second record\r\n")  # kTLS from the next one
+            tls.sendmsg(b"bye")
+            thread.join(10)
+            kernel.sock_release(sock)
+        finally:
+            assert agent.stop() == 0, "\n".join(agent.log)

@@ -148,6 +148,7 @@ def _close(fds: Sequence[int]) -> None:
 
 
 MAX_DETAIL = 512  # a DONE's peer subject and cipher name, for an application's answer
+MAX_EARLY_DATA = 2**14  # and what the server sent before the hand-over: one record at most
 
 
 def _detail(message: dict[str, Any], key: str) -> str:
@@ -385,8 +386,12 @@ class Monitor:
             raise MonitorProtocolError("a peer id that is not this request's")
         tags = self._tags(message)
         peer, cipher = (_detail(message, key) for key in ("peer", "cipher"))
+        data = _unb64(message.get("data", ""))
+        if len(data) > MAX_EARLY_DATA:
+            raise MonitorProtocolError("DONE data longer than a record")
         del self.handles[handle]
-        answer = self._send_done(handle, status, remote, tags, peer=peer, cipher=cipher)
+        answer = self._send_done(handle, status, remote, tags, peer=peer, cipher=cipher,
+                                 data=data)
         if answer.get("fail"):
             log.error("DONE for fd %d failed: %s", handle, answer["message"])
         _close([handle])
@@ -403,10 +408,10 @@ class Monitor:
         return tuple(tags)
 
     def _send_done(self, fd: int, status: int, remote: Sequence[int],
-                   tags: Sequence[str] = (), *, peer: str = "", cipher: str = ""
-                   ) -> dict[str, Any]:
+                   tags: Sequence[str] = (), *, peer: str = "", cipher: str = "",
+                   data: bytes = b"") -> dict[str, Any]:
         try:
-            self.upcall.done(fd, status, remote, tags, peer=peer, cipher=cipher)
+            self.upcall.done(fd, status, remote, tags, peer=peer, cipher=cipher, data=data)
         except TlshdError as exc:
             return {"fail": "done", "message": str(exc)}
         return {}
@@ -593,7 +598,8 @@ class MonitorClient:
         return None
 
     def done(self, sockfd: int, status: int, remote_auth: Sequence[int],
-             tags: Sequence[str] = (), *, peer: str = "", cipher: str = "") -> None:
+             tags: Sequence[str] = (), *, peer: str = "", cipher: str = "",
+             data: bytes = b"") -> None:
         handle = self._handles.pop(sockfd, None)
         if handle is None:
             raise TransportError(f"DONE for fd {sockfd}, which is not a request")
@@ -603,6 +609,8 @@ class MonitorClient:
             message["tags"] = list(tags)
         if peer or cipher:
             message["peer"], message["cipher"] = peer[:MAX_DETAIL], cipher[:MAX_DETAIL]
+        if data:
+            message["data"] = _b64(data[:MAX_EARLY_DATA])
         try:  # one way: the monitor logs a DONE the kernel refused
             send(self.requests, message)
         except OSError as exc:

@@ -57,7 +57,12 @@ from tlshd.errors import (
     UnsupportedRequestError,
 )
 from tlshd.handshake import _psk
-from tlshd.handshake.engine import HandshakeEngine, Role
+from tlshd.handshake.engine import (
+    RECORD_HEADER_LEN,
+    HandshakeEngine,
+    Role,
+    parse_record_header,
+)
 from tlshd.handshake.events import (
     HandshakeComplete,
     HandshakeFailed,
@@ -81,6 +86,27 @@ SWEEP_INTERVAL_S = 1.0
 
 
 @dataclass(eq=False)
+class PostHandshake:
+    """An application's client handshake is complete; the server's NewSessionTickets follow
+    its Finished, and a kTLS socket would hand them to the application's ``read`` as EIO.
+    So the worker reads whole records until ``until`` (twice the handshake's time, within
+    POST_WAIT_S) and OpenSSL takes them; kTLS then starts after them (``records``). A record
+    of application data ends the wait at once: ``data`` goes to the application in its
+    answer, and everything after it is kTLS's."""
+
+    session: SessionResult
+    until: float
+    wait: float  # how long a quiet socket is waited for, again after each record
+    last: float  # the latest ``until`` may be (POST_WAIT_S[1] after the handshake)
+    buf: bytearray = field(default_factory=bytearray)
+    records: int = 0
+    data: bytes = b""
+
+
+POST_WAIT_S = (0.005, 0.2)  # the least and the most an application's client waits
+
+
+@dataclass(eq=False)
 class Handshake:
     reply: AcceptReply
     sock: socket.socket
@@ -99,6 +125,7 @@ class Handshake:
     addr: str = "-"  # the peer's address, for the log
     first_deadline: float = float("inf")  # the peer's first message must be whole by then
     source: str = ""  # a server handshake's client address, for the per-peer limit
+    after: PostHandshake | None = None  # an application's client: records after the handshake
 
     @property
     def role(self) -> str:
@@ -212,7 +239,17 @@ def _silent(hs: Handshake, now: float) -> bool:
 
 
 def _deadline_of(hs: Handshake) -> float:
+    if hs.after is not None:  # a record begun before the wait ended is read whole
+        return hs.deadline if hs.after.buf else min(hs.deadline, hs.after.until)
     return hs.deadline if hs.engine.first_flight_in else min(hs.deadline, hs.first_deadline)
+
+
+def _record_need(buf: bytearray) -> int:
+    """How many bytes complete the record that ``buf`` begins (0: it is whole)."""
+    if len(buf) < RECORD_HEADER_LEN:
+        return RECORD_HEADER_LEN - len(buf)
+    _, length = parse_record_header(bytes(buf[:RECORD_HEADER_LEN]))
+    return RECORD_HEADER_LEN + length - len(buf)
 
 
 def _peer_address(sock: socket.socket) -> str:
@@ -333,7 +370,8 @@ class Worker:
             "timer": time.thread_time, "keylog": KEYLOG.write if KEYLOG.path else None})
         self.by_source: dict[str, int] = {}
         self._held: list[tuple[float, socket.socket, int, tuple[int, ...],
-                               AcceptReply | None, tuple[str, ...], tuple[str, str]]] = []
+                               AcceptReply | None, tuple[str, ...],
+                               tuple[str, str, bytes]]] = []
         self.netns = netns_label()
         self._sel = selectors.DefaultSelector()
         self._sel.register(upcall.notify_fileno(), selectors.EVENT_READ, None)
@@ -518,6 +556,9 @@ class Worker:
 
     def _serve_events(self, hs: Handshake, events: int) -> None:
         try:
+            if hs.after is not None:
+                self._absorb(hs)
+                return
             if events & selectors.EVENT_WRITE:
                 self._flush(hs)
             if events & selectors.EVENT_READ:
@@ -572,18 +613,74 @@ class Worker:
     def _complete(self, hs: Handshake, session: SessionResult) -> None:
         if hs.out:  # our final flight must reach the peer before the kernel takes over
             self._send_final_flight(hs)
+        if is_app_request(hs.reply) and hs.role == "client":
+            self._await_tickets(hs, session)
+            return
+        self._install(hs, session)
+
+    def _await_tickets(self, hs: Handshake, session: SessionResult) -> None:
+        now = self._clock()
+        wait = min(POST_WAIT_S[1], max(POST_WAIT_S[0], 2 * (now - hs.started)))
+        hs.after = PostHandshake(session, now + wait, wait, now + POST_WAIT_S[1],
+                                 bytearray(hs.engine.trailing_data))
+        hs.sock.setblocking(False)
+        self._sel.modify(hs.sock, selectors.EVENT_READ, hs)
+        self._absorb(hs)
+
+    def _absorb(self, hs: Handshake) -> None:
+        """The records after an application's client handshake (PostHandshake)."""
+        after = hs.after
+        assert after is not None
+        while True:
+            need = _record_need(after.buf)
+            if need == 0:
+                record = bytes(after.buf)
+                after.buf.clear()
+                after.data = hs.engine.absorb_post_handshake(record)
+                after.records += 1
+                if after.data:  # the server speaks first: the rest is kTLS's
+                    self._install(hs, after.session, after.records, after.data)
+                    return
+                after.until = min(after.last, self._clock() + after.wait)  # more may follow
+                continue
+            try:
+                chunk = hs.sock.recv(need)
+            except (BlockingIOError, InterruptedError):
+                # ACK at once: a server's second ticket waits for the first one's ACK (Nagle),
+                # and a delayed ACK would hold it 40 ms
+                with contextlib.suppress(OSError):
+                    hs.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+                return
+            except OSError as exc:
+                raise PeerClosedError(f"connection error: {exc.strerror}") from None
+            if not chunk:  # closed after the handshake: the application reads EOF
+                self._install(hs, after.session, after.records)
+                return
+            after.buf += chunk
+
+    def _settle(self, hs: Handshake) -> None:
+        """The wait after an application's client handshake is over: kTLS from here."""
+        assert hs.after is not None
+        try:
+            self._install(hs, hs.after.session, hs.after.records)
+        except TlshdError as exc:
+            self._end(hs, exc)
+
+    def _install(self, hs: Handshake, session: SessionResult, records: int = 0,
+                 data: bytes = b"") -> None:
         suite = suite_from_openssl_name(session.cipher_name)
         params = ktls_params_from_secrets(suite, session.tx_secret, session.rx_secret,
-                                          session.tx_seq, session.rx_seq)
+                                          session.tx_seq, session.rx_seq + records)
         install_ktls(self.upcall, hs.sock.fileno(), params)
         # PSK: the key's serial (the NVMe host looks it up); x509: the peer certificate's key
         peer = hs.psk.psk.serial if hs.psk.psk else self._peer_identity(session)
         tags = self._session_tags(hs.reply, session)
         shown = f" tags={','.join(tags)}" if tags else ""
+        absorbed = f" post_handshake_records={records}" if records else ""
         self._finish(hs, 0, (peer,) if peer else (),
                      f"ok cipher={suite.openssl_name}{_subject(session.peer_certificate_der)}"
-                     f"{shown}", cipher=suite.openssl_name, tags=tags,
-                     peer_subject=_plain_subject(session.peer_certificate_der))
+                     f"{shown}{absorbed}", cipher=suite.openssl_name, tags=tags,
+                     peer_subject=_plain_subject(session.peer_certificate_der), data=data)
         self.completed += 1
 
     def _session_tags(self, reply: AcceptReply, session: SessionResult) -> tuple[str, ...]:
@@ -642,7 +739,8 @@ class Worker:
         return True
 
     def _finish(self, hs: Handshake, status: int, remote: tuple[int, ...], what: str, *,
-                cipher: str = "-", tags: tuple[str, ...] = (), peer_subject: str = "") -> None:
+                cipher: str = "-", tags: tuple[str, ...] = (), peer_subject: str = "",
+                data: bytes = b"") -> None:
         self.inflight.pop(hs.sock.fileno(), None)
         if hs.source:
             left = self.by_source.get(hs.source, 1) - 1
@@ -661,7 +759,7 @@ class Worker:
                 f"tls={tls_ms:.2f}ms")
         self._log_line(hs.reply, status, elapsed_ms, line, addr=hs.addr)
         self._release(hs.sock, status, remote, hs.reply, tags,
-                      (peer_subject, cipher if status == 0 else ""))
+                      (peer_subject, cipher if status == 0 else "", data))
         # the event after it, so that its CPU figure covers the whole request, DONE included
         self._done_event(hs.reply, status, elapsed_ms, line, tls_ms, cipher,
                          cpu_ms=self._busy(hs) * 1000, tags=tags)
@@ -672,9 +770,10 @@ class Worker:
 
     def _release(self, sock: socket.socket, status: int, remote: tuple[int, ...],
                  reply: AcceptReply | None, tags: tuple[str, ...] = (),
-                 detail: tuple[str, str] = ("", "")) -> None:
+                 detail: tuple[str, str, bytes] = ("", "", b"")) -> None:
         """DONE, then close our copy of the fd: now, or after ``delay_done``. ``detail``:
-        the verified peer's subject and the cipher, for an application's answer."""
+        the verified peer's subject, the cipher and the data read before the hand-over, for
+        an application's answer."""
         if self._delay_done_s > 0:
             self._held.append((self._clock() + self._delay_done_s, sock, status, remote, reply,
                                tags, detail))
@@ -717,14 +816,19 @@ class Worker:
                           tls_ms=round(tls_ms, 3), cpu_ms=round(cpu_ms, 3), tags=tags))
 
     def _done(self, fd: int, status: int, remote: tuple[int, ...],
-              tags: tuple[str, ...] = (), detail: tuple[str, str] = ("", "")) -> None:
+              tags: tuple[str, ...] = (), detail: tuple[str, str, bytes] = ("", "", b"")
+              ) -> None:
         try:
-            self.upcall.done(fd, status, remote, tags, peer=detail[0], cipher=detail[1])
+            self.upcall.done(fd, status, remote, tags, peer=detail[0], cipher=detail[1],
+                             data=detail[2])
         except TlshdError as exc:  # a lost channel also shows on the READY socket: we exit there
             log.error("DONE for fd %d failed: %s", fd, exc)
 
     def _expire(self) -> None:
         now = self._clock()
+        for hs in [h for h in self.inflight.values() if h.after is not None
+                   and h.after.until <= now and not h.after.buf and h.deadline > now]:
+            self._settle(hs)
         for hs in [h for h in self.inflight.values() if h.deadline <= now]:
             self._end(hs, HandshakeTimeoutError("the request's time budget ran out"))
         for hs in [h for h in self.inflight.values() if _silent(h, now)]:

@@ -287,6 +287,29 @@ class HandshakeEngine:
             self._outbuf += ALERT_UNKNOWN_PSK_IDENTITY
         self._fail(error)
 
+    def absorb_post_handshake(self, record: bytes) -> bytes:
+        """One whole record a server sent after a completed client handshake, read by
+        OpenSSL with the session's keys: a NewSessionTicket (OpenSSL and GnuTLS servers send
+        them), which a kTLS socket would hand the application's ``read`` as EIO. Returns the
+        application data the record carried (b"" for a post-handshake message). Anything
+        OpenSSL would answer (a KeyUpdate that asks for ours) fails: kTLS could not follow."""
+        if not isinstance(self._result, HandshakeComplete) or self._role is not Role.CLIENT:
+            raise RuntimeError("absorb_post_handshake before a client handshake completed")
+        conn = self._conn
+        conn.bio_write(record)
+        try:
+            data: bytes = conn.recv(MAX_RECORD_BODY_LEN)
+        except SSL.WantReadError:
+            data = b""
+        except SSL.ZeroReturnError:
+            raise PeerClosedError("the server closed the session after the handshake") from None
+        except SSL.Error as exc:
+            raise self._classify(exc) from None
+        if self._drain_bio():
+            raise PeerProtocolError("the server asked for an answer right after the handshake "
+                                    "(a KeyUpdate): kTLS could not follow it")
+        return data
+
     @property
     def trailing_data(self) -> bytes:
         """Bytes received past the end of a completed handshake (kTLS's data)."""

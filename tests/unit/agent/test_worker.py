@@ -112,7 +112,8 @@ class FakeUpcall:
         return item
 
     def done(self, sockfd: int, status: int, remote_auth: Sequence[int],
-             tags: Sequence[str] = (), *, peer: str = "", cipher: str = "") -> None:
+             tags: Sequence[str] = (), *, peer: str = "", cipher: str = "",
+             data: bytes = b"") -> None:
         try:
             flags: int | None = fcntl.fcntl(sockfd, fcntl.F_GETFL)
         except OSError:
