@@ -20,6 +20,10 @@ handshake -> kTLS -> DONE):
 * ``handshake``: one TLS 1.3 handshake as bytes in, bytes out and events; no socket, no
   keyring, no clock of its own (``engine``, ``events``, ``hello``, ``secrets``).
 * ``ktls``: the kTLS ``crypto_info`` built from the session secrets, and its installation.
+* ``tags``: session tags (ktls-utils 1.4's ``tags.d``), matched on a server handshake's peer
+  certificate and sent in DONE where the kernel takes them.
+* ``app`` and ``appserver``: TLS for applications' own sockets: the library a process calls,
+  and the endpoint a worker serves beside the kernel's requests.
 * ``doctor``: the strict health check; ``install``: the systemd units and default config.
 """
 
