@@ -19,6 +19,7 @@ import contextlib
 import datetime
 import errno
 import os
+import pwd
 import re
 import socket
 from collections.abc import Callable, Sequence
@@ -38,6 +39,7 @@ from tlshd.credentials import trust
 from tlshd.credentials.builders import X509Credentials
 from tlshd.credentials.contexts import Contexts, file_notices
 from tlshd.errors import ConfigError, CredentialError, KeyNotFoundError, NetlinkError, TlshdError
+from tlshd.handshake import _openssl
 from tlshd.keyring import KERNEL_KEYRINGS
 from tlshd.tags import load_tags
 from tlshd.tags.rules import SUFFIXES
@@ -132,6 +134,7 @@ def collect(config_path: Path | None, upcall: str | None,
     if config is not None:
         verdicts += check_credentials(config, now)
         verdicts += check_tags(config.tags_dir, lambda: _kernel_takes_tags(mode))
+        verdicts += check_groups(config.groups) + check_app(config)
     return verdicts
 
 
@@ -662,3 +665,60 @@ def _kernel_takes_tags(mode: str) -> bool | None:
         return upcall.session_tags
     finally:
         upcall.close()
+
+
+# -- key exchange groups and the application endpoint ----------------------------------------
+
+
+def check_groups(groups: str) -> list[Verdict]:
+    """[authenticate] groups against this OpenSSL: the agent quietly falls back to its
+    default list when none is usable, and keeps OpenSSL's own where the binding cannot set
+    groups; here either is said."""
+    if not groups:
+        return []
+    if not _openssl.HAS_GROUPS:
+        return [_warn("groups", f"this OpenSSL binding cannot set key exchange groups; "
+                      f"{groups!r} is not used (OpenSSL's defaults are)",
+                      "cryptography 44 or later, or remove [authenticate] groups")]
+    context = SSL.Context(SSL.TLS_METHOD)
+    try:
+        used = _openssl.set_groups(context, groups)
+    except (SSL.Error, UnicodeEncodeError):
+        return [_fail("groups", f"no group of {groups!r} is usable with this OpenSSL: the agent "
+                      "uses its default list instead", "name groups from `openssl list "
+                      "-tls-groups` ([authenticate] groups, tlshd.conf(5))")]
+    if used != groups:
+        return [_warn("groups", f"this OpenSSL takes {used!r} of {groups!r} (it predates "
+                      "OpenSSL 3.5's syntax or lacks some groups)")]
+    return [_ok("groups", f"key exchange groups {groups!r}")]
+
+
+def check_app(config: Config) -> list[Verdict]:
+    """[app]: whether the endpoint's name is free and every allowed user exists (the agent
+    skips a user it cannot resolve, and serves the kernel without the endpoint if the name
+    is taken)."""
+    if not config.app_enabled:
+        return []
+    verdicts = []
+    for user in config.app_allow_users:
+        if not user.isdigit():
+            try:
+                pwd.getpwnam(user)
+            except KeyError:
+                verdicts.append(_fail("app", f"[app] allow_users names {user!r}, which is no "
+                                      "user here", "a user name or a numeric uid"))
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        probe.connect(b"\0" + config.app_socket.encode())
+    except OSError:
+        free = True
+    else:
+        free = False
+    finally:
+        probe.close()
+    state = ("free (the agent binds it at start)" if free else
+             "served (by a running agent, or by something else that holds the name)")
+    allowed = ", ".join(config.app_allow_users) or "nobody"
+    verdicts.append(_ok("app", f"application endpoint @{config.app_socket}: {state}; "
+                    f"allowed: {allowed}"))
+    return verdicts

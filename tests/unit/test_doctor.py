@@ -563,3 +563,38 @@ def test_parse_config_warning_text_is_what_the_doctor_shows(tmp_path: Path) -> N
     config = parse_config("[agent]\nnope=1\n", tmp_path / "c")
 
     assert config.warnings == (f"{tmp_path / 'c'}:2: [agent] nope: unknown key, ignored",)
+
+
+def test_groups_are_checked_against_this_openssl() -> None:
+    from tlshd.doctor import check_groups
+    from tlshd.handshake import _openssl
+
+    assert check_groups("") == []
+    if not _openssl.HAS_GROUPS:
+        (only,) = check_groups("X25519")
+        assert only.level is Level.WARN and "cannot set" in only.detail
+        return
+    (ok,) = check_groups("X25519:secp256r1")
+    assert ok.level is Level.OK
+    (bad,) = check_groups("nosuchgroup:alsonot")
+    assert bad.level is Level.FAIL and "default list" in bad.detail
+    (some,) = check_groups("X25519:nosuchgroup")
+    assert some.level in (Level.WARN, Level.OK)  # OpenSSL 3.5 syntax may take it whole
+
+
+def test_app_endpoint_users_must_exist_and_the_name_is_reported(tmp_path: Path) -> None:
+    import socket
+    import uuid
+
+    from tlshd.config import parse_config
+    from tlshd.doctor import check_app
+
+    name = f"tlshd-test-doctor/{uuid.uuid4().hex[:8]}"
+    config = parse_config(f"[app]\nenabled=true\nsocket={name}\nallow_users=root;nosuchuser;0\n")
+    verdicts = check_app(config)
+    assert [v.level for v in verdicts] == [Level.FAIL, Level.OK]
+    assert "nosuchuser" in verdicts[0].detail and "free" in verdicts[1].detail
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as held:
+        held.bind(b"\0" + name.encode())
+        assert "served" in check_app(config)[-1].detail
+    assert check_app(parse_config("")) == []
