@@ -37,6 +37,7 @@ from tlshd.errors import TransportError
 from tlshd.ktls import KernelSockopt
 from tlshd.netlink.messages import AcceptReply, Header
 from tlshd.netlink.spec import AuthMode, MsgType
+from tlshd.policy import Policy, facts_of
 from tlshd.untrusted import show
 
 log = logging.getLogger("tlshd")
@@ -100,9 +101,12 @@ class AppEndpoint:
     """The endpoint as an ``Upcall``: each datagram a request, each DONE an answer."""
 
     def __init__(self, sock: socket.socket, allowed_uids: Collection[int],
-                 sockopts: SockoptTarget | None = None) -> None:
+                 sockopts: SockoptTarget | None = None, policy: Policy | None = None) -> None:
         self.sock = sock
         self.allowed_uids = frozenset(allowed_uids)
+        # [app] policy_dir: when it has rules (or problems: then it refuses), it decides
+        self.policy = policy if policy is not None and (policy.rules or policy.problems) \
+            else None
         self.sockopts: SockoptTarget = sockopts or KernelSockopt()
         self.pending: dict[int, _Pending] = {}
         self._seq = 0
@@ -139,7 +143,7 @@ class AppEndpoint:
             raise RequestError(errno.EACCES, "no sender credentials")
         if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
             raise RequestError(errno.EMSGSIZE, f"a request over {MAX_REQUEST} bytes or fds")
-        if caller.uid not in self.allowed_uids:
+        if self.policy is None and caller.uid not in self.allowed_uids:
             raise RequestError(errno.EACCES, f"uid {caller.uid} may not ask for TLS "
                                              "([app] allow_users)")
         if len(fds) != 1:
@@ -148,10 +152,19 @@ class AppEndpoint:
             raise RequestError(errno.EINVAL, "the sender has no address to answer")
         role, name, timeout_ms = _fields(data)
         _check_tcp(fds[0])
+        rule = ""
+        if self.policy is not None:
+            facts = facts_of(caller.pid, caller.uid,
+                             "outbound" if role == "client" else "inbound", fds[0])
+            decision = self.policy.decide(facts, server_name=name)
+            if not decision.allowed:
+                raise RequestError(errno.EACCES, f"uid {caller.uid} {facts.executable or '?'}"
+                                                 f": {decision.reason}")
+            rule = f" rule={decision.rule.name}" if decision.rule else ""
         self._seq += 1
         self.pending[fds[0]] = _Pending(address, caller, role)
-        log.info("application request: %s for pid %d uid %d%s", role, caller.pid, caller.uid,
-                 f" server_name={show(name, 100)}" if name else "")
+        log.info("application request: %s for pid %d uid %d%s%s", role, caller.pid,
+                 caller.uid, f" server_name={show(name, 100)}" if name else "", rule)
         return AcceptReply(
             header=Header(APP_REQUEST, 0, self._seq, caller.pid), sockfd=fds[0],
             message_type=MsgType.CLIENTHELLO if role == "client" else MsgType.SERVERHELLO,

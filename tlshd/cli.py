@@ -66,13 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tlshd", description="TLS handshake agent for the Linux kernel's kTLS consumers")
     parser.add_argument("command", nargs="?", default="agent",
                         choices=("agent", "run", "demo", "doctor", "status", "install",
-                                 "tags"),
+                                 "tags", "policy"),
                         help="agent (default): serve the kernel; doctor: check this host and "
                              "say what to fix; status: what the running agent of this network "
                              "namespace is doing; demo: kernel-sim demonstration; run: agent if "
                              "this kernel has the handshake family, else demo; install: "
                              "the systemd units and a commented /etc/tlshd/config; tags "
-                             "CERT...: the session tags a client certificate would get")
+                             "CERT...: the session tags a client certificate would get; "
+                             "policy explain: which [app] rule a connection maps to, and why")
     parser.add_argument("files", nargs="*", type=Path, metavar="CERT",
                         help="tags: certificate files (PEM or DER)")
     parser.add_argument("-c", "--config", type=Path, help="configuration file "
@@ -84,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--upcall", help="auto, netlink or kernel-sim[:ENDPOINT]")
     parser.add_argument("--workers", type=int, help="worker processes (default: one per CPU)")
     parser.add_argument("--json", action="store_true", help="status: print the JSON document")
+    explain = parser.add_argument_group("policy explain: the connection to judge")
+    explain.add_argument("--user", default="root", help="name or uid (default root)")
+    explain.add_argument("--exe", default="", help="the executable's path")
+    explain.add_argument("--cgroup", default="", help="the cgroup (v2 path)")
+    explain.add_argument("--direction", choices=("outbound", "inbound"), default="outbound")
+    explain.add_argument("--remote", default="", help="ADDRESS:PORT of the peer")
+    explain.add_argument("--local", default="", help="ADDRESS:PORT of this end")
+    explain.add_argument("--server-name", default=None, help="the name a client asks for")
     parser.add_argument("--root", type=Path, default=Path("/"),
                         help="install: the file system root to install into (default /)")
     return parser
@@ -106,14 +115,8 @@ def main(argv: Sequence[str] | None = None, *, held: Held | None = None) -> int:
                   file=sys.stderr)
             return 1
         return run_demo()
-    if args.command == "install":
-        from tlshd.install import install, this_executable
-
-        return install(args.root, this_executable(), sys.stdout)
-    if args.command == "doctor":
-        from tlshd.doctor import run_doctor
-
-        return run_doctor(args.config, args.upcall, sys.stdout)
+    if args.command in ("install", "doctor", "policy"):
+        return _tool(args)
     if args.files and args.command != "tags":
         print(f"tlshd {args.command}: unexpected arguments", file=sys.stderr)
         return 2
@@ -168,6 +171,59 @@ def _tags(config: Config, files: list[Path]) -> int:
         print("tlshd tags: name one or more certificate files", file=sys.stderr)
         return 2
     return explain(load_tags(config.tags_dir), files, sys.stdout)
+
+
+def _tool(args: argparse.Namespace) -> int:
+    """The commands that run without an agent: install, doctor, policy explain."""
+    if args.command == "install":
+        from tlshd.install import install, this_executable
+
+        return install(args.root, this_executable(), sys.stdout)
+    if args.command == "doctor":
+        from tlshd.doctor import run_doctor
+
+        return run_doctor(args.config, args.upcall, sys.stdout)
+    return _policy(args)
+
+
+def _policy(args: argparse.Namespace) -> int:
+    from tlshd.policy import Facts, explain, load_policy
+
+    if [str(f) for f in args.files] != ["explain"]:
+        print("tlshd policy: the one subcommand is 'explain'", file=sys.stderr)
+        return 2
+    try:
+        config = _load(args)
+        facts = Facts(args.direction, _uid_of(args.user), args.exe, args.cgroup,
+                      _endpoint(args.remote), _endpoint(args.local))
+    except (TlshdError, ValueError) as exc:
+        print(f"tlshd policy: {exc}", file=sys.stderr)
+        return 2
+    policy = load_policy(config.app_policy_dir)
+    lines = explain(policy, facts, args.server_name)
+    print("\n".join(lines))
+    return 0 if policy.decide(facts, server_name=args.server_name).allowed else 1
+
+
+def _uid_of(user: str) -> int:
+    import pwd
+
+    if user.isdigit():
+        return int(user)
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        raise ValueError(f"no user {user[:40]!r}") from None
+
+
+def _endpoint(text: str) -> tuple[str, int] | None:
+    """ADDRESS:PORT, [IPv6]:PORT; "" for none."""
+    if not text:
+        return None
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"{text[:60]!r}: expected ADDRESS:PORT")
+    return host.strip("[]"), int(port)
 
 
 def _kernel_has_family() -> bool:

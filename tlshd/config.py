@@ -52,7 +52,7 @@ _KNOWN: dict[str, tuple[str, ...]] = {
               "log_success", "cn_fallback", "first_flight_timeout_ms", "max_inflight_per_peer",
               "max_waiting", "privsep", "worker_user", "failure_log_burst", "tags_dir",
               "metrics", "control_socket"),
-    "app": ("enabled", "socket", "allow_users"),
+    "app": ("enabled", "socket", "allow_users", "policy_dir"),
 }
 _GROUP_RE = re.compile(r"^\[([^\[\]]+)\]$")
 TAGS_DIR = Path("/etc/tlshd/tags.d")  # ktls-utils 1.4.0: session tags (src/tlshd/main.c)
@@ -103,6 +103,7 @@ class Config:
     app_enabled: bool = False  # [app]: TLS for applications' own sockets (tlshd.app)
     app_socket: str = "tlshd/app"  # its abstract Unix name, per network namespace
     app_allow_users: tuple[str, ...] = ("root",)  # users (names or uids) who may ask
+    app_policy_dir: Path = Path("/etc/tlshd/policy.d")  # rules; when any, they decide instead
     path: Path | None = None
     warnings: tuple[str, ...] = ()
     notices: tuple[str, ...] = ()  # informational, logged at start (the relocation notice)
@@ -180,6 +181,8 @@ def parse_config(text: str, path: Path | None = None) -> Config:
         app_allow_users=tuple(u.strip() for u in _list(
             groups.get("app", {}).get("allow_users"), where, "[app] allow_users", warnings)
             if u.strip()) if "allow_users" in groups.get("app", {}) else ("root",),
+        app_policy_dir=_path(groups.get("app", {}).get("policy_dir"), where,
+                             "[app] policy_dir", warnings) or Path("/etc/tlshd/policy.d"),
         path=path,
         warnings=tuple(warnings),
     )

@@ -24,11 +24,15 @@ pytestmark = pytest.mark.sim
 
 
 def app_agent(kernel: Kernel, pki: PKI, tmp_path: Path, *, privsep: bool = True,
-              allow: str = "root") -> tuple[Agent, str]:
+              allow: str = "root", policy: str = "") -> tuple[Agent, str]:
     endpoint = f"tlshd-test-app/{kernel.endpoint}"
+    policy_dir = tmp_path / "policy.d"
+    policy_dir.mkdir(exist_ok=True)
+    if policy:
+        (policy_dir / "rules.yml").write_text(policy)
     config = write_config(tmp_path, pki, kernel.endpoint, extra=(
         f"privsep={'true' if privsep else 'false'}\n\n[app]\nenabled=true\n"
-        f"socket={endpoint}\nallow_users={allow}\n\n[agent]\n"))
+        f"socket={endpoint}\nallow_users={allow}\npolicy_dir={policy_dir}\n\n[agent]\n"))
     return start_agent(kernel, config), endpoint
 
 
@@ -228,5 +232,30 @@ def test_a_server_that_speaks_first_gets_its_first_record_to_the_application(
             tls.sendmsg(b"bye")
             thread.join(10)
             kernel.sock_release(sock)
+        finally:
+            assert agent.stop() == 0, "\n".join(agent.log)
+
+
+def test_policy_rules_decide_by_executable_direction_and_port(pki: PKI, tmp_path: Path) -> None:
+    """With rules in [app] policy_dir, they decide instead of allow_users: this test's
+    interpreter may be a client to any port, and no rule lets anyone be a server."""
+    exe = os.path.realpath(f"/proc/{os.getpid()}/exe")
+    rules = (f"rules:\n  tests-as-clients:\n    match: {{direction: outbound, "
+             f"executables: ['{exe}'], remote_ports: ['1-65535']}}\n"
+             "  nobody-else:\n    match: {users: ['65534']}\n")
+    with Kernel(endpoint=unique_endpoint()) as kernel:
+        kernel.add_netns(None)
+        agent, endpoint = app_agent(kernel, pki, tmp_path, allow="", policy=rules)
+        try:
+            client, server = tcp_pair(kernel)
+            with pytest.raises(SecureSocketError) as refused:
+                secure_server(server, endpoint=endpoint)
+            assert refused.value.errno == errno.EACCES  # no rule lets it be a server
+            assert "no rule allows it" in refused.value.strerror
+            with pytest.raises(SecureSocketError) as waited:  # allowed, but no server answers
+                secure_client(client, server_name="localhost", timeout_ms=1500,
+                              endpoint=endpoint)
+            assert waited.value.errno == errno.ETIMEDOUT
+            assert any("rule=tests-as-clients" in line for line in agent.log), agent.log[-4:]
         finally:
             assert agent.stop() == 0, "\n".join(agent.log)

@@ -26,7 +26,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType
 
 from tlshd.agent import privsep, sandbox, sdnotify
@@ -48,6 +48,7 @@ from tlshd.credentials.contexts import Contexts
 from tlshd.credentials.keys import LOCAL_KEYS, RequestKeys, link_keyrings
 from tlshd.early import Held
 from tlshd.errors import ConfigError, CredentialError, DecodeError, TlshdError, TransportError
+from tlshd.policy import POLICY_DIR, Policy, load_policy
 from tlshd.tags import TagSet
 from tlshd.upcall import SimUpcall, Upcall, open_upcall
 
@@ -70,7 +71,7 @@ class _Stop:
 def run_worker(config: Config, contexts: Contexts, stop: _Stop,
                events: EventSink | None = None,
                report: Callable[[TlshdError], None] | None = None,
-               app_sock: socket.socket | None = None) -> int:
+               app_sock: socket.socket | None = None, policy: Policy | None = None) -> int:
     """One worker process's life: serve until asked to stop, then drain. With privilege
     separation the handshakes run in a confined child of this process (tlshd.agent.privsep).
     ``app_sock``: the application endpoint ([app]), served beside the kernel's requests."""
@@ -79,7 +80,7 @@ def run_worker(config: Config, contexts: Contexts, stop: _Stop,
         # kernel-sim plays the kernel for applications' sockets too; else the real one
         sockopts = upcall if isinstance(upcall, SimUpcall) else None
         upcall = CombinedUpcall(upcall, AppEndpoint(app_sock, allowed_uids(
-            config.app_allow_users), sockopts))
+            config.app_allow_users), sockopts, policy))
     if separated(config):
         user = sandbox.resolve_user(config.worker_user)
         paths = privsep.credential_paths((config.client, config.server))
@@ -146,6 +147,7 @@ class Generation:
     number: int
     config: Config
     contexts: Contexts
+    policy: Policy = field(default_factory=lambda: Policy(POLICY_DIR))  # [app] rules
 
     @property
     def size(self) -> int:
@@ -302,7 +304,7 @@ class Supervisor:
 
             try:
                 code = run_worker(self.generation.config, self.generation.contexts, stop, events,
-                                  report, self._app_sock)
+                                  report, self._app_sock, self.generation.policy)
             except TlshdError as exc:
                 report(exc)
         except BaseException:  # the child must never return into the supervisor's code
@@ -466,7 +468,15 @@ def _build_generation(number: int, config: Config,
             raise CredentialError("; ".join(sorted(new)))
     for name, serial in link_keyrings(config.keyrings, str(config.path or "")):
         log.info("keyring %s (%d) linked into the session keyring", name, serial)
-    return Generation(number, config, contexts)
+    policy = load_policy(config.app_policy_dir) if config.app_enabled else Policy(POLICY_DIR)
+    for problem in policy.problems:
+        log.error("[app] policy: %s; every application request is refused", problem)
+    if previous is not None and policy.problems and not previous.policy.problems:
+        raise ConfigError("; ".join(policy.problems), where="[app] policy")
+    if policy.rules:
+        log.info("[app] policy: %d rule(s) from %s decide application requests",
+                 len(policy.rules), policy.directory)
+    return Generation(number, config, contexts, policy)
 
 
 def log_tags(tags: TagSet) -> None:

@@ -276,7 +276,7 @@ class _Loader:
                                    name.line)
             if needs == "time":
                 return replace(made, pattern=pattern.value, threshold=_local_time(name, pattern))
-            return replace(made, pattern=pattern.value, glob=_glob(pattern.value))
+            return replace(made, pattern=pattern.value, glob=compile_glob(pattern.value))
         if needs == "purpose":
             if not purpose:
                 raise TagFileError(f"filter {name.value} ({kind}) needs a purpose list of one "
@@ -357,7 +357,7 @@ def _check_wildcards(name: str, pattern: Scalar) -> None:
                            f"{MAX_WILDCARDS})", pattern.line)
 
 
-def _glob(pattern: str) -> re.Pattern[str]:
+def compile_glob(pattern: str) -> re.Pattern[str]:
     """A whole-string glob: ``*`` any run, ``?`` one character, everything else literal."""
     parts = (".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
     return re.compile("".join(parts), re.DOTALL)
