@@ -187,14 +187,14 @@ def _tool(args: argparse.Namespace) -> int:
 
 
 def _policy(args: argparse.Namespace) -> int:
-    from tlshd.policy import Facts, explain, load_policy
+    from tlshd.policy import Facts, explain, load_policy, uid_of
 
     if [str(f) for f in args.files] != ["explain"]:
         print("tlshd policy: the one subcommand is 'explain'", file=sys.stderr)
         return 2
     try:
         config = _load(args)
-        facts = Facts(args.direction, _uid_of(args.user), args.exe, args.cgroup,
+        facts = Facts(args.direction, uid_of(args.user), args.exe, args.cgroup,
                       _endpoint(args.remote), _endpoint(args.local))
     except (TlshdError, ValueError) as exc:
         print(f"tlshd policy: {exc}", file=sys.stderr)
@@ -203,17 +203,6 @@ def _policy(args: argparse.Namespace) -> int:
     lines = explain(policy, facts, args.server_name)
     print("\n".join(lines))
     return 0 if policy.decide(facts, server_name=args.server_name).allowed else 1
-
-
-def _uid_of(user: str) -> int:
-    import pwd
-
-    if user.isdigit():
-        return int(user)
-    try:
-        return pwd.getpwnam(user).pw_uid
-    except KeyError:
-        raise ValueError(f"no user {user[:40]!r}") from None
 
 
 def _endpoint(text: str) -> tuple[str, int] | None:

@@ -45,7 +45,7 @@ from pathlib import Path
 
 from tlshd.tags import miniyaml
 from tlshd.tags.miniyaml import Map, Node, Scalar, Seq
-from tlshd.tags.rules import MAX_FILE_BYTES, SUFFIXES, compile_glob
+from tlshd.tags.rules import MAX_FILE_BYTES, compile_glob, yaml_files
 
 POLICY_DIR = Path("/etc/tlshd/policy.d")
 DIRECTIONS = ("outbound", "inbound", "any")
@@ -147,13 +147,9 @@ class PolicyError(ValueError):
 
 def load_policy(directory: Path = POLICY_DIR) -> Policy:
     """Read every policy file; never raises (problems are in the result)."""
-    try:
-        names = sorted(p.name for p in directory.iterdir()
-                       if p.name.endswith(SUFFIXES) and p.is_file())
-    except FileNotFoundError:
-        return Policy(directory)
-    except OSError as exc:
-        return Policy(directory, problems=(f"{directory}: {exc.strerror or exc}",))
+    names, problem = yaml_files(directory)
+    if problem:
+        return Policy(directory, problems=(problem,))
     texts, problems = [], []
     for name in names:
         try:
@@ -236,7 +232,7 @@ def _match(node: Node) -> dict[str, object]:
 def _list_field(name: str, items: list[str], line: int) -> dict[str, object]:
     try:
         if name == "users":
-            return {"uids": frozenset(_uid(i) for i in items)}
+            return {"uids": frozenset(uid_of(i) for i in items)}
         if name in ("executables", "cgroups"):
             return {name: tuple(compile_glob(i) for i in items)}
         if name in ("remote", "local"):
@@ -246,7 +242,8 @@ def _list_field(name: str, items: list[str], line: int) -> dict[str, object]:
         raise PolicyError(f"{name}: {exc}", line) from None
 
 
-def _uid(item: str) -> int:
+def uid_of(item: str) -> int:
+    """A user name or a numeric uid; ValueError for a name that is no user."""
     if item.isdigit():
         return int(item)
     try:

@@ -156,15 +156,23 @@ class TagFileError(ValueError):
         self.line = line
 
 
+def yaml_files(directory: Path) -> tuple[list[str], str | None]:
+    """The ``*.yml`` and ``*.yaml`` files of a directory, sorted; a missing directory has
+    none, an unreadable one a problem (tags.d, policy.d)."""
+    try:
+        return sorted(p.name for p in directory.iterdir()
+                      if p.name.endswith(SUFFIXES) and p.is_file()), None
+    except FileNotFoundError:
+        return [], None
+    except OSError as exc:
+        return [], f"{directory}: {exc.strerror or exc}"
+
+
 def load_tags(directory: Path = TAGS_DIR) -> TagSet:
     """Read every tag file in ``directory``; never raises (problems are in the result)."""
-    try:
-        names = sorted(p.name for p in directory.iterdir()
-                       if p.name.endswith(SUFFIXES) and p.is_file())
-    except FileNotFoundError:
-        return TagSet(directory)
-    except OSError as exc:
-        return TagSet(directory, problems=(f"{directory}: {exc.strerror or exc}",))
+    names, problem = yaml_files(directory)
+    if problem:
+        return TagSet(directory, problems=(problem,))
     loader = _Loader(directory)
     for name in names:
         loader.read_file(directory / name)
