@@ -44,7 +44,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tlshd.tags import miniyaml
-from tlshd.tags.miniyaml import Map, Node, Scalar, Seq
+from tlshd.tags.miniyaml import (
+    Node,
+    Scalar,
+    SchemaError,
+    Seq,
+    expect_mapping,
+    expect_scalar,
+)
 from tlshd.tags.rules import MAX_FILE_BYTES, compile_glob, yaml_files
 
 POLICY_DIR = Path("/etc/tlshd/policy.d")
@@ -139,10 +146,7 @@ class Policy:
         return Decision(False, None, "no rule allows it")
 
 
-class PolicyError(ValueError):
-    def __init__(self, message: str, line: int) -> None:
-        super().__init__(message)
-        self.line = line
+PolicyError = SchemaError  # a problem in a policy file, with its line
 
 
 def load_policy(directory: Path = POLICY_DIR) -> Policy:
@@ -179,12 +183,12 @@ def parse_policy_texts(texts: Iterable[tuple[str, str]], directory: Path = POLIC
 
 
 def _document(file: str, node: Node, first: int, taken: set[str]) -> list[Rule]:
-    top = _map(node, "a policy file")
+    top = expect_mapping(node, "a policy file")
     rules: list[Rule] = []
     for key, value in top.pairs:
         if key.value != "rules":
             raise PolicyError(f"unexpected key {key.value[:40]!r} (only 'rules')", key.line)
-        for name, body in _map(value, "rules").pairs:
+        for name, body in expect_mapping(value, "rules").pairs:
             if not _NAME.fullmatch(name.value):
                 raise PolicyError(f"rule name {name.value[:40]!r}: 1 to 64 of [A-Za-z0-9_.-]",
                                   name.line)
@@ -198,7 +202,7 @@ def _document(file: str, node: Node, first: int, taken: set[str]) -> list[Rule]:
 def _rule(file: str, name: Scalar, body: Node, order: int) -> Rule:
     fields: dict[str, object] = {"name": name.value, "file": file, "order": order,
                                  "priority": 0}
-    for key, value in _map(body, f"rule {name.value}").pairs:
+    for key, value in expect_mapping(body, f"rule {name.value}").pairs:
         if key.value == "priority":
             fields["priority"] = _int(value, "priority", -1_000_000, 1_000_000)
         elif key.value == "match":
@@ -213,15 +217,15 @@ def _rule(file: str, name: Scalar, body: Node, order: int) -> Rule:
 
 def _match(node: Node) -> dict[str, object]:
     out: dict[str, object] = {}
-    for key, value in _map(node, "match").pairs:
+    for key, value in expect_mapping(node, "match").pairs:
         if key.value == "direction":
-            direction = _scalar(value, "direction").value
+            direction = expect_scalar(value, "direction").value
             if direction not in DIRECTIONS:
                 raise PolicyError(f"direction {direction[:20]!r}: one of "
                                   f"{', '.join(DIRECTIONS)}", value.line)
             out["direction"] = direction
         elif key.value in _LIST_FIELDS:
-            items = [_scalar(i, key.value).value for i in _seq(value, key.value).items]
+            items = [expect_scalar(i, key.value).value for i in _seq(value, key.value).items]
             out.update(_list_field(key.value, items, value.line))
         else:
             raise PolicyError(f"match: unexpected key {key.value[:40]!r} (direction, "
@@ -262,8 +266,8 @@ def _port_range(item: str) -> tuple[int, int]:
 
 def _action(node: Node) -> dict[str, object]:
     out: dict[str, object] = {}
-    for key, value in _map(node, "action").pairs:
-        text = _scalar(value, key.value).value
+    for key, value in expect_mapping(node, "action").pairs:
+        text = expect_scalar(value, key.value).value
         if key.value == "tls" and text in ("true", "false"):
             out["tls"] = text == "true"
         elif key.value == "server_name" and text in ("required", "optional"):
@@ -274,12 +278,6 @@ def _action(node: Node) -> dict[str, object]:
     return out
 
 
-def _map(node: Node, what: str) -> Map:
-    if not isinstance(node, Map):
-        raise PolicyError(f"{what}: expected a mapping", node.line)
-    return node
-
-
 def _seq(node: Node, what: str) -> Seq:
     if isinstance(node, Scalar) and node.value:
         return Seq((node,), node.line)  # one item may stand alone
@@ -288,14 +286,8 @@ def _seq(node: Node, what: str) -> Seq:
     return node
 
 
-def _scalar(node: Node, what: str) -> Scalar:
-    if not isinstance(node, Scalar):
-        raise PolicyError(f"{what}: expected a single value", node.line)
-    return node
-
-
 def _int(node: Node, what: str, low: int, high: int) -> int:
-    text = _scalar(node, what).value
+    text = expect_scalar(node, what).value
     try:
         value = int(text)
     except ValueError:

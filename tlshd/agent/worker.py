@@ -265,25 +265,21 @@ def _peer_address(sock: socket.socket) -> str:
     return "-"
 
 
-def _subject(der: bytes | None) -> str:
-    """The peer certificate's subject for the log: RFC 4514, escaped and bounded."""
+def _subject_text(der: bytes | None) -> str | None:
+    """The peer certificate's subject, RFC 4514 ("" without one, None if unparsable)."""
     if not der:
         return ""
     try:
-        text = x509.load_der_x509_certificate(der).subject.rfc4514_string()
+        return x509.load_der_x509_certificate(der).subject.rfc4514_string()
     except ValueError:
+        return None
+
+
+def _subject(text: str | None) -> str:
+    """That subject for the log: escaped and bounded."""
+    if text is None:
         return " subject=(unparsable)"
-    return " subject=" + show(text, 200)
-
-
-def _plain_subject(der: bytes | None) -> str:
-    """The verified peer certificate's subject (RFC 4514), for an application's answer."""
-    if not der:
-        return ""
-    try:
-        return x509.load_der_x509_certificate(der).subject.rfc4514_string()[:500]
-    except ValueError:
-        return ""
+    return " subject=" + show(text, 200) if text else ""
 
 
 def netns_label() -> str:
@@ -677,10 +673,11 @@ class Worker:
         tags = self._session_tags(hs.reply, session)
         shown = f" tags={','.join(tags)}" if tags else ""
         absorbed = f" post_handshake_records={records}" if records else ""
+        subject = _subject_text(session.peer_certificate_der)
         self._finish(hs, 0, (peer,) if peer else (),
-                     f"ok cipher={suite.openssl_name}{_subject(session.peer_certificate_der)}"
+                     f"ok cipher={suite.openssl_name}{_subject(subject)}"
                      f"{shown}{absorbed}", cipher=suite.openssl_name, tags=tags,
-                     peer_subject=_plain_subject(session.peer_certificate_der), data=data)
+                     peer_subject=(subject or "")[:500], data=data)
         self.completed += 1
 
     def _session_tags(self, reply: AcceptReply, session: SessionResult) -> tuple[str, ...]:

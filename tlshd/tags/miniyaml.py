@@ -369,3 +369,23 @@ def _skip(text: str, pos: int) -> int:
     while pos < len(text) and text[pos] == " ":
         pos += 1
     return pos
+
+
+class SchemaError(ValueError):
+    """Well-formed YAML of the wrong shape for its file (tag files, policy files)."""
+
+    def __init__(self, message: str, line: int) -> None:
+        super().__init__(message)
+        self.line = line
+
+
+def expect_mapping(node: Node, what: str) -> Map:
+    if not isinstance(node, Map):
+        raise SchemaError(f"{what}: expected a mapping", node.line)
+    return node
+
+
+def expect_scalar(node: Node, what: str) -> Scalar:
+    if not isinstance(node, Scalar):
+        raise SchemaError(f"{what}: expected a single value", node.line)
+    return node

@@ -35,7 +35,15 @@ from pathlib import Path
 
 from tlshd.config import TAGS_DIR
 from tlshd.tags import miniyaml
-from tlshd.tags.miniyaml import Map, Node, Scalar, Seq
+from tlshd.tags.miniyaml import (
+    Map,
+    Node,
+    Scalar,
+    SchemaError,
+    Seq,
+    expect_mapping,
+    expect_scalar,
+)
 from tlshd.tags.x509 import KEY_USAGE_NAMES, CertFacts, facts_of
 
 log = logging.getLogger("tlshd")
@@ -150,10 +158,7 @@ class TagSet:
         return out
 
 
-class TagFileError(ValueError):
-    def __init__(self, message: str, line: int) -> None:
-        super().__init__(message)
-        self.line = line
+TagFileError = SchemaError  # a problem in a tag file, with its line
 
 
 def yaml_files(directory: Path) -> tuple[list[str], str | None]:
@@ -235,10 +240,10 @@ class _Loader:
             raise TagFileError("a document must be a mapping of 'filters' and 'tags'", node.line)
         for key, value in node.pairs:
             if key.value == "filters":
-                for name, body in _mapping(value, "filters").pairs:
+                for name, body in expect_mapping(value, "filters").pairs:
                     self._filter(file, name, body)
             elif key.value == "tags":
-                for name, body in _mapping(value, "tags").pairs:
+                for name, body in expect_mapping(value, "tags").pairs:
                     self._tag(file, name, body)
             else:
                 raise TagFileError(f"unexpected key {_show(key.value)} (expected 'filters' or "
@@ -247,7 +252,7 @@ class _Loader:
     def _filter(self, file: str, name: Scalar, body: Node) -> None:
         _check_name(name)
         fields: dict[str, Node] = {}
-        for key, value in _mapping(body, f"filter {name.value}").pairs:
+        for key, value in expect_mapping(body, f"filter {name.value}").pairs:
             if key.value == "type" and "type" in fields:
                 raise TagFileError(f"filter {name.value}: type set twice", key.line)
             if key.value not in ("type", "pattern", "purpose"):
@@ -262,14 +267,14 @@ class _Loader:
         self.filters[made.name] = made
 
     def _build_filter(self, file: str, name: Scalar, fields: dict[str, Node]) -> Filter:
-        kind = _scalar(fields["type"], "type").value if "type" in fields else None
+        kind = expect_scalar(fields["type"], "type").value if "type" in fields else None
         if kind is None:
             raise TagFileError(f"filter {name.value} has no type", name.line)
         if kind not in FILTER_TYPES:
             raise TagFileError(f"filter {name.value}: type {_show(kind)} is not supported "
                                f"(one of {', '.join(FILTER_TYPES)})", fields["type"].line)
         needs = FILTER_TYPES[kind][0]
-        pattern = _scalar(fields["pattern"], "pattern") if "pattern" in fields else None
+        pattern = expect_scalar(fields["pattern"], "pattern") if "pattern" in fields else None
         if pattern is not None:
             _check_wildcards(name.value, pattern)
         purpose = self._purpose(name, fields.get("purpose"))
@@ -299,7 +304,7 @@ class _Loader:
             raise TagFileError(f"filter {name.value}: purpose must be a list", node.line)
         bits = set()
         for item in node.items:
-            bit = _scalar(item, "a purpose").value
+            bit = expect_scalar(item, "a purpose").value
             if bit not in KEY_USAGE_NAMES:
                 raise TagFileError(f"filter {name.value}: unknown key usage {_show(bit)} (one "
                                    f"of {', '.join(sorted(KEY_USAGE_NAMES))})", item.line)
@@ -309,14 +314,14 @@ class _Loader:
     def _tag(self, file: str, name: Scalar, body: Node) -> None:
         _check_name(name)
         items: list[tuple[bool, str]] = []
-        for key, value in _mapping(body, f"tag {name.value}").pairs:
+        for key, value in expect_mapping(body, f"tag {name.value}").pairs:
             if key.value != "filter":
                 raise TagFileError(f"tag {name.value}: unexpected key {_show(key.value)} "
                                    "(only 'filter')", key.line)
             if not isinstance(value, Seq):
                 raise TagFileError(f"tag {name.value}: filter must be a list", value.line)
             for item in value.items:
-                items.append(self._reference(name.value, _scalar(item, "a filter reference")))
+                items.append(self._reference(name.value, expect_scalar(item, "a filter reference")))
         if name.value in self.tags:
             raise TagFileError(f"tag {name.value} is already defined in "
                                f"{self.tags[name.value].file}", name.line)
@@ -331,18 +336,6 @@ class _Loader:
                                "(yet: a filter must come before the tags that use it)",
                                item.line)
         return negated, target.value
-
-
-def _mapping(node: Node, what: str) -> Map:
-    if not isinstance(node, Map):
-        raise TagFileError(f"{what}: expected a mapping", node.line)
-    return node
-
-
-def _scalar(node: Node, what: str) -> Scalar:
-    if not isinstance(node, Scalar):
-        raise TagFileError(f"{what}: expected a single value", node.line)
-    return node
 
 
 def _show(value: str) -> str:
