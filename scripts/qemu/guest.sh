@@ -505,6 +505,12 @@ s_nvme_startup() {  # a connect as soon as the kernel sees a listener, while the
     "$PY" "$HERE/listen-probe.py" "$WORK/agent.pid" "$WORK/listener.mono" &
     local probe=$!
     sleep 2  # the probe is up and polling for the pid file
+    # the bare interpreter's start-up now, beside the same probe and after the same scenarios:
+    # the floor the agent's exec to listener is compared with (the median of three)
+    local floors
+    floors=$(for i in 1 2 3; do { time -p "$PY" -I -S -c pass; } 2>&1 | awk '/^real/ { print $2 }'; done)
+    result python_nosite_startup_all "$(echo $floors)"
+    result python_nosite_startup_s "$(echo "$floors" | sort -n | sed -n 2p)"
     # CLOCK_MONOTONIC in seconds (/proc/uptime, 10 ms steps), the clock of the trace
     t0=$(cut -d' ' -f1 /proc/uptime)
     if [ "$AGENT_KIND" = reference ]; then

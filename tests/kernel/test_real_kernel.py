@@ -125,7 +125,9 @@ def timing_report(guest: Guest) -> str:
                  f"{verdict}), exec to first ACCEPT "
                  f"{accept:.0f} ms (a connect issued as soon as the kernel saw the listener); "
                  f"python3 -c pass takes {guest.r('global', 'python_startup_s')} s here, "
-                 f"python3 -I -S -c pass {guest.r('global', 'python_nosite_startup_s')} s")
+                 f"python3 -I -S -c pass {guest.r('global', 'python_nosite_startup_s')} s "
+                 f"at boot, {guest.r('nvme_startup', 'python_nosite_startup_all')} s "
+                 "just before the agent")
     return "\n".join(lines) + "\n"
 
 
@@ -296,7 +298,9 @@ def test_a_connect_while_the_agent_loads_waits_and_succeeds(guest: Guest) -> Non
     assert evidence.submit_errors == () and set(evidence.statuses) == {0}
     listener, accept = startup_ms(guest)
     assert listener <= READY_LIMIT_MS, f"exec to listener {listener:.0f} ms"
-    floor = float(guest.r("global", "python_nosite_startup_s")) * 1000
+    # measured in the scenario just before the agent starts: a floor measured at boot ran on
+    # an idle guest, and the start-up after twenty mount cycles is slower for any program
+    floor = float(guest.r("nvme_startup", "python_nosite_startup_s")) * 1000
     assert listener <= floor + OVER_INTERPRETER_MS, (listener, floor)
     assert accept > listener
 
