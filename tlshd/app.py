@@ -49,23 +49,29 @@ class Secured:
 
 
 def secure_client(sock: socket.socket, server_name: str | None = None, *,
-                  timeout_ms: int = 10_000, endpoint: str = DEFAULT_ENDPOINT) -> Secured:
+                  timeout_ms: int = 10_000, endpoint: str = DEFAULT_ENDPOINT,
+                  for_pid: int | None = None) -> Secured:
     """TLS as the client on ``sock`` (connected). ``server_name``: the name the server's
-    certificate must carry (SNI too); without it, the peer's address."""
-    return _ask(sock, {"role": "client", "server_name": server_name}, timeout_ms, endpoint)
+    certificate must carry (SNI too); without it, the peer's address. ``for_pid``: the
+    process of the caller's own uid that the socket is for (``tlshd wrap``): the agent
+    judges that process's executable and cgroup."""
+    return _ask(sock, {"role": "client", "server_name": server_name}, timeout_ms, endpoint,
+                for_pid)
 
 
 def secure_server(sock: socket.socket, *, timeout_ms: int = 10_000,
-                  endpoint: str = DEFAULT_ENDPOINT) -> Secured:
+                  endpoint: str = DEFAULT_ENDPOINT, for_pid: int | None = None) -> Secured:
     """TLS as the server on ``sock`` (accepted), with the agent's server certificate."""
-    return _ask(sock, {"role": "server"}, timeout_ms, endpoint)
+    return _ask(sock, {"role": "server"}, timeout_ms, endpoint, for_pid)
 
 
 def _ask(sock: socket.socket, request: dict[str, object], timeout_ms: int,
-         endpoint: str) -> Secured:
+         endpoint: str, for_pid: int | None) -> Secured:
     if not 1 <= timeout_ms <= 600_000:
         raise ValueError(f"timeout_ms must be 1..600000, not {timeout_ms}")
     request = {"v": 1, **request, "timeout_ms": timeout_ms}
+    if for_pid is not None:
+        request["for_pid"] = for_pid
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as channel:
         channel.bind(b"\0tlshd-app-" + os.urandom(8).hex().encode())  # the agent answers here
         channel.settimeout(timeout_ms / 1000 + _SLACK_S)

@@ -2,10 +2,14 @@
 
 An application (:mod:`tlshd.app`) sends one datagram to the abstract Unix name ``[app]
 socket`` of its network namespace: a JSON request ``{"v": 1, "role": "client"|"server",
-"server_name": NAME|null, "timeout_ms": N}`` and its connected TCP socket as SCM_RIGHTS. The
-kernel adds the sender's pid, uid and gid (SCM_CREDENTIALS: the socket has SO_PASSCRED), so
-the caller cannot lie about who it is. The answer is one datagram back to the sender's
-address: ``{"v": 1, "status": ERRNO, "error": TEXT, "peer": SUBJECT, "cipher": SUITE}``.
+"server_name": NAME|null, "timeout_ms": N, "for_pid": PID}`` and its connected TCP socket as
+SCM_RIGHTS. The kernel adds the sender's pid, uid and gid (SCM_CREDENTIALS: the socket has
+SO_PASSCRED), so the caller cannot lie about who it is. ``for_pid`` (optional; ``tlshd
+wrap`` sends it) names the process the socket is for; it must run as the sender's uid (real
+and effective), and policy then judges its executable and cgroup. Within one uid this is
+no boundary: a process may act for another of its uid, which it could ptrace anyway. The
+answer is one datagram back to the sender's address: ``{"v": 1, "status": ERRNO, "error":
+TEXT, "peer": SUBJECT, "cipher": SUITE}``.
 
 An allowed request becomes an ``AcceptReply`` like the kernel's, and the worker runs it as
 it runs the kernel's requests, with the same credentials, checks and kTLS installation: this
@@ -31,6 +35,7 @@ import socket
 import struct
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from tlshd.errors import TransportError
@@ -150,11 +155,12 @@ class AppEndpoint:
             raise RequestError(errno.EINVAL, f"{len(fds)} file descriptors, not 1")
         if not address:
             raise RequestError(errno.EINVAL, "the sender has no address to answer")
-        role, name, timeout_ms = _fields(data)
+        role, name, timeout_ms, for_pid = _fields(data)
         _check_tcp(fds[0])
+        subject = caller.pid if for_pid is None else _same_uid(for_pid, caller.uid)
         rule = ""
         if self.policy is not None:
-            facts = facts_of(caller.pid, caller.uid,
+            facts = facts_of(subject, caller.uid,
                              "outbound" if role == "client" else "inbound", fds[0])
             decision = self.policy.decide(facts, server_name=name)
             if not decision.allowed:
@@ -163,10 +169,11 @@ class AppEndpoint:
             rule = f" rule={decision.rule.name}" if decision.rule else ""
         self._seq += 1
         self.pending[fds[0]] = _Pending(address, caller, role)
-        log.info("application request: %s for pid %d uid %d%s%s", role, caller.pid,
+        via = f" (sent by pid {caller.pid})" if subject != caller.pid else ""
+        log.info("application request: %s for pid %d%s uid %d%s%s", role, subject, via,
                  caller.uid, f" server_name={show(name, 100)}" if name else "", rule)
         return AcceptReply(
-            header=Header(APP_REQUEST, 0, self._seq, caller.pid), sockfd=fds[0],
+            header=Header(APP_REQUEST, 0, self._seq, subject), sockfd=fds[0],
             message_type=MsgType.CLIENTHELLO if role == "client" else MsgType.SERVERHELLO,
             auth_mode=AuthMode.X509, peername=name, timeout_ms=timeout_ms, keyring=None,
             peer_identities=(), certificate=None, unknown_attrs=())
@@ -220,7 +227,20 @@ def _ancillary(ancdata: list[tuple[int, int, bytes]]) -> tuple[list[int], Caller
     return fds, caller
 
 
-def _fields(data: bytes) -> tuple[str, str | None, int | None]:
+def _same_uid(pid: int, uid: int) -> int:
+    """``pid``, if it runs as ``uid`` (real and effective), else the request is refused."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        raise RequestError(errno.ESRCH, f"for_pid {pid}: no such process") from None
+    uids = next((line.split()[1:3] for line in status.splitlines()
+                 if line.startswith("Uid:")), [])
+    if uids != [str(uid), str(uid)]:
+        raise RequestError(errno.EACCES, f"for_pid {pid} does not run as uid {uid}")
+    return pid
+
+
+def _fields(data: bytes) -> tuple[str, str | None, int | None, int | None]:
     try:
         request = json.loads(data)
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -239,7 +259,11 @@ def _fields(data: bytes) -> tuple[str, str | None, int | None]:
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int)
                                 or not 1 <= timeout <= MAX_TIMEOUT_MS):
         raise RequestError(errno.EINVAL, f"timeout_ms: 1 to {MAX_TIMEOUT_MS}")
-    return role, name, timeout
+    for_pid = request.get("for_pid")
+    if for_pid is not None and (isinstance(for_pid, bool) or not isinstance(for_pid, int)
+                                or not 0 < for_pid < 1 << 22):
+        raise RequestError(errno.EINVAL, "for_pid: a process id")
+    return role, name, timeout, for_pid
 
 
 def _check_tcp(fd: int) -> None:

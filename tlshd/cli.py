@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, *, held: Held | None = None) -> int:
     """``held``: the group membership tlshd.early took before this module was imported; the
     supervisor keeps it until its workers listen, and it goes with the process on failure."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["wrap"]:
+        return _wrap(argv[1:])
     args = build_parser().parse_intermixed_args(argv)
     if args.command == "run" and not _kernel_has_family():
         print("tlshd run: this kernel has no 'handshake' netlink family (CONFIG_NET_HANDSHAKE, "
@@ -203,6 +206,71 @@ def _policy(args: argparse.Namespace) -> int:
     lines = explain(policy, facts, args.server_name)
     print("\n".join(lines))
     return 0 if policy.decide(facts, server_name=args.server_name).allowed else 1
+
+
+def wrap_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tlshd wrap", description="run PROGRAM with TLS under its TCP "
+                     "connect() and accept() calls: the agent's handshake and kTLS "
+                     "(seccomp user notification, Linux 5.14+)")
+    parser.add_argument("--policy", type=Path, help="which connections get TLS: a rule file "
+                        "in the format of [app] policy_dir (tls: false leaves a connection in "
+                        "plain, and so does matching no rule); default: every TCP connection")
+    parser.add_argument("--server-name", help="outbound: the name the server's certificate "
+                        "must carry (and SNI); default: the peer's address")
+    parser.add_argument("-c", "--config", type=Path,
+                        help="the agent's configuration, for [app] socket")
+    parser.add_argument("--endpoint", help="the agent's application endpoint (default: "
+                        "[app] socket of the configuration, else tlshd/app)")
+    parser.add_argument("--timeout-ms", type=int, default=10_000,
+                        help="each connect and handshake (default 10000)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="a line on stderr for each connection handled")
+    parser.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- PROGRAM ARGS")
+    return parser
+
+
+def _wrap(argv: list[str]) -> int:
+    from tlshd.seccomp import UnsupportedError
+    from tlshd.wrap import WrapOptions, load_wrap_policy, run
+
+    args = wrap_parser().parse_args(argv)
+    program = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not program:
+        print("tlshd wrap: name the program to run (tlshd wrap -- PROGRAM ARGS...)",
+              file=sys.stderr)
+        return 2
+    if not 1 <= args.timeout_ms <= 600_000:
+        print("tlshd wrap: --timeout-ms must be 1..600000", file=sys.stderr)
+        return 2
+    policy = None
+    if args.policy:
+        try:
+            policy = load_wrap_policy(args.policy)
+        except (OSError, UnicodeDecodeError) as exc:
+            print(f"tlshd wrap: {args.policy}: {exc}", file=sys.stderr)
+            return 2
+        if policy.problems:
+            print("\n".join(f"tlshd wrap: {problem}" for problem in policy.problems),
+                  file=sys.stderr)
+            return 2
+    endpoint = args.endpoint or _app_endpoint(args.config)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(message)s", stream=sys.stderr)
+    try:
+        return run(WrapOptions(program, policy, args.server_name, endpoint, args.timeout_ms))
+    except UnsupportedError as exc:
+        print(f"tlshd wrap: {exc.strerror}", file=sys.stderr)
+        return 1
+
+
+def _app_endpoint(path: Path | None) -> str:
+    """``[app] socket`` of the agent's configuration; the default if it cannot be read."""
+    try:
+        return load_config(path).app_socket
+    except TlshdError:
+        from tlshd.app import DEFAULT_ENDPOINT
+
+        return DEFAULT_ENDPOINT
 
 
 def _endpoint(text: str) -> tuple[str, int] | None:

@@ -68,7 +68,7 @@ from kernel_sim.handshake.tlshd import (
 )
 from kernel_sim.netns import netns_inode, run_in_netns, socket_netns_inode
 from kernel_sim.profile import MAINLINE, KernelProfile
-from kernel_sim.tls_ulp import KTLSSocket, ULPRegistry
+from kernel_sim.tls_ulp import TCP_ULP, KTLSSocket, ULPRegistry
 
 DEFAULT_ENDPOINT = "kernel-sim"
 HANDSHAKE_FAMILY_ID = 0x22
@@ -162,6 +162,7 @@ class Kernel:
         self._namespaces: dict[int, NetNS] = {}
         self._ns_lock = threading.Lock()
         self._sockets: dict[int, socket.socket] = {}  # cookie -> consumer socket
+        self.adopted_on_ulp: list[int] = []  # cookies of sockets adopted at TCP_ULP
         self._ports = itertools.count(1000)
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -196,6 +197,9 @@ class Kernel:
             self._thread.join(timeout=5)
         for ns in self._all_netns():
             self._close_endpoint(ns)
+        for cookie in self.adopted_on_ulp:  # the copies this model took (_apply_sockopt)
+            with contextlib.suppress(KeyError, OSError):
+                self._sockets.pop(cookie).close()
         self._sel.close()
         self._wake_r.close()
         self._wake_w.close()
@@ -300,8 +304,14 @@ class Kernel:
         TCP socket can take the ``tls`` ULP (``setsockopt(TCP_ULP)`` on an established one).
         Here the sockets the simulator plays the kernel for must be named: those of its
         consumers' requests, and these. An agent's KSIM setsockopt then reaches it, and
-        ``ktls`` gives its record layer. ``sock_release`` forgets it."""
+        ``ktls`` gives its record layer. ``sock_release`` forgets it. A socket not named
+        here that an agent sets the ULP on is adopted then, as on Linux (``socket_of``)."""
         self._sockets[sock_cookie(sock)] = sock
+
+    def socket_of(self, cookie: int) -> socket.socket:
+        """The socket of a cookie (SO_COOKIE) this model plays the kernel for: KeyError if
+        none. With ``ktls``: the record layer of a socket another process holds."""
+        return self._sockets[cookie]
 
     def ktls(self, sock: socket.socket) -> KTLSSocket:
         """The consumer's kTLS view of its socket (after the agent installed the ULP)."""
@@ -535,10 +545,16 @@ class Kernel:
     def _apply_sockopt(self, dup: socket.socket, attrs: dict[int, list[bytes]]) -> None:
         cookie = sock_cookie(dup)
         target = self._sockets.get(cookie)
-        if target is None:
-            raise OSError(errno.EBADF, "socket unknown to kernel-sim (no handshake on it)")
         level = genl.get_u32(attrs[KSIM_A_LEVEL][0])
         optname = genl.get_u32(attrs[KSIM_A_OPTNAME][0])
+        if target is None and (level, optname) == (socket.SOL_TCP, TCP_ULP):
+            # on Linux any established TCP socket takes the ULP: one this model was not
+            # told of (Kernel.adopt) is adopted now, through a copy it holds until release
+            target = socket.socket(fileno=os.dup(dup.fileno()))
+            self._sockets[cookie] = target
+            self.adopted_on_ulp.append(cookie)
+        if target is None:
+            raise OSError(errno.EBADF, "socket unknown to kernel-sim (no handshake on it)")
         self.netns_of(target).ulp.setsockopt(target, level, optname, attrs[KSIM_A_OPTVAL][0])
 
     def _reply(self, agent: AgentSock, data: bytes, fds: list[int] | None = None) -> None:

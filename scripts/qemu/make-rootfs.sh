@@ -10,6 +10,7 @@
 # The root holds:
 #   - nfs-kernel-server, nfs-common, rpcbind (rpc.nfsd, exportfs, rpc.mountd, mount.nfs);
 #   - nvme-cli, keyutils, kmod, udev (virtme-ng's --exec needs udev), iproute2, procps, openssl;
+#   - curl: an unmodified client under `tlshd wrap` (the app_wrap scenario);
 #   - ktls-utils: the reference agent, for side-by-side figures (bench/real_kernel);
 #   - python3 with Debian's python3-openssl, python3-cryptography and python3-pyroute2: the
 #     agent runs from the checkout on these, as a user of the distribution would run it;
@@ -25,7 +26,7 @@ TREES=("$@")
 MIRROR=${TLSHD_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 # python3-openssl, python3-cryptography, python3-pyroute2: the agent runs on Debian's own
 # packages (and so on the system OpenSSL), not on wheels.
-PACKAGES=nfs-kernel-server,nfs-common,rpcbind,ktls-utils,nvme-cli,keyutils,kmod,udev,iproute2,procps,openssl,ca-certificates,python3,python3-cffi-backend,python3-openssl,python3-cryptography,python3-pyroute2,util-linux,psmisc
+PACKAGES=nfs-kernel-server,nfs-common,rpcbind,ktls-utils,nvme-cli,keyutils,kmod,udev,iproute2,procps,openssl,ca-certificates,python3,python3-cffi-backend,python3-openssl,python3-cryptography,python3-pyroute2,util-linux,psmisc,curl
 STAMP_WANT="v2 $PACKAGES $(for t in "${TREES[@]}"; do basename "$t"; done | sort | paste -sd' ')"
 
 log() { echo "make-rootfs: $*" >&2; }
