@@ -20,6 +20,7 @@
 #   nvme_loop N / nfs_loop N   N connect/disconnect (mount/umount) cycles, for bench/real_kernel
 #   nvme_burst N        N NVMe/TCP connects at once (their queues' handshakes together)
 #   app_pair            tlshd.app: both ends of a loopback pair secured by the agent, bulk data
+#   app_wrap            tlshd wrap: unmodified curl to openssl s_server, python3 -m http.server
 # Environment: TLSHD_GUEST_AGENT=tlshd (default) | reference (ktls-utils' /usr/sbin/tlshd);
 # TLSHD_GUEST_WORKERS: tlshd's worker count (default: its own, one per CPU).
 #
@@ -493,6 +494,66 @@ s_app_pair() {  # tlshd.app: the agent secures both ends of a loopback pair, the
     while IFS= read -r line; do
         case $line in *=*) result "${line%%=*}" "${line#*=}" ;; esac
     done < "$OUT/$SCEN/app.txt"
+}
+
+wait_tcp_port() {  # $1 port on 127.0.0.1: up to 20 s for a listener
+    local i
+    for i in $(seq 200); do
+        ss -Hltn "sport = :$1" 2> /dev/null | grep -q LISTEN && return 0
+        sleep 0.1
+    done
+    return 1
+}
+
+s_app_wrap() {  # tlshd wrap: unmodified curl and python3 -m http.server over kTLS
+    local www=$WORK/www p=$WORK/pki srv
+    local wrap=("$PY" -m tlshd wrap --verbose)
+    mkdir -p "$www"
+    head -c 1048576 /dev/urandom > "$www/file"
+    result file_sha256 "$(sha256sum < "$www/file" | cut -d' ' -f1)"
+    # curl speaks plain HTTP to openssl s_server -WWW; the wire carries TLS (the agent's
+    # handshake inside curl's connect(), kTLS records after it)
+    (cd "$www" && exec openssl s_server -quiet -accept 127.0.0.1:4433 -cert "$p/server.crt" \
+        -key "$p/server.key" -WWW) > "$OUT/$SCEN/s_server.txt" 2>&1 &
+    srv=$!
+    wait_tcp_port 4433
+    (cd "$REPO" && "${wrap[@]}" --server-name localhost -- \
+        curl -sS -o "$WORK/curl.out" http://127.0.0.1:4433/file) 2> "$OUT/$SCEN/wrap-curl.txt"
+    result curl_rc $?
+    result curl_sha256 "$(sha256sum < "$WORK/curl.out" | cut -d' ' -f1)"
+    kill "$srv"; wait "$srv" 2> /dev/null
+    # -WWW sends no Content-Length: curl reads to the end, where s_server's close_notify
+    # alert reaches its read() as EIO (kTLS). -HTTP sends the file as the whole response,
+    # here with a Content-Length, and curl stops at the body's end.
+    { printf 'HTTP/1.0 200 OK\r\nContent-Length: %s\r\n\r\n' "$(stat -c %s "$www/file")"
+      cat "$www/file"; } > "$www/page"
+    (cd "$www" && exec openssl s_server -quiet -accept 127.0.0.1:4434 -cert "$p/server.crt" \
+        -key "$p/server.key" -HTTP) >> "$OUT/$SCEN/s_server.txt" 2>&1 &
+    srv=$!
+    wait_tcp_port 4434
+    (cd "$REPO" && "${wrap[@]}" --server-name localhost -- \
+        curl -sS -o "$WORK/page.out" http://127.0.0.1:4434/page) 2>> "$OUT/$SCEN/wrap-curl.txt"
+    result curl_length_rc $?
+    result curl_length_sha256 "$(sha256sum < "$WORK/page.out" | cut -d' ' -f1)"
+    kill "$srv"; wait "$srv" 2> /dev/null
+    # python3 -m http.server, unmodified, serves curl https:// with the agent's certificate
+    (cd "$REPO" && exec "${wrap[@]}" -- "$PY" -m http.server 8443 --bind 127.0.0.1 \
+        --directory "$www") > /dev/null 2> "$OUT/$SCEN/wrap-http.txt" &
+    srv=$!
+    wait_tcp_port 8443
+    curl -sS --cacert "$p/ca.pem" -o "$WORK/https.out" https://localhost:8443/file \
+        2> "$OUT/$SCEN/curl-https.txt"
+    result https_rc $?
+    result https_sha256 "$(sha256sum < "$WORK/https.out" | cut -d' ' -f1)"
+    # a TLS 1.2 client fails its handshake and never reaches the server; the next one does
+    curl -sS --cacert "$p/ca.pem" --tls-max 1.2 -o /dev/null https://localhost:8443/file \
+        2>> "$OUT/$SCEN/curl-https.txt"
+    result tls12_rc $?
+    curl -sS --cacert "$p/ca.pem" -o /dev/null https://localhost:8443/file \
+        2>> "$OUT/$SCEN/curl-https.txt"
+    result after_rc $?
+    kill "$srv"; wait "$srv" 2> /dev/null
+    result wrap_tls_lines "$(cat "$OUT/$SCEN"/wrap-*.txt | grep -c ': TLS, peer')"
 }
 
 s_nvme_startup() {  # a connect as soon as the kernel sees a listener, while the agent loads

@@ -37,8 +37,8 @@ REPO = Path(__file__).resolve().parents[2]
 RUN_GUEST = REPO / "scripts" / "qemu" / "run-guest.sh"
 # the no-agent and raw-agent scenarios stop the agent: they go last
 ORDER = ["nvme_psk", "nvme_psk_sha384", "nfs_tls", "nfs_mtls", "nfs_plain_refused",
-         "nfs_tls_on_mtls", "nfs_untrusted_ca", "app_pair", "nvme_startup", "nvme_done_status",
-         "nvme_done_noadmin", "nvme_no_agent"]
+         "nfs_tls_on_mtls", "nfs_untrusted_ca", "app_pair", "app_wrap", "nvme_startup",
+         "nvme_done_status", "nvme_done_noadmin", "nvme_no_agent"]
 # Issue 12 item 9: a mount loop once stalled 5 s (1 of 17 mounts, 6.12.117). A cycle past 3 s
 # is reported by guest.sh as slow; these run after nfs_untrusted_ca, with the agent serving.
 MOUNT_LOOP = 20
@@ -243,6 +243,29 @@ def test_an_application_gets_ktls_on_its_own_sockets(guest: Guest) -> None:
     assert guest.r("app_pair", "other_uid_errno") == str(errno.EACCES)
     # a Python ssl server's two NewSessionTickets: read by the agent, not EIO for recv()
     assert guest.r("app_pair", "ticket_server_read") == "revres ,olleh"
+
+
+def test_unmodified_programs_under_tlshd_wrap_get_tls_from_the_agent(guest: Guest) -> None:
+    """tlshd wrap (issue 17): curl speaks plain HTTP inside its connect()-secured socket to
+    openssl s_server; python3 -m http.server, unmodified, serves curl https:// with the
+    agent's certificate. Each 1 MiB file arrives byte-exact. A TLS 1.2 client fails its own
+    handshake (curl 35) and never reaches the server, which serves the next one."""
+    def r(key: str) -> str:
+        return guest.r("app_wrap", key)
+
+    file = r("file_sha256")
+    assert len(file) == 64, (guest.out / "app_wrap").as_posix()
+    # -WWW: no Content-Length, so curl reads to the end: the body is whole, and then
+    # s_server's close_notify alert reaches curl's read() as EIO (docs/applications.md)
+    assert r("curl_sha256") == file
+    assert r("curl_rc") == "56"
+    assert "Recv failure: Input/output error" in \
+        (guest.out / "app_wrap" / "wrap-curl.txt").read_text()
+    assert (r("curl_length_rc"), r("curl_length_sha256")) == ("0", file)  # -HTTP, a length
+    assert (r("https_rc"), r("https_sha256")) == ("0", file)
+    assert r("tls12_rc") == "35"
+    assert r("after_rc") == "0"
+    assert r("wrap_tls_lines") == "4"  # two curl connects, two http.server accepts
 
 
 def test_no_agent_fails_at_once(guest: Guest) -> None:
