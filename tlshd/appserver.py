@@ -33,11 +33,12 @@ import os
 import select
 import socket
 import struct
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from tlshd.agent.events import App
 from tlshd.errors import TransportError
 from tlshd.ktls import KernelSockopt
 from tlshd.netlink.messages import AcceptReply, Header
@@ -81,6 +82,9 @@ class _Pending:
     address: bytes | str
     caller: Caller
     role: str
+    subject: int = 0  # the process the socket is for (for_pid, else the caller)
+    executable: str = ""
+    rule: str = ""
 
 
 class RequestError(Exception):
@@ -106,8 +110,10 @@ class AppEndpoint:
     """The endpoint as an ``Upcall``: each datagram a request, each DONE an answer."""
 
     def __init__(self, sock: socket.socket, allowed_uids: Collection[int],
-                 sockopts: SockoptTarget | None = None, policy: Policy | None = None) -> None:
+                 sockopts: SockoptTarget | None = None, policy: Policy | None = None,
+                 events: Callable[[App], None] | None = None) -> None:
         self.sock = sock
+        self.events = events  # each ended request as an App event (tlshd status, metrics)
         self.allowed_uids = frozenset(allowed_uids)
         # [app] policy_dir: when it has rules (or problems: then it refuses), it decides
         self.policy = policy if policy is not None and (policy.rules or policy.problems) \
@@ -158,20 +164,22 @@ class AppEndpoint:
         role, name, timeout_ms, for_pid = _fields(data)
         _check_tcp(fds[0])
         subject = caller.pid if for_pid is None else _same_uid(for_pid, caller.uid)
+        facts = facts_of(subject, caller.uid, "outbound" if role == "client" else "inbound",
+                         fds[0])
         rule = ""
         if self.policy is not None:
-            facts = facts_of(subject, caller.uid,
-                             "outbound" if role == "client" else "inbound", fds[0])
             decision = self.policy.decide(facts, server_name=name)
             if not decision.allowed:
                 raise RequestError(errno.EACCES, f"uid {caller.uid} {facts.executable or '?'}"
                                                  f": {decision.reason}")
-            rule = f" rule={decision.rule.name}" if decision.rule else ""
+            rule = decision.rule.name if decision.rule else ""
         self._seq += 1
-        self.pending[fds[0]] = _Pending(address, caller, role)
+        self.pending[fds[0]] = _Pending(address, caller, role, subject,
+                                        facts.executable[:200], rule)
         via = f" (sent by pid {caller.pid})" if subject != caller.pid else ""
         log.info("application request: %s for pid %d%s uid %d%s%s", role, subject, via,
-                 caller.uid, f" server_name={show(name, 100)}" if name else "", rule)
+                 caller.uid, f" server_name={show(name, 100)}" if name else "",
+                 f" rule={rule}" if rule else "")
         return AcceptReply(
             header=Header(APP_REQUEST, 0, self._seq, subject), sockfd=fds[0],
             message_type=MsgType.CLIENTHELLO if role == "client" else MsgType.SERVERHELLO,
@@ -192,6 +200,22 @@ class AppEndpoint:
             if data:  # read before the hand-over: the application reads these first
                 answer["data"] = base64.b64encode(data).decode()
         self._answer(pending.address, answer)
+        self._report(pending, status, peer if not status else "", cipher if not status else "")
+
+    def _report(self, pending: _Pending, status: int, peer: str, cipher: str) -> None:
+        """The connection as AT-TLS shows one: rule, process, peer, cipher, status."""
+        log.info("application connection: role=%s rule=%s pid=%d exe=%s peer=%s cipher=%s "
+                 "status=%d", pending.role, pending.rule or "-", pending.subject,
+                 show(pending.executable, 200) if pending.executable else "-",
+                 show(peer, 200) if peer else "-", cipher or "-", status)
+        if self.events is None:
+            return
+        self.events(App(role=pending.role, rule=pending.rule, app_pid=pending.subject,
+                        executable=pending.executable, peer=peer[:200], cipher=cipher[:64],
+                        status=status))
+        flush = getattr(self.events, "flush", None)
+        if flush is not None:  # the monitor has no loop turn of its own that would flush it
+            flush()
 
     def _answer(self, address: Any, answer: dict[str, Any]) -> None:
         if not address:

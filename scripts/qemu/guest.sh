@@ -21,6 +21,7 @@
 #   nvme_burst N        N NVMe/TCP connects at once (their queues' handshakes together)
 #   app_pair            tlshd.app: both ends of a loopback pair secured by the agent, bulk data
 #   app_wrap            tlshd wrap: unmodified curl to openssl s_server, python3 -m http.server
+#   app_bench MIB N     kTLS against user-space OpenSSL bulk throughput; N set-ups through wrap
 # Environment: TLSHD_GUEST_AGENT=tlshd (default) | reference (ktls-utils' /usr/sbin/tlshd);
 # TLSHD_GUEST_WORKERS: tlshd's worker count (default: its own, one per CPU).
 #
@@ -496,6 +497,16 @@ s_app_pair() {  # tlshd.app: the agent secures both ends of a loopback pair, the
     done < "$OUT/$SCEN/app.txt"
 }
 
+s_app_bench() {  # $1 MiB, $2 connects: kTLS against user-space OpenSSL; wrap's set-up cost
+    local line
+    (cd "$REPO" && "$PY" scripts/qemu/app-bench.py "$WORK/pki" "$1" "$2") \
+        > "$OUT/$SCEN/bench.txt" 2>&1
+    result rc $?
+    while IFS= read -r line; do
+        case $line in *=*) result "${line%%=*}" "${line#*=}" ;; esac
+    done < "$OUT/$SCEN/bench.txt"
+}
+
 wait_tcp_port() {  # $1 port on 127.0.0.1: up to 20 s for a listener
     local i
     for i in $(seq 200); do
@@ -746,7 +757,7 @@ agent_start
 while [ $# -gt 0 ]; do
     name=$1; shift
     args=()
-    case "$name" in *_loop|*_burst) args=("$1"); shift ;; esac
+    case "$name" in *_loop|*_burst) args=("$1"); shift ;; app_bench) args=("$1" "$2"); shift 2 ;; esac
     if ! declare -F "s_$name" > /dev/null; then say "unknown scenario $name"; continue; fi
     scenario_begin "$name"
     [ -n "$AGENT_PID" ] || case "$name" in *no_agent|*done_*|*_startup) ;; *) agent_start ;; esac

@@ -26,6 +26,8 @@ from kernel_sim.kernel import Kernel
 from tests.pki import PKI
 from tests.sim.harness import Agent, unique_endpoint
 from tests.sim.test_app import app_agent
+from tlshd.agent.control import query_status
+from tlshd.agent.stats import format_status
 
 pytestmark = pytest.mark.sim
 
@@ -33,7 +35,7 @@ SO_COOKIE = 57
 REPO = Path(__file__).resolve().parents[2]
 
 CLIENT = """
-import select, socket, sys
+import os, select, socket, sys
 host, port, blocking = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "blocking"
 s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
 s.setblocking(blocking)
@@ -47,7 +49,7 @@ except BlockingIOError:
 except OSError as e:
     print("errno", e.errno, flush=True); sys.exit(0)
 print("cookie", int.from_bytes(s.getsockopt(socket.SOL_SOCKET, 57, 8), "little"),
-      "nonblocking", s.getblocking() is False, flush=True)
+      "nonblocking", s.getblocking() is False, "pid", os.getpid(), flush=True)
 sys.stdin.readline()
 """
 
@@ -135,7 +137,7 @@ def test_connect_returns_after_the_handshake_with_the_sessions_keys_on_the_progr
             with tls_server(serve, family) as (host, port, thread):
                 program = Wrapped(endpoint, CLIENT, host, str(port), blocking,
                                   wrap=("--server-name", "localhost"))
-                word, cookie, _, nonblocking = program.line()
+                word, cookie, _, nonblocking, _, pid = program.line()
                 assert word == "cookie", program.finish()
                 assert nonblocking == str(blocking == "nonblocking")  # its flags as they were
                 ktls = _ktls(kernel, cookie)
@@ -151,6 +153,21 @@ def test_connect_returns_after_the_handshake_with_the_sessions_keys_on_the_progr
             assert f"connect to {host} port {port}: TLS, peer CN=server.test" in err
             assert any("application request: client for pid" in line and "(sent by pid" in line
                        for line in agent.log)
+            # per connection, as AT-TLS shows one: the log line and tlshd status
+            exe = os.path.realpath(sys.executable)
+            line = next(x for x in agent.log if "application connection:" in x)
+            assert f"role=client rule=- pid={pid} exe={exe!r} " \
+                "peer='CN=server.test,O=tlshd tests' cipher=" in line, line
+            assert line.endswith(" status=0")
+            doc = query_status(f"\0tlshd-test/{kernel.endpoint}".encode())
+            apps = doc["applications"]
+            assert apps["connections"] == [
+                {"rule": "-", "role": "client", "result": "ok", "count": 1}]
+            (recent,) = apps["recent"]
+            assert recent["executable"] == exe and recent["status"] == "OK"
+            assert recent["peer"] == "CN=server.test,O=tlshd tests"
+            assert recent["app_pid"] == int(pid)  # the program, not tlshd wrap
+            assert "applications (rule, role, result):" in format_status(doc)
         finally:
             assert agent.stop() == 0, "\n".join(agent.log)
 

@@ -407,13 +407,20 @@ def test_setsockopt_installs_the_ulp_and_rejects_a_bad_crypto_info(
         os.close(reply.sockfd)
 
 
-def test_setsockopt_on_a_socket_unknown_to_the_simulator_raises_ebadf(
-    agent: SimUpcall, tcp: tuple[socket.socket, socket.socket]
+def test_a_socket_unknown_to_the_simulator_takes_the_ulp_as_on_linux_and_nothing_else(
+    kernel: Kernel, agent: SimUpcall, tcp: tuple[socket.socket, socket.socket]
 ) -> None:
     with pytest.raises(OSError) as caught:
-        agent.setsockopt(tcp[1].fileno(), SOL_TCP, TCP_ULP, TLS_ULP_NAME)
+        agent.setsockopt(tcp[1].fileno(), SOL_TLS, TLS_TX, bytes(40))
+    assert caught.value.errno == errno.EBADF  # no ULP: the simulator does not know it
 
-    assert caught.value.errno == errno.EBADF
+    agent.setsockopt(tcp[1].fileno(), SOL_TCP, TCP_ULP, TLS_ULP_NAME)  # adopted, like Linux
+    cookie = int.from_bytes(tcp[1].getsockopt(socket.SOL_SOCKET, 57, 8), "little")
+    assert cookie in kernel.adopted_on_ulp
+    assert kernel.ktls(kernel.socket_of(cookie)) is not None
+    with pytest.raises(OSError) as again:
+        agent.setsockopt(tcp[1].fileno(), SOL_TCP, TCP_ULP, TLS_ULP_NAME)
+    assert again.value.errno == errno.EEXIST
 
 
 

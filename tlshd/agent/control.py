@@ -23,7 +23,7 @@ import socket
 import struct
 from typing import Any
 
-from tlshd.agent.events import Done, Limit, WorkerEvent
+from tlshd.agent.events import App, Done, Limit, WorkerEvent
 from tlshd.agent.stats import DURATION_BUCKETS_S, status_name
 from tlshd.config import parse_listen
 from tlshd.errors import ConfigError, TransportError
@@ -126,6 +126,9 @@ class Metrics:
                               registry=self.registry)
         self.reloads = Counter("tlshd_reloads", "Configuration reloads", ["result"],
                                registry=self.registry)
+        self.apps = Counter("tlshd_app_connections", "Applications' requests finished "
+                            "(tlshd.app, tlshd wrap), by the policy rule that allowed them",
+                            ["rule", "role", "result"], registry=self.registry)
         self.limits = Counter("tlshd_limit_hits", "Handshakes ended by a per-peer limit "
                               "(first_flight: no first message in time; per_peer: too many "
                               "from one address)", ["limit"], registry=self.registry)
@@ -134,6 +137,10 @@ class Metrics:
         self.inflight.set(inflight)
         if isinstance(event, Limit):
             self.limits.labels(event.limit).inc()
+            return
+        if isinstance(event, App):
+            self.apps.labels(event.rule or "-", event.role,
+                             "ok" if event.status == 0 else "failed").inc()
             return
         if not isinstance(event, Done):
             return

@@ -1,11 +1,13 @@
 """What a worker tells its supervisor, as types: JSON on the wire.
 
-Five kinds, each a frozen dataclass with the worker's ``pid`` (filled in by the sender):
+Six kinds, each a frozen dataclass with the worker's ``pid`` (filled in by the sender):
 
 - ``Ready``: the worker has its upcall open and listens;
 - ``Start``: a request was accepted;
 - ``Done``: a request ended (role, auth mode, peer name, cipher, DONE status, duration, what
   happened, namespace, time inside OpenSSL);
+- ``App``: an application's request ended (role, policy rule, the process and its
+  executable, the verified peer, cipher, status);
 - ``Limit``: a per-peer limit ended or refused a handshake (``first_flight``, ``max_waiting``,
   ``per_peer``);
 - ``Fatal``: the worker cannot serve, and why (its last word before it exits).
@@ -59,6 +61,20 @@ class Done:
 
 
 @dataclass(frozen=True)
+class App:
+    """An application's request ended (tlshd.app, tlshd wrap): the AT-TLS view of it."""
+
+    role: str
+    rule: str  # the policy rule that allowed it ("" under allow_users)
+    app_pid: int  # the process the socket is for
+    executable: str
+    peer: str  # the verified peer certificate's subject
+    cipher: str
+    status: int
+    pid: int = 0
+
+
+@dataclass(frozen=True)
 class Limit:
     limit: str
     pid: int = 0
@@ -70,10 +86,10 @@ class Fatal:
     pid: int = 0
 
 
-WorkerEvent = Ready | Start | Done | Limit | Fatal
+WorkerEvent = Ready | Start | Done | App | Limit | Fatal
 EventSink = Callable[[WorkerEvent], None]
 _KINDS: dict[str, type[WorkerEvent]] = {"ready": Ready, "start": Start, "done": Done,
-                                        "limit": Limit, "fatal": Fatal}
+                                        "app": App, "limit": Limit, "fatal": Fatal}
 _NAMES = {cls: name for name, cls in _KINDS.items()}
 MAX_LIST, MAX_LIST_ITEM = 64, 255  # a Done's session tags
 _TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,)}

@@ -17,10 +17,11 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from tlshd.agent.events import Done, Limit, Start
+from tlshd.agent.events import App, Done, Limit, Start
 from tlshd.tags import TagSet
 
 RECENT_FAILURES = 50
+RECENT_APPS = 20  # the last application connections tlshd status shows
 CPU_SAMPLES = 10_000  # the last successful requests whose CPU cost is kept for percentiles
 DURATION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _DONE_FIELDS = ("role", "auth", "peer", "cipher", "status", "ms", "what", "netns")
@@ -50,6 +51,10 @@ class Stats:
         default_factory=lambda: deque(maxlen=CPU_SAMPLES))
     tagged: Counter[str] = field(default_factory=Counter)  # session tag -> sessions given it
     tag_files: dict[str, Any] = field(default_factory=dict)  # the load in force (set_tags)
+    # applications' requests (tlshd.app, tlshd wrap): (rule, role, result) -> count, and the
+    # last ones, each with its process, peer, cipher and status
+    apps: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    recent_apps: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=RECENT_APPS))
 
     def set_tags(self, tags: TagSet) -> None:
         """The session-tag files in force: at start and after each reload."""
@@ -57,9 +62,17 @@ class Stats:
                           "tags": sorted(tags.tags), "filters": len(tags.filters),
                           "problems": list(tags.problems)}
 
-    def apply(self, event: Start | Done | Limit, now: float) -> None:
+    def apply(self, event: Start | Done | App | Limit, now: float) -> None:
         if isinstance(event, Limit):
             self.limits[event.limit] += 1
+            return
+        if isinstance(event, App):
+            result = "ok" if event.status == 0 else "failed"
+            self.apps[(event.rule or "-", event.role, result)] += 1
+            self.recent_apps.append({
+                "at": now, "role": event.role, "rule": event.rule or "-",
+                "app_pid": event.app_pid, "executable": event.executable, "peer": event.peer,
+                "cipher": event.cipher, "status": status_name(event.status)})
             return
         if isinstance(event, Start):
             self.inflight[event.pid] += 1
@@ -99,9 +112,19 @@ class Stats:
                                                    if auth in ("all", a)])
                                for auth in ("all", *sorted({a for a, _, _ in self.cpu_ms}))},
             "session_tags": {**self.tag_files, "sessions": dict(sorted(self.tagged.items()))},
-            "recent_failures": [{**f, "age_s": round(now - f.pop("at", now), 3)}
-                                for f in (dict(x) for x in self.failures)],
+            "recent_failures": [_aged(f, now) for f in self.failures],
+            "applications": {
+                "connections": [{"rule": rule, "role": role, "result": result, "count": n}
+                                for (rule, role, result), n in sorted(self.apps.items())],
+                "recent": [_aged(a, now) for a in self.recent_apps]},
         }
+
+
+def _aged(item: dict[str, Any], now: float) -> dict[str, Any]:
+    """A recorded item with its age (``age_s``) in place of its time (``at``)."""
+    aged = {key: value for key, value in item.items() if key != "at"}
+    aged["age_s"] = round(now - item.get("at", now), 3)
+    return aged
 
 
 def _percentile(ordered: list[float], p: float) -> float:
@@ -147,4 +170,12 @@ def format_status(doc: dict[str, Any]) -> str:
     lines += [f"  {f['age_s']:.0f} s ago: {f['role']} {f['auth']} peer={f['peer']} "
               f"status={f['status']} ({status_name(f['status'])}) {f['what']}"
               for f in doc["recent_failures"][-10:]] or ["  none"]
+    apps = doc.get("applications") or {}
+    if apps.get("connections"):
+        lines.append("applications (rule, role, result):")
+        lines += [f"  {c['rule']:<24} {c['role']:<7} {c['result']:<7} {c['count']}"
+                  for c in apps["connections"]]
+        lines += [f"  {a['age_s']:.0f} s ago: {a['role']} rule={a['rule']} pid={a['app_pid']} "
+                  f"{a['executable'] or '-'} peer={a['peer'] or '-'} {a['cipher'] or '-'} "
+                  f"{a['status']}" for a in apps.get("recent", [])[-10:]]
     return "\n".join(lines) + "\n"

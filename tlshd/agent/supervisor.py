@@ -80,7 +80,7 @@ def run_worker(config: Config, contexts: Contexts, stop: _Stop,
         # kernel-sim plays the kernel for applications' sockets too; else the real one
         sockopts = upcall if isinstance(upcall, SimUpcall) else None
         upcall = CombinedUpcall(upcall, AppEndpoint(app_sock, allowed_uids(
-            config.app_allow_users), sockopts, policy))
+            config.app_allow_users), sockopts, policy, events))
     if separated(config):
         user = sandbox.resolve_user(config.worker_user)
         paths = privsep.credential_paths((config.client, config.server))

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from tlshd.agent.events import (
     MAX_EVENT,
+    App,
     Done,
     EventBatch,
     Fatal,
@@ -29,8 +30,12 @@ DONE = Done(role="client", auth="x509", peer="server.test", cipher="TLS_AES_128_
             status=0, ms=12.5, what="ok", netns="net:[1]", tls_ms=1.25, pid=42)
 
 
+APP = App(role="client", rule="web", app_pid=77, executable="/usr/bin/curl",
+          peer="CN=server.test", cipher="TLS_AES_256_GCM_SHA384", status=0, pid=5)
+
+
 @pytest.mark.parametrize("event", [Ready(pid=1), Start(pid=2), DONE, Limit("per_peer", pid=3),
-                                   Fatal("ACCEPT: EPERM (1)", pid=4)])
+                                   Fatal("ACCEPT: EPERM (1)", pid=4), APP])
 def test_every_kind_round_trips(event: object) -> None:
     assert decode(encode(event)) == event  # type: ignore[arg-type]
 

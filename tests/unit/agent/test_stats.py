@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from tlshd.agent.events import Done, Start
-from tlshd.agent.stats import CPU_SAMPLES, Stats
+from tlshd.agent.events import App, Done, Start
+from tlshd.agent.stats import CPU_SAMPLES, RECENT_APPS, Stats, format_status
 
 
 def done(status: int = 0, cpu_ms: float = 2.0, tls_ms: float = 1.5) -> Done:
@@ -57,3 +57,24 @@ def test_session_tags_in_force_and_sessions_per_tag_are_in_the_status() -> None:
     assert len(doc["problems"]) == 1
     text = format_status(stats.status_document(2.0))
     assert "session tags: 2 from 2 file(s)" in text and "1 problem(s)" in text
+
+
+def test_applications_connections_by_rule_and_the_last_ones_are_in_the_status() -> None:
+    stats = Stats(started_at=0.0)
+    for n in range(RECENT_APPS + 5):
+        stats.apply(App(role="client", rule="web" if n % 2 else "", app_pid=100 + n,
+                        executable="/usr/bin/curl", peer="CN=s" if n % 3 else "",
+                        cipher="TLS_AES_128_GCM_SHA256" if n % 3 else "",
+                        status=0 if n % 3 else 13), float(n))
+    apps = stats.status_document(30.0)["applications"]
+    counts = {(c["rule"], c["result"]): c["count"] for c in apps["connections"]}
+    assert counts == {("-", "ok"): 8, ("-", "failed"): 5, ("web", "ok"): 8, ("web", "failed"): 4}
+    assert len(apps["recent"]) == RECENT_APPS
+    last = apps["recent"][-1]
+    assert last == {"role": "client", "rule": "-", "app_pid": 100 + RECENT_APPS + 4,
+                    "executable": "/usr/bin/curl", "peer": "", "cipher": "",
+                    "status": "EACCES", "age_s": 6.0}
+    text = format_status(stats.status_document(30.0))
+    assert "  web                      client  failed  4" in text
+    assert "rule=web pid=123 /usr/bin/curl peer=CN=s TLS_AES_128_GCM_SHA256 OK" in text
+    assert "rule=- pid=124 /usr/bin/curl peer=- - EACCES" in text
