@@ -31,6 +31,7 @@ import logging
 import os
 import selectors
 import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -90,13 +91,14 @@ class PostHandshake:
     """An application's client handshake is complete; the server's NewSessionTickets follow
     its Finished, and a kTLS socket would hand them to the application's ``read`` as EIO.
     So the worker reads whole records until ``until`` (twice the handshake's time, within
-    POST_WAIT_S) and OpenSSL takes them; kTLS then starts after them (``records``). A record
+    POST_WAIT_S, for the first; two round trips after each one) and OpenSSL takes them;
+    kTLS then starts after them (``records``). A record
     of application data ends the wait at once: ``data`` goes to the application in its
     answer, and everything after it is kTLS's."""
 
     session: SessionResult
     until: float
-    wait: float  # how long a quiet socket is waited for, again after each record
+    wait: float  # how long a quiet socket is waited for the first record
     last: float  # the latest ``until`` may be (POST_WAIT_S[1] after the handshake)
     buf: bytearray = field(default_factory=bytearray)
     records: int = 0
@@ -104,6 +106,19 @@ class PostHandshake:
 
 
 POST_WAIT_S = (0.005, 0.2)  # the least and the most an application's client waits
+_TCPI_RTT = struct.Struct("=I")  # struct tcp_info's tcpi_rtt (µs), at offset 68
+_TCPI_RTT_OFFSET = 68
+
+
+def _quiet_after_record(sock: socket.socket) -> float:
+    """How long a socket must stay quiet after a post-handshake record before kTLS takes
+    it: two smoothed round trips (TCP_INFO), at least POST_WAIT_S[0]."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        (rtt_us,) = _TCPI_RTT.unpack_from(info, _TCPI_RTT_OFFSET)
+    except (OSError, struct.error):
+        return POST_WAIT_S[0] * 4
+    return max(POST_WAIT_S[0], 2 * int(rtt_us) / 1e6)
 
 
 @dataclass(eq=False)
@@ -637,7 +652,9 @@ class Worker:
                 if after.data:  # the server speaks first: the rest is kTLS's
                     self._install(hs, after.session, after.records, after.data)
                     return
-                after.until = min(after.last, self._clock() + after.wait)  # more may follow
+                # more may follow, and they follow at once: a server writes its tickets
+                # together, and Nagle holds a second one for one ACK of the first at most
+                after.until = min(after.last, self._clock() + _quiet_after_record(hs.sock))
                 continue
             try:
                 chunk = hs.sock.recv(need)
