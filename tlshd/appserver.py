@@ -111,8 +111,10 @@ class AppEndpoint:
 
     def __init__(self, sock: socket.socket, allowed_uids: Collection[int],
                  sockopts: SockoptTarget | None = None, policy: Policy | None = None,
-                 events: Callable[[App], None] | None = None) -> None:
+                 events: Callable[[App], None] | None = None,
+                 profiles: Collection[str] = ()) -> None:
         self.sock = sock
+        self.profiles = frozenset(profiles)  # the [app.credentials.NAME] of the configuration
         self.events = events  # each ended request as an App event (tlshd status, metrics)
         self.allowed_uids = frozenset(allowed_uids)
         # [app] policy_dir: when it has rules (or problems: then it refuses), it decides
@@ -166,25 +168,29 @@ class AppEndpoint:
         subject = caller.pid if for_pid is None else _same_uid(for_pid, caller.uid)
         facts = facts_of(subject, caller.uid, "outbound" if role == "client" else "inbound",
                          fds[0])
-        rule = ""
+        rule = profile = ""
         if self.policy is not None:
             decision = self.policy.decide(facts, server_name=name)
             if not decision.allowed:
                 raise RequestError(errno.EACCES, f"uid {caller.uid} {facts.executable or '?'}"
                                                  f": {decision.reason}")
             rule = decision.rule.name if decision.rule else ""
+            profile = decision.rule.credentials if decision.rule else ""
+            if profile and profile not in self.profiles:
+                raise RequestError(errno.EACCES, f"rule {rule} names credentials {profile}, "
+                                                 f"which no [app.credentials.{profile}] defines")
         self._seq += 1
         self.pending[fds[0]] = _Pending(address, caller, role, subject,
                                         facts.executable[:200], rule)
         via = f" (sent by pid {caller.pid})" if subject != caller.pid else ""
-        log.info("application request: %s for pid %d%s uid %d%s%s", role, subject, via,
+        log.info("application request: %s for pid %d%s uid %d%s%s%s", role, subject, via,
                  caller.uid, f" server_name={show(name, 100)}" if name else "",
-                 f" rule={rule}" if rule else "")
+                 f" rule={rule}" if rule else "", f" credentials={profile}" if profile else "")
         return AcceptReply(
             header=Header(APP_REQUEST, 0, self._seq, subject), sockfd=fds[0],
             message_type=MsgType.CLIENTHELLO if role == "client" else MsgType.SERVERHELLO,
             auth_mode=AuthMode.X509, peername=name, timeout_ms=timeout_ms, keyring=None,
-            peer_identities=(), certificate=None, unknown_attrs=())
+            peer_identities=(), certificate=None, unknown_attrs=(), profile=profile)
 
     def done(self, sockfd: int, status: int, remote_auth: Sequence[int],
              tags: Sequence[str] = (), *, peer: str = "", cipher: str = "",

@@ -54,6 +54,10 @@ _KNOWN: dict[str, tuple[str, ...]] = {
               "metrics", "control_socket"),
     "app": ("enabled", "socket", "allow_users", "policy_dir"),
 }
+APP_CREDENTIALS = "app.credentials."  # [app.credentials.NAME]: what a policy rule may name
+_APP_CREDENTIAL_KEYS = (*_X509_KEYS, "client_auth")
+CLIENT_AUTH = ("none", "optional", "required")
+_PROFILE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _GROUP_RE = re.compile(r"^\[([^\[\]]+)\]$")
 TAGS_DIR = Path("/etc/tlshd/tags.d")  # ktls-utils 1.4.0: session tags (src/tlshd/main.c)
 
@@ -72,6 +76,16 @@ class X509Side:
     private_key: Path | None = None
     pq_certificate: Path | None = None  # x509.pq.*: a second, post-quantum (ML-DSA) identity
     pq_private_key: Path | None = None
+
+
+@dataclass(frozen=True)
+class AppCredentials:
+    """``[app.credentials.NAME]``: credentials and trust a policy rule gives its requests.
+    ``client_auth`` (as a server): none, optional (asked for, verified when sent) or
+    required (verified, and a client without one is refused)."""
+
+    side: X509Side
+    client_auth: str = "optional"
 
 
 @dataclass(frozen=True)
@@ -104,6 +118,7 @@ class Config:
     app_socket: str = "tlshd/app"  # its abstract Unix name, per network namespace
     app_allow_users: tuple[str, ...] = ("root",)  # users (names or uids) who may ask
     app_policy_dir: Path = Path("/etc/tlshd/policy.d")  # rules; when any, they decide instead
+    app_credentials: dict[str, AppCredentials] = field(default_factory=dict)  # by NAME
     path: Path | None = None
     warnings: tuple[str, ...] = ()
     notices: tuple[str, ...] = ()  # informational, logged at start (the relocation notice)
@@ -183,6 +198,7 @@ def parse_config(text: str, path: Path | None = None) -> Config:
             if u.strip()) if "allow_users" in groups.get("app", {}) else ("root",),
         app_policy_dir=_path(groups.get("app", {}).get("policy_dir"), where,
                              "[app] policy_dir", warnings) or Path("/etc/tlshd/policy.d"),
+        app_credentials=_app_credentials(groups, where, warnings),
         path=path,
         warnings=tuple(warnings),
     )
@@ -282,11 +298,34 @@ def _quoted(value: str, limit: int = 60) -> str:
 def _unknown_keys(groups: dict[str, dict[str, Entry]], where: str) -> tuple[str, ...]:
     out = []
     for group, entries in groups.items():
-        known = _KNOWN.get(group)
+        known = _APP_CREDENTIAL_KEYS if group.startswith(APP_CREDENTIALS) else _KNOWN.get(group)
         for key, entry in entries.items():
             if known is None or key not in known:
                 out.append(f"{where}:{entry.line}: [{group}] {key}: unknown key, ignored")
     return tuple(out)
+
+
+def _app_credentials(groups: dict[str, dict[str, Entry]], where: str,
+                     warnings: list[str]) -> dict[str, AppCredentials]:
+    """Every ``[app.credentials.NAME]``; a bad name or client_auth is warned about and the
+    group skipped (a rule naming it is then refused: the policy fails closed)."""
+    out: dict[str, AppCredentials] = {}
+    for group, entries in groups.items():
+        if not group.startswith(APP_CREDENTIALS):
+            continue
+        name = group.removeprefix(APP_CREDENTIALS)
+        if not _PROFILE_NAME.fullmatch(name):
+            warnings.append(f"{where}: [{show(group, 80)}]: a name of 1 to 64 letters, digits, "
+                            "'_', '.' or '-'; the group is ignored")
+            continue
+        entry = entries.get("client_auth")
+        client_auth = entry.value.strip() if entry else "optional"
+        if client_auth not in CLIENT_AUTH:
+            warnings.append(f"{where}:{entry.line if entry else 0}: [{group}] client_auth: one "
+                            f"of {', '.join(CLIENT_AUTH)}; the group is ignored")
+            continue
+        out[name] = AppCredentials(_x509_side(entries, where, group, warnings), client_auth)
+    return out
 
 
 def _x509_side(entries: dict[str, Entry], where: str, group: str,

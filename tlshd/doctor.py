@@ -721,4 +721,34 @@ def check_app(config: Config) -> list[Verdict]:
     allowed = ", ".join(config.app_allow_users) or "nobody"
     verdicts.append(_ok("app", f"application endpoint @{config.app_socket}: {state}; "
                     f"allowed: {allowed}"))
+    return verdicts + check_app_policy(config)
+
+
+def check_app_policy(config: Config) -> list[Verdict]:
+    """[app] policy_dir: its problems (each refuses every request), rules that name
+    credentials no [app.credentials.NAME] defines, and each such group's files."""
+    from tlshd.credentials.contexts import Contexts
+    from tlshd.policy import load_policy
+
+    policy = load_policy(config.app_policy_dir)
+    verdicts = [_fail("app", f"policy: {problem}", "every application request is refused "
+                      "until it is fixed") for problem in policy.problems]
+    for rule in policy.rules:
+        if rule.credentials and rule.credentials not in config.app_credentials:
+            verdicts.append(_fail("app", f"policy rule {rule.name} ({rule.file}) names "
+                                  f"credentials {rule.credentials}", "define "
+                                  f"[app.credentials.{rule.credentials}]: its requests are "
+                                  "refused"))
+    slots = Contexts.from_config(config).app if config.app_credentials else {}
+    for (name, role), slot in sorted(slots.items()):
+        try:
+            slot.get()
+        except TlshdError as exc:
+            verdicts.append(_fail("app", f"[app.credentials.{name}] as a {role}: {exc}",
+                                  "fix the files it names"))
+    if policy.rules and not verdicts:
+        names = ", ".join(sorted(config.app_credentials)) or "none"
+        verdicts.append(_ok("app", f"policy: {len(policy.rules)} rule(s) in "
+                            f"{len(policy.files)} file(s) of {config.app_policy_dir}; "
+                            f"credentials: {names}"))
     return verdicts

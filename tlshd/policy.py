@@ -18,6 +18,8 @@ order, the same YAML subset as the session-tag files)::
         action:
           tls: true                   # false: such requests are refused (EACCES)
           server_name: required       # outbound: a request without one is refused (EINVAL)
+          credentials: web            # [app.credentials.web]: its certificate, trust and
+                                      # client_auth, for these requests only
 
 Every field of ``match`` is optional and an absent one matches anything; a list matches when
 one item does; globs are whole-string, ``*`` and ``?`` only. The first rule that matches, by
@@ -90,6 +92,7 @@ class Rule:
     local_ports: tuple[tuple[int, int], ...] | None = None
     tls: bool = True
     server_name_required: bool = False
+    credentials: str = ""  # [app.credentials.NAME] for its requests; "": [authenticate.*]
 
     def checks(self, facts: Facts) -> list[tuple[str, bool]]:
         """Each condition of ``match`` that the rule sets, and whether ``facts`` meet it."""
@@ -272,9 +275,12 @@ def _action(node: Node) -> dict[str, object]:
             out["tls"] = text == "true"
         elif key.value == "server_name" and text in ("required", "optional"):
             out["server_name_required"] = text == "required"
+        elif key.value == "credentials" and _NAME.fullmatch(text):
+            out["credentials"] = text
         else:
             raise PolicyError(f"action: {key.value[:40]!r}: {text[:20]!r} (tls: true|false, "
-                              "server_name: required|optional)", key.line)
+                              "server_name: required|optional, credentials: NAME of "
+                              "[app.credentials.NAME])", key.line)
     return out
 
 

@@ -598,3 +598,33 @@ def test_app_endpoint_users_must_exist_and_the_name_is_reported(tmp_path: Path) 
         held.bind(b"\0" + name.encode())
         assert "served" in check_app(config)[-1].detail
     assert check_app(parse_config("")) == []
+
+
+def test_app_policy_problems_undefined_credentials_and_bad_credential_files_fail(
+        tmp_path: Path, pki: PKI) -> None:
+    from tlshd.config import parse_config
+    from tlshd.doctor import check_app_policy
+
+    policy_dir = tmp_path / "policy.d"
+    policy_dir.mkdir()
+    (policy_dir / "a.yml").write_text(
+        "rules:\n  r1:\n    action: {credentials: web}\n  r2:\n    action: {credentials: gone}\n")
+    config = parse_config(
+        f"[app]\npolicy_dir={policy_dir}\n\n[app.credentials.web]\n"
+        f"x509.certificate={pki.server.cert}\nx509.private_key={pki.server.key}\n"
+        f"x509.truststore={pki.ca}\n\n[app.credentials.broken]\n"
+        f"x509.certificate={tmp_path}/none.pem\nx509.private_key={pki.server.key}\n")
+    verdicts = check_app_policy(config)
+    assert all(v.level is Level.FAIL for v in verdicts)
+    details = "\n".join(v.detail for v in verdicts)
+    assert "policy rule r2 (a.yml) names credentials gone" in details
+    assert "[app.credentials.broken] as a client" in details
+    assert "[app.credentials.web]" not in details
+    (policy_dir / "a.yml").write_text("rules:\n  r1:\n    action: {credentials: web}\n")
+    good = parse_config(f"[app]\npolicy_dir={policy_dir}\n\n[app.credentials.web]\n"
+                        f"x509.truststore={pki.ca}\n")
+    (ok,) = check_app_policy(good)
+    assert ok.level is Level.OK and "1 rule(s) in 1 file(s)" in ok.detail
+    (policy_dir / "b.yml").write_text("rules: [\n")
+    assert any("policy:" in v.detail and v.level is Level.FAIL
+               for v in check_app_policy(good))

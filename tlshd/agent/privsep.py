@@ -189,7 +189,7 @@ def encode_reply(reply: AcceptReply) -> dict[str, Any]:
             "peer_identities": list(reply.peer_identities),
             "certificate": ([reply.certificate.cert, reply.certificate.privkey]
                             if reply.certificate else None),
-            "unknown_attrs": list(reply.unknown_attrs)}
+            "unknown_attrs": list(reply.unknown_attrs), "profile": reply.profile}
 
 
 def decode_reply(data: dict[str, Any], sockfd: int) -> AcceptReply:
@@ -202,7 +202,7 @@ def decode_reply(data: dict[str, Any], sockfd: int) -> AcceptReply:
         peername=data["peername"], timeout_ms=data["timeout_ms"], keyring=data["keyring"],
         peer_identities=tuple(data["peer_identities"]),
         certificate=X509Serials(*cert) if cert else None,
-        unknown_attrs=tuple(data["unknown_attrs"]))
+        unknown_attrs=tuple(data["unknown_attrs"]), profile=str(data.get("profile", "")))
 
 
 def _enum(kind: Any, value: int) -> Any:

@@ -80,10 +80,11 @@ def run_worker(config: Config, contexts: Contexts, stop: _Stop,
         # kernel-sim plays the kernel for applications' sockets too; else the real one
         sockopts = upcall if isinstance(upcall, SimUpcall) else None
         upcall = CombinedUpcall(upcall, AppEndpoint(app_sock, allowed_uids(
-            config.app_allow_users), sockopts, policy, events))
+            config.app_allow_users), sockopts, policy, events, config.app_credentials))
     if separated(config):
         user = sandbox.resolve_user(config.worker_user)
-        paths = privsep.credential_paths((config.client, config.server))
+        paths = privsep.credential_paths((config.client, config.server, *(
+            profile.side for profile in config.app_credentials.values())))
 
         def serve_confined(client: privsep.MonitorClient) -> int:
             files.use(client)

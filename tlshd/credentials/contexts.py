@@ -110,8 +110,9 @@ def _paths(side: X509Side, *keys: str) -> tuple[Path, ...]:
     return tuple(p for p in (getattr(side, k) for k in keys) if p is not None)
 
 
-def _client_slot(config: Config, anonymous: bool) -> CredentialSlot:
-    side = config.client
+def _client_slot(config: Config, anonymous: bool, side: X509Side | None = None,
+                 group: str = "authenticate.client") -> CredentialSlot:
+    side = side or config.client
 
     def build() -> SSL.Context:
         if anonymous:
@@ -127,32 +128,50 @@ def _client_slot(config: Config, anonymous: bool) -> CredentialSlot:
         return ctx
 
     if anonymous:
-        return CredentialSlot("[authenticate.client] trust store",
+        return CredentialSlot(f"[{group}] trust store",
                               _paths(side, "truststore", "crl"), build)
-    return CredentialSlot("[authenticate.client] x509 credentials", _paths(
+    return CredentialSlot(f"[{group}] x509 credentials", _paths(
         side, "truststore", "crl", "certificate", "private_key", "pq_certificate",
         "pq_private_key"), build)
 
 
-def _server_slot(config: Config) -> CredentialSlot:
-    side = config.server
+def _server_slot(config: Config, side: X509Side | None = None,
+                 group: str = "authenticate.server", client_auth: str = "") -> CredentialSlot:
+    """``client_auth`` ([app.credentials.NAME]): none, optional or required; "" for
+    [authenticate.server], which asks for a client certificate and requires one with
+    ``[agent] require_client_cert``."""
+    side = side or config.server
+    require = client_auth == "required" if client_auth else config.require_client_cert
 
     def build() -> SSL.Context:
         if side.certificate is None or side.private_key is None:
             missing = "x509.private_key" if side.private_key is None else "x509.certificate"
             raise CredentialError(f"{missing} is not set: no usable server credentials")
         ctx = creds.server_context(side.certificate, side.private_key, side.truststore,
-                                   config.require_client_cert, ciphersuites=KTLS_SUITES,
-                                   groups=config.groups)
+                                   require, request_client_cert=client_auth != "none",
+                                   ciphersuites=KTLS_SUITES, groups=config.groups)
         if side.crl is not None:
             creds.load_crl(ctx, side.crl)
         _add_pq(ctx, side)
         _notify_modes(side)
         return ctx
 
-    return CredentialSlot("[authenticate.server] x509 credentials", _paths(
+    return CredentialSlot(f"[{group}] x509 credentials", _paths(
         side, "truststore", "crl", "certificate", "private_key", "pq_certificate",
         "pq_private_key"), build)
+
+
+def _app_slots(config: Config) -> dict[tuple[str, str], CredentialSlot]:
+    """Per ``[app.credentials.NAME]``: a client slot (its certificate if it has one, else
+    its trust store alone) and, with a certificate, a server slot with its client_auth."""
+    slots: dict[tuple[str, str], CredentialSlot] = {}
+    for name, profile in config.app_credentials.items():
+        side, group = profile.side, f"app.credentials.{name}"
+        has_cert = side.certificate is not None or side.private_key is not None
+        slots[(name, "client")] = _client_slot(config, not has_cert, side, group)
+        if has_cert:
+            slots[(name, "server")] = _server_slot(config, side, group, profile.client_auth)
+    return slots
 
 
 CERT_MODE, KEY_MODE = 0o644, 0o600  # ktls-utils src/tlshd/config.c: TLSHD_CERT/PRIVKEY_MODE
@@ -197,6 +216,9 @@ class Contexts:
     psk_server: dict[HashAlg, SSL.Context]
     keys: RequestKeys = LOCAL_KEYS  # where keyring-provisioned certificates are read
     tags: TagSet = field(default_factory=lambda: TagSet(TAGS_DIR))  # session tags in force
+    # [app.credentials.NAME] by (NAME, role): only an application request whose policy rule
+    # names NAME uses them (AcceptReply.profile, set by the agent, never by the caller)
+    app: dict[tuple[str, str], CredentialSlot] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, config: Config) -> Contexts:
@@ -211,17 +233,26 @@ class Contexts:
         return cls(config, _client_slot(config, anonymous=True), client_x509, server_slot,
                    _psk_contexts(SSL.TLS_CLIENT_METHOD, config.groups),
                    _psk_contexts(SSL.TLS_SERVER_METHOD, config.groups),
-                   tags=load_tags(config.tags_dir))
+                   tags=load_tags(config.tags_dir), app=_app_slots(config))
 
     @property
     def slots(self) -> tuple[CredentialSlot, ...]:
-        return tuple(s for s in (self.client_anon, self.client_x509, self.server) if s)
+        return (*(s for s in (self.client_anon, self.client_x509, self.server) if s),
+                *self.app.values())
 
     def problems(self) -> list[str]:
         """Why configured credentials on disk are not (or not all) in use."""
         return [f"{slot.what}: {slot.problem}" for slot in self.slots if slot.problem]
 
     def __call__(self, reply: AcceptReply) -> SSL.Context:
+        if reply.profile:
+            role = "server" if reply.message_type == MsgType.SERVERHELLO else "client"
+            slot = self.app.get((reply.profile, role))
+            if slot is None:
+                raise CredentialError(f"[app.credentials.{reply.profile}] has no "
+                                      f"{'certificate' if role == 'server' else 'entry'} "
+                                      f"for a {role}")
+            return slot.get()
         cert = reply.certificate
         if cert is not None and (cert.cert or cert.privkey):
             return self._from_keyring(reply)

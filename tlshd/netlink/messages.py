@@ -85,6 +85,9 @@ class AcceptReply:
     peer_identities: tuple[int, ...]
     certificate: X509Serials | None
     unknown_attrs: tuple[int, ...]
+    # an application's request (tlshd.appserver): the [app.credentials.NAME] its policy rule
+    # names; never from the kernel
+    profile: str = ""
 
 
 @dataclass(frozen=True)
