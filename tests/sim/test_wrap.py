@@ -16,6 +16,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -307,3 +308,93 @@ def tmp_policy_problem() -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "tlshd", "wrap", "--policy", str(policy),
                                "--", "true"], capture_output=True, text=True, timeout=60,
                               cwd=REPO, check=False)
+
+
+CONCURRENT = """
+import socket, sys, threading
+port, count = int(sys.argv[1]), int(sys.argv[2])
+cookies, barrier = [], threading.Barrier(count)
+def one():
+    s = socket.socket()
+    barrier.wait()  # every connect() at once
+    s.connect(("127.0.0.1", port))
+    cookies.append(int.from_bytes(s.getsockopt(socket.SOL_SOCKET, 57, 8), "little"))
+threads = [threading.Thread(target=one) for _ in range(count)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(*cookies, flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_several_connects_at_once_from_one_program_are_each_secured(
+        pki: PKI, tmp_path: Path) -> None:
+    count = 4
+    served: list[bytes] = []
+    context = _server_context(pki)
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def one(conn: socket.socket) -> None:
+        with context.wrap_socket(conn, server_side=True) as tls:
+            served.append(tls.recv(100))
+
+    def serve() -> None:
+        for _ in range(count):
+            threading.Thread(target=one, args=(listener.accept()[0],), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    with Kernel(endpoint=unique_endpoint()) as kernel, listener:
+        agent, endpoint = _wrapped_agent(kernel, pki, tmp_path)
+        try:
+            program = Wrapped(endpoint, CONCURRENT, str(listener.getsockname()[1]), str(count),
+                              wrap=("--server-name", "localhost"))
+            cookies = program.line()
+            assert len(set(cookies)) == count, program.finish()
+            for n, cookie in enumerate(cookies):
+                _ktls(kernel, cookie).sendmsg(f"conn {n}".encode())  # type: ignore[attr-defined]
+            deadline = time.monotonic() + 10
+            while len(served) < count and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert sorted(served) == [f"conn {n}".encode() for n in range(count)]
+            code, err = program.finish()
+            assert code == 0 and err.count(": TLS, peer CN=server.test") == count, err
+        finally:
+            assert agent.stop() == 0, "\n".join(agent.log)
+
+
+ACCEPT4 = """
+import ctypes, errno, fcntl, os, select, socket, sys
+libc = ctypes.CDLL(None, use_errno=True)
+listener = socket.create_server(("127.0.0.1", 0))
+listener.setblocking(False)
+first = libc.accept4(listener.fileno(), None, None, socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+print("port", listener.getsockname()[1], "empty", errno.errorcode[ctypes.get_errno()]
+      if first < 0 else first, flush=True)
+select.select([listener], [], [])
+fd = libc.accept4(listener.fileno(), None, None, socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+conn = socket.socket(fileno=fd)
+print("nonblocking", bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK),
+      "cloexec", bool(fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC),
+      "cookie", int.from_bytes(conn.getsockopt(socket.SOL_SOCKET, 57, 8), "little"), flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_accept4_on_a_nonblocking_listener_gives_eagain_then_its_flags(
+        pki: PKI, tmp_path: Path) -> None:
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    with Kernel(endpoint=unique_endpoint()) as kernel:
+        agent, endpoint = _wrapped_agent(kernel, pki, tmp_path)
+        try:
+            program = Wrapped(endpoint, ACCEPT4)
+            word, port, _, empty = program.line()
+            assert (word, empty) == ("port", "EAGAIN"), program.finish()
+            raw = socket.create_connection(("127.0.0.1", int(port)))
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                _, nonblocking, _, cloexec, _, cookie = program.line()
+                assert (nonblocking, cloexec) == ("True", "True")
+                _ktls(kernel, cookie).sendmsg(b"hi")  # type: ignore[attr-defined]
+                assert tls.recv(10) == b"hi"
+            assert program.finish()[0] == 0
+        finally:
+            assert agent.stop() == 0, "\n".join(agent.log)
