@@ -23,7 +23,10 @@ handshake -> kTLS -> DONE):
 * ``tags``: session tags (ktls-utils 1.4's ``tags.d``), matched on a server handshake's peer
   certificate and sent in DONE where the kernel takes them.
 * ``app`` and ``appserver``: TLS for applications' own sockets: the library a process calls,
-  and the endpoint a worker serves beside the kernel's requests.
+  and the endpoint a worker serves beside the kernel's requests; ``policy``: the AT-TLS-style
+  rules that decide who may ask, with which credentials.
+* ``wrap`` and ``seccomp``: ``tlshd wrap``, TLS inside an unmodified program's connect()
+  and accept() through seccomp user notification.
 * ``doctor``: the strict health check; ``install``: the systemd units and default config.
 """
 

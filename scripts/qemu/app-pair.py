@@ -5,7 +5,8 @@ as server, both through its application endpoint; then 4 MiB one way and 1 MiB t
 plain send/recv on the sockets (kTLS does the records), compared byte for byte. Then a child
 that has become uid 65534 asks too and must get EACCES. Last, a client to a Python ssl
 (OpenSSL) server that sends its two default NewSessionTickets: the first plain recv() must
-be the server's data, not EIO (the agent read the tickets before the hand-over).
+be the server's data, not EIO (the agent read the tickets before the hand-over). Then a
+client of openssl s_server that then sends a KeyUpdate: what plain reads give after it.
 Prints ``key=value`` lines. Usage: app-pair.py PKI_DIR
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import select
 import socket
 import sys
 import threading
@@ -92,7 +94,55 @@ def main() -> int:
     server.close()
     refused()
     tickets(Path(sys.argv[1]))
+    key_update(Path(sys.argv[1]))
     return 0
+
+
+def key_update(pki: Path) -> None:
+    """A peer's KeyUpdate after the hand-over: openssl s_server sends one when a line "k"
+    arrives on its stdin. What a plain recv() on the kTLS socket then gives, as errno names:
+    the KeyUpdate record itself, then the next data record (sent with the new keys)."""
+    import subprocess
+    import time
+
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        ["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-cert", str(pki / "server.crt"),
+         "-key", str(pki / "server.key"), "-naccept", "1"],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert server.stdin is not None
+    try:
+        sock = None
+        for _ in range(100):
+            try:
+                sock = socket.create_connection(("127.0.0.1", port))
+                break
+            except ConnectionRefusedError:
+                time.sleep(0.1)
+        assert sock is not None
+        secure_client(sock, server_name="localhost")
+        sock.settimeout(10)
+        server.stdin.write(b"before\n")
+        server.stdin.flush()
+        say("keyupdate_before", sock.recv(100).decode(errors="replace").strip())
+        server.stdin.write(b"k\n")
+        server.stdin.flush()
+        time.sleep(0.5)
+        server.stdin.write(b"after\n")
+        server.stdin.flush()
+        outcomes = [_recv_outcome(sock, 0)]
+        # then: is the socket readable within 3 s, and what does a non-blocking read give
+        ready = select.select([sock], [], [], 3)[0]
+        sock.setblocking(False)
+        outcomes.append(("readable:" if ready else "quiet:") + _recv_outcome(sock, 0))
+        say("keyupdate_reads", ",".join(outcomes))
+        sock.close()
+    except OSError as exc:
+        say("keyupdate_reads", f"setup:{exc}")
+    finally:
+        server.kill()
+        server.wait()
 
 
 def tickets(pki: Path) -> None:
@@ -121,6 +171,18 @@ def tickets(pki: Path) -> None:
     thread.join(10)
     sock.close()
     listener.close()
+
+
+def _recv_outcome(sock: socket.socket, flags: int) -> str:
+    """A recv's data, or its errno's name ("timeout" when it waited out the socket's)."""
+    import errno
+
+    try:
+        return sock.recv(100, flags).decode(errors="replace").strip() or "EOF"
+    except TimeoutError:
+        return "timeout"
+    except OSError as exc:
+        return errno.errorcode.get(exc.errno or 0, str(exc.errno))
 
 
 def refused() -> None:

@@ -245,6 +245,17 @@ def test_an_application_gets_ktls_on_its_own_sockets(guest: Guest) -> None:
     assert guest.r("app_pair", "ticket_server_read") == "revres ,olleh"
 
 
+def test_a_peers_key_update_after_the_hand_over_is_as_documented(guest: Guest) -> None:
+    """docs/applications.md: openssl s_server sends a KeyUpdate after the hand-over. The
+    first plain read gets EIO (a record that is not data), and so does the next one. On
+    Linux 6.12 the socket still polls readable; on 7.3 (6.14+ rekey support) it no longer
+    does, although the peer's next record has arrived: a program that polls before it
+    reads waits for ever."""
+    assert guest.r("app_pair", "keyupdate_before") == "before"
+    expected = "EIO,readable:EIO" if guest.series == "6.12" else "EIO,quiet:EIO"
+    assert guest.r("app_pair", "keyupdate_reads") == expected
+
+
 def test_unmodified_programs_under_tlshd_wrap_get_tls_from_the_agent(guest: Guest) -> None:
     """tlshd wrap (issue 17): curl speaks plain HTTP inside its connect()-secured socket to
     openssl s_server; python3 -m http.server, unmodified, serves curl https:// with the
