@@ -35,7 +35,6 @@ import socket
 import struct
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 from tlshd.agent.events import App
@@ -43,7 +42,7 @@ from tlshd.errors import TransportError
 from tlshd.ktls import KernelSockopt
 from tlshd.netlink.messages import AcceptReply, Header
 from tlshd.netlink.spec import AuthMode, MsgType
-from tlshd.policy import Policy, facts_of
+from tlshd.policy import Policy, facts_of, process_ids
 from tlshd.untrusted import show
 
 log = logging.getLogger("tlshd")
@@ -260,12 +259,10 @@ def _ancillary(ancdata: list[tuple[int, int, bytes]]) -> tuple[list[int], Caller
 def _same_uid(pid: int, uid: int) -> int:
     """``pid``, if it runs as ``uid`` (real and effective), else the request is refused."""
     try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
+        _, real, effective = process_ids(pid)
+    except (OSError, ValueError, KeyError, IndexError):
         raise RequestError(errno.ESRCH, f"for_pid {pid}: no such process") from None
-    uids = next((line.split()[1:3] for line in status.splitlines()
-                 if line.startswith("Uid:")), [])
-    if uids != [str(uid), str(uid)]:
+    if (real, effective) != (uid, uid):
         raise RequestError(errno.EACCES, f"for_pid {pid} does not run as uid {uid}")
     return pid
 

@@ -313,6 +313,15 @@ def _in_networks(address: str, networks: tuple[Network, ...]) -> bool:
     return any(ip.version == net.version and ip in net for net in networks)
 
 
+def process_ids(pid: int) -> tuple[int, int, int]:
+    """A process's (or thread's) thread-group id, real uid and effective uid, from
+    /proc/PID/status; OSError if it is gone, ValueError if the file is not as expected."""
+    fields = dict(line.split(":", 1) for line in
+                  Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    uids = fields["Uid"].split()
+    return int(fields["Tgid"]), int(uids[0]), int(uids[1])
+
+
 def facts_of(caller_pid: int, uid: int, direction: str, sock_fd: int | None = None) -> Facts:
     """The facts of a request from /proc and its socket (the caller's executable and
     cgroup as they are now: a process that exec'd since sending is judged as it is)."""

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import logging
@@ -45,7 +46,7 @@ from pathlib import Path
 
 from tlshd import seccomp
 from tlshd.app import DEFAULT_ENDPOINT, Secured, SecureSocketError, secure_client, secure_server
-from tlshd.policy import Facts, Policy, parse_policy_texts
+from tlshd.policy import Facts, Policy, facts_of, parse_policy_texts, process_ids
 
 log = logging.getLogger("tlshd.wrap")
 
@@ -177,7 +178,7 @@ class Supervisor:
             if target is None:
                 seccomp.proceed(self.listener, notif.id)
                 return
-            facts = _facts(notif.pid, "outbound", remote=(target[0], target[1]))
+            facts = _facts(_tgid(notif.pid), "outbound", remote=(target[0], target[1]))
             choice = choose(self.options.policy, facts)
             if not choice.secure:
                 self._count("plain")
@@ -270,7 +271,7 @@ class Supervisor:
         """TLS on an accepted connection if the policy says so; False: drop it."""
         peer, local = conn.getpeername(), conn.getsockname()
         where = f"{peer[0]} port {peer[1]}"
-        facts = _facts(notif.pid, "inbound", remote=(peer[0], peer[1]),
+        facts = _facts(_tgid(notif.pid), "inbound", remote=(peer[0], peer[1]),
                        local=(local[0], local[1]))
         choice = choose(self.options.policy, facts)
         if not choice.secure:
@@ -314,27 +315,19 @@ def _s32(value: int) -> int:
 def _tgid(tid: int) -> int:
     """The process (thread group) of a thread id."""
     try:
-        for line in Path(f"/proc/{tid}/status").read_text().splitlines():
-            if line.startswith("Tgid:"):
-                return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return tid
+        return process_ids(tid)[0]
+    except (OSError, ValueError, KeyError, IndexError):
+        return tid
 
 
-def _facts(tid: int, direction: str, remote: tuple[str, int] | None = None,
+def _facts(pid: int, direction: str, remote: tuple[str, int] | None = None,
            local: tuple[str, int] | None = None) -> Facts:
-    pid = _tgid(tid)
-    uid, executable, cgroup = os.getuid(), "", ""
-    with contextlib.suppress(OSError):
-        executable = os.readlink(f"/proc/{pid}/exe")
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        text = Path(f"/proc/{pid}/status").read_text()
-        uid = int(next(line for line in text.splitlines() if line.startswith("Uid:")).split()[2])
-        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
-            if line.startswith("0::"):
-                cgroup = line[3:]
-    return Facts(direction, uid, executable, cgroup, remote, local)
+    """The facts the agent's policy would see for process ``pid``, with these addresses."""
+    try:
+        uid = process_ids(pid)[2]
+    except (OSError, ValueError, KeyError, IndexError):
+        uid = os.getuid()
+    return dataclasses.replace(facts_of(pid, uid, direction), remote=remote, local=local)
 
 
 @contextlib.contextmanager
